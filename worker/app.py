@@ -1,0 +1,240 @@
+"""The composition root: builds every component of a replica from ``Settings`` and runs it.
+
+Start-up: logging is configured by the caller; Redis (optional), the monitoring server, the broker
+(retried until reachable), the topology, then consuming. Shutdown, in this order: stop consuming,
+drain messages in progress within ``DRAIN_TIMEOUT_S``, send the last acknowledgements, flush
+counters, close the channel and connection, close Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+
+from worker.acks import Acker
+from worker.broker import Broker, Topology, connect
+from worker.cache import ClassificationCache, LocalCache
+from worker.classifiers.factory import build_classifier
+from worker.classify import CachedClassifier
+from worker.consumer import ConsumerLimits, MessageConsumer
+from worker.counters import ClusterReporter, Counters, ReplicaIdentity
+from worker.dedup import ClaimStore, MemoryClaimStore, RedisClaimStore, TokenSource
+from worker.fallback import FallbackClaimStore
+from worker.faults import Faults
+from worker.keys import RedisKeys
+from worker.leases import LeaseKeeper
+from worker.monitor import MonitorServer, ReplicaView
+from worker.redaction import redact_url, scrub
+from worker.redis_link import RedisLink, make_redis
+from worker.settings import Settings
+
+log = structlog.get_logger("worker.app")
+
+IN_MEMORY_LINE = "In-memory mode: no REDIS_URL, claims, cache and counters are per replica"
+SUMMARY_INTERVAL_S = 30.0
+
+
+@dataclass(slots=True)
+class _Live:
+    """Mutable facts the monitoring endpoints read while the replica starts, runs and stops."""
+
+    consumer: MessageConsumer | None = None
+    broker: Broker | None = None
+    consuming: bool = False
+
+
+def topology_of(settings: Settings) -> Topology:
+    return Topology(
+        input_queue=settings.input_queue,
+        results_exchange=settings.results_exchange,
+        dead_letter_queue=settings.dead_letter_queue,
+        retry_base_delay_s=settings.retry_base_delay_s,
+        max_attempts=settings.max_attempts,
+    )
+
+
+async def connect_broker(
+    settings: Settings, stop: asyncio.Event
+) -> AbstractRobustConnection | None:
+    """Connect, retrying with backoff while the broker is down; ``None`` if asked to stop first."""
+    delay_s = 0.5
+    where = redact_url(settings.rabbitmq_url)
+    while not stop.is_set():
+        try:
+            return await connect(settings.rabbitmq_url)
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            log.warning(
+                "broker_unreachable",
+                broker=where,
+                retry_in_s=delay_s,
+                error=scrub(f"{type(exc).__name__}: {exc}", settings.secrets),
+            )
+        except Exception as exc:  # aiormq raises its own types for refused logins and the like
+            log.warning(
+                "broker_connect_failed",
+                broker=where,
+                retry_in_s=delay_s,
+                error=scrub(f"{type(exc).__name__}: {exc}", settings.secrets),
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay_s)
+        delay_s = min(delay_s * 2, 10.0)
+    return None
+
+
+def build_claims(
+    settings: Settings,
+    link: RedisLink | None,
+    keys: RedisKeys,
+    counters: Counters,
+    identity: ReplicaIdentity,
+) -> ClaimStore:
+    memory_prefix = f"{identity.replica_id}/memory"
+    memory = MemoryClaimStore(
+        TokenSource(memory_prefix),
+        lease_s=settings.claim_lease_s,
+        dedup_ttl_s=settings.dedup_ttl_s,
+        max_done=settings.memory_dedup_size,
+    )
+    if link is None:
+        return memory
+    redis_store = RedisClaimStore(
+        link.client,
+        keys,
+        TokenSource(identity.replica_id),
+        lease_s=settings.claim_lease_s,
+        dedup_ttl_s=settings.dedup_ttl_s,
+    )
+    return FallbackClaimStore(
+        redis_store,
+        memory,
+        link=link,
+        keys=keys,
+        counters=counters,
+        memory_token_prefix=memory_prefix,
+        dedup_ttl_s=settings.dedup_ttl_s,
+    )
+
+
+async def _summaries(counters: Counters, live: _Live) -> None:
+    while True:
+        await asyncio.sleep(SUMMARY_INTERVAL_S)
+        log.info(
+            "progress",
+            in_flight=live.consumer.in_flight if live.consumer else 0,
+            per_second_60s=round(counters.throughput(60), 1),
+            **counters.snapshot(),
+        )
+
+
+async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
+    """Run one replica until ``stop`` is set; ``True`` if it drained everything in time."""
+    identity = ReplicaIdentity.create(settings.replica_id)
+    keys = RedisKeys(settings.redis_key_prefix)
+    faults = Faults.parse(settings.fault_injection)
+    counters = Counters(cluster=settings.redis_enabled)
+    classifier = build_classifier(settings)
+    live = _Live()
+
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(classifier.aclose)
+        link: RedisLink | None = None
+        if settings.redis_enabled:
+            link = RedisLink(
+                make_redis(settings.redis_url, settings.redis_timeout_s),
+                settings.redis_url,
+                secrets=settings.secrets,
+            )
+            stack.push_async_callback(link.aclose)
+            await link.connect()
+        else:
+            log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
+
+        claims = build_claims(settings, link, keys, counters, identity)
+        stack.push_async_callback(claims.aclose)
+        cache = ClassificationCache(
+            LocalCache(settings.local_cache_size),
+            link=link,
+            keys=keys,
+            identity=classifier.identity,
+            ttl_s=settings.cache_ttl_s,
+        )
+        stack.push_async_callback(cache.aclose)
+
+        view = ReplicaView(
+            identity=identity,
+            counters=counters,
+            link=link,
+            keys=keys,
+            in_flight=lambda: live.consumer.in_flight if live.consumer else 0,
+            broker_connected=lambda: live.broker is not None and live.broker.connected,
+            consuming=lambda: live.consuming,
+        )
+        await stack.enter_async_context(
+            MonitorServer(view, settings.stats_host, settings.stats_port)
+        )
+        if link is not None:
+            await stack.enter_async_context(
+                ClusterReporter(
+                    link,
+                    keys,
+                    counters,
+                    identity,
+                    lambda: {"in_flight": live.consumer.in_flight if live.consumer else 0},
+                    interval_s=settings.heartbeat_interval_s,
+                )
+            )
+
+        connection = await connect_broker(settings, stop)
+        if connection is None:
+            return True
+        stack.push_async_callback(connection.close)
+        broker = live.broker = Broker(connection, topology_of(settings))
+        await broker.declare()
+
+        leases = await stack.enter_async_context(
+            LeaseKeeper(
+                claims, lease_s=settings.claim_lease_s, work_timeout_s=settings.work_timeout_s
+            )
+        )
+        acker = Acker()
+        consumer = live.consumer = MessageConsumer(
+            limits=ConsumerLimits(settings.max_message_bytes, settings.max_attempts),
+            broker=broker,
+            claims=claims,
+            leases=leases,
+            classifier=CachedClassifier(classifier, cache, counters),
+            acker=acker,
+            counters=counters,
+            faults=faults,
+        )
+        queue = await broker.consumer_queue(settings.prefetch)
+        consumer_tag = await queue.consume(consumer.on_message)
+        live.consuming = True
+        summaries = asyncio.get_running_loop().create_task(_summaries(counters, live))
+        log.info(
+            "replica_started",
+            replica=identity.replica_id,
+            queue=settings.input_queue,
+            prefetch=settings.prefetch,
+            classifier=classifier.identity,
+            redis="configured" if link else "none",
+        )
+
+        await stop.wait()
+
+        log.info("replica_stopping", in_flight=consumer.in_flight)
+        live.consuming = False
+        summaries.cancel()
+        with contextlib.suppress(Exception):
+            await queue.cancel(consumer_tag)
+        drained = await consumer.drain(settings.drain_timeout_s)
+        await acker.drain()
+        log.info("replica_stopped", drained=drained, **counters.snapshot())
+        return drained
+    return True

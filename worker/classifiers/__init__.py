@@ -1,0 +1,1 @@
+"""Classifiers: the interface and its implementations."""

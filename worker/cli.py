@@ -1,0 +1,181 @@
+"""The ``neiromatrius-worker`` command: run, publish, stats, check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+import structlog
+
+from worker import __version__
+from worker.errors import ConfigError
+from worker.log_setup import configure_logging
+from worker.settings import Settings, load_settings
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neiromatrius-worker",
+        description="Process each Neiromatrius chat message once across replicas; classify it once.",
+        epilog="Settings come from environment variables (and a .env file); see the README.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="run one replica until SIGTERM/SIGINT")
+
+    pub = sub.add_parser("publish", help="send messages to the input queue")
+    source = pub.add_mutually_exclusive_group(required=True)
+    source.add_argument("file", nargs="?", help="JSONL file, one message per line ('-' for stdin)")
+    source.add_argument("--sample", type=int, metavar="N", help="generate N messages")
+    pub.add_argument(
+        "--duplicates",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="with --sample: share of the N that re-send an earlier message (0..1)",
+    )
+    pub.add_argument(
+        "--repeat-texts",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="with --sample: share of unique messages reusing an earlier text (0..1)",
+    )
+    pub.add_argument("--seed", type=int, default=None, help="with --sample: reproducible traffic")
+    pub.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        metavar="PER_SECOND",
+        help="publish at this pace instead of as fast as possible",
+    )
+
+    st = sub.add_parser("stats", help="print cluster-wide counters from Redis")
+    st.add_argument("--json", action="store_true", help="machine-readable JSON")
+    sub.add_parser("check", help="test the configured connections")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"neiromatrius-worker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        if args.command == "run":
+            return asyncio.run(_run(settings))
+        if args.command == "publish":
+            return asyncio.run(_publish(settings, args))
+        if args.command == "stats":
+            return asyncio.run(_stats(settings, as_json=args.json))
+        if args.command == "check":
+            return asyncio.run(_check(settings))
+    except ConfigError as exc:
+        print(f"neiromatrius-worker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+async def _run(settings: Settings) -> int:
+    from worker.app import run_replica
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    drained = await run_replica(settings, stop)
+    if not drained:
+        structlog.get_logger("worker").warning(
+            "exited_before_drain_finished", note="unacknowledged messages are redelivered"
+        )
+    return 0
+
+
+async def _publish(settings: Settings, args: argparse.Namespace) -> int:
+    from worker import publish
+
+    summary: dict[str, object]
+    if args.sample is not None:
+        from worker.samples import generate_sample
+
+        try:
+            plan = generate_sample(args.sample, args.duplicates, args.repeat_texts, seed=args.seed)
+        except ValueError as exc:
+            print(f"neiromatrius-worker publish: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        messages = publish.from_bodies(m.to_body() for m in plan.messages)
+        summary = {
+            "published": len(messages),
+            "unique_ids": plan.unique_ids,
+            "duplicates": plan.duplicate_count,
+            "distinct_texts": plan.distinct_texts,
+        }
+    else:
+        if args.file == "-":
+            lines = sys.stdin.buffer.read().splitlines()
+        else:
+            try:
+                lines = (await asyncio.to_thread(Path(args.file).read_bytes)).splitlines()
+            except OSError as exc:
+                print(
+                    f"neiromatrius-worker publish: cannot read {args.file}: {exc.strerror}",
+                    file=sys.stderr,
+                )
+                return 1
+        messages = publish.from_jsonl_lines(lines)
+        summary = {"published": len(messages)}
+    took_s = await publish.publish(
+        settings.rabbitmq_url, settings.input_queue, messages, rate_per_s=args.rate
+    )
+    summary["seconds"] = round(took_s, 3)
+    summary["queue"] = settings.input_queue
+    print(orjson.dumps(summary).decode())
+    return 0
+
+
+async def _stats(settings: Settings, *, as_json: bool) -> int:
+    from worker.keys import RedisKeys
+    from worker.redis_link import REDIS_UNAVAILABLE, make_redis
+    from worker.stats import read_cluster, render_table
+
+    if not settings.redis_enabled:
+        print(
+            "neiromatrius-worker stats: REDIS_URL is not set; without Redis every replica keeps its "
+            "own counters: ask a replica at /api/monitoring/stats",
+            file=sys.stderr,
+        )
+        return 1
+    client = make_redis(settings.redis_url, settings.redis_timeout_s)
+    try:
+        data = await read_cluster(client, RedisKeys(settings.redis_key_prefix))
+    except REDIS_UNAVAILABLE as exc:
+        print(
+            f"neiromatrius-worker stats: ⚠️ Redis connection failed ({type(exc).__name__})",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        await client.aclose()
+    data = {"cache": {"status": "redis_connected", "type": "redis"}, **data}
+    print(
+        orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else render_table(data)
+    )
+    return 0
+
+
+async def _check(settings: Settings) -> int:
+    from worker.checks import run_checks
+
+    return await run_checks(settings)

@@ -1,0 +1,330 @@
+"""Claims: a replica processes a message only while it holds the message ID's lease.
+
+Protocol (per message ID):
+- ``claim``: if a done marker exists the delivery is a duplicate (or a redelivery of a message
+  already finished); otherwise take the lease if it is free (``SET NX PX``), else report who is
+  busy and for how long. The caller of a busy ID waits, holding its delivery, and claims again.
+- ``renew``/``release``/``complete`` check the owner token inside Lua, so a replica that lost its
+  lease can never extend, delete or finish the new owner's claim.
+- ``complete`` writes the done marker, drops the lease and adds the message to the cluster counters
+  in one script: a crash cannot leave a counted message without its marker, or the reverse.
+
+Every operation takes a batch: concurrent messages share one round trip (see ``batching``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from redis.asyncio import Redis
+
+from worker.batching import MicroBatcher
+from worker.keys import Counter, RedisKeys
+
+CLAIM_LUA = """
+local lease_ms = ARGV[1]
+local out = {}
+local duplicates, redelivered = 0, 0
+local n = (#KEYS - 1) / 2
+for i = 1, n do
+  local done_key, claim_key = KEYS[2 * i], KEYS[2 * i + 1]
+  if redis.call('EXISTS', done_key) == 1 then
+    out[i] = -1
+    if ARGV[2 * i + 1] == '1' then redelivered = redelivered + 1 else duplicates = duplicates + 1 end
+  elseif redis.call('SET', claim_key, ARGV[2 * i], 'NX', 'PX', lease_ms) then
+    out[i] = -2
+  else
+    local ttl = redis.call('PTTL', claim_key)
+    if ttl < 0 then ttl = tonumber(lease_ms) end
+    out[i] = ttl
+  end
+end
+if duplicates > 0 then redis.call('HINCRBY', KEYS[1], '@DUPLICATES@', duplicates) end
+if redelivered > 0 then redis.call('HINCRBY', KEYS[1], '@REDELIVERED@', redelivered) end
+return out
+""".replace("@DUPLICATES@", Counter.DUPLICATES).replace("@REDELIVERED@", Counter.REDELIVERED_DONE)
+
+COMPLETE_LUA = (
+    """
+local ttl_s, bucket_ttl_s = ARGV[1], ARGV[2]
+local out = {}
+local processed, hits = 0, 0
+local n = (#KEYS - 1) / 2
+for i = 1, n do
+  local done_key, claim_key = KEYS[2 * i], KEYS[2 * i + 1]
+  if redis.call('GET', claim_key) == ARGV[2 * i + 1] then
+    redis.call('SET', done_key, '1', 'EX', ttl_s)
+    redis.call('DEL', claim_key)
+    processed = processed + 1
+    if ARGV[2 * i + 2] == '1' then hits = hits + 1 end
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+if processed > 0 then
+  redis.call('HINCRBY', KEYS[1], '@PROCESSED@', processed)
+  if hits > 0 then redis.call('HINCRBY', KEYS[1], '@HITS@', hits) end
+  if processed > hits then redis.call('HINCRBY', KEYS[1], '@MISSES@', processed - hits) end
+  local bucket = ARGV[#ARGV] .. redis.call('TIME')[1]
+  redis.call('INCRBY', bucket, processed)
+  redis.call('EXPIRE', bucket, bucket_ttl_s)
+end
+return out
+""".replace("@PROCESSED@", Counter.PROCESSED)
+    .replace("@HITS@", Counter.CACHE_HITS)
+    .replace("@MISSES@", Counter.CACHE_MISSES)
+)
+
+RENEW_LUA = """
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+RELEASE_LUA = """
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i] then
+    redis.call('DEL', KEYS[i])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+
+class ClaimStatus(Enum):
+    CLAIMED = "claimed"
+    DONE = "done"
+    BUSY = "busy"
+
+
+class CompleteStatus(Enum):
+    """How a completion ended: counted in Redis by the script, kept in memory, or lease lost."""
+
+    IN_REDIS = "in_redis"
+    IN_MEMORY = "in_memory"
+    LOST = "lost"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """The answer to a claim: ours (with its token), already done, or busy for ``retry_after_s``.
+
+    ``in_redis`` says a Redis script already counted what this answer implies (a duplicate).
+    """
+
+    status: ClaimStatus
+    token: str = ""
+    retry_after_s: float = 0.0
+    in_redis: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    message_id: str
+    token: str
+    redelivered: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    message_id: str
+    token: str
+    cache_hit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    message_id: str
+    token: str
+
+
+class ClaimStore(Protocol):
+    """Where claims and done markers live: Redis for a cluster, memory for one process."""
+
+    lease_s: float
+
+    async def claim(self, message_id: str, redelivered: bool) -> ClaimResult: ...
+
+    async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus: ...
+
+    async def release(self, message_id: str, token: str) -> bool: ...
+
+    async def renew(self, leases: Sequence[Lease]) -> list[bool]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class TokenSource:
+    """Unique lease tokens: the replica's ID and a sequence number."""
+
+    def __init__(self, replica_id: str) -> None:
+        self._replica_id = replica_id
+        self._seq = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._replica_id}:{next(self._seq)}"
+
+
+class RedisClaimStore:
+    """Claims in Redis, shared by every replica using the same key prefix."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: RedisKeys,
+        tokens: TokenSource,
+        *,
+        lease_s: float,
+        dedup_ttl_s: int,
+    ) -> None:
+        self.lease_s = lease_s
+        self._keys = keys
+        self._tokens = tokens
+        self._lease_ms = str(max(1, int(lease_s * 1000)))
+        self._dedup_ttl_s = str(dedup_ttl_s)
+        self._claim_script = redis.register_script(CLAIM_LUA)
+        self._complete_script = redis.register_script(COMPLETE_LUA)
+        self._renew_script = redis.register_script(RENEW_LUA)
+        self._release_script = redis.register_script(RELEASE_LUA)
+        self._claims: MicroBatcher[ClaimRequest, ClaimResult] = MicroBatcher(self._claim_batch)
+        self._completions: MicroBatcher[Completion, bool] = MicroBatcher(self._complete_batch)
+        self._releases: MicroBatcher[Lease, bool] = MicroBatcher(self._release_batch)
+
+    async def claim(self, message_id: str, redelivered: bool) -> ClaimResult:
+        return await self._claims.submit(ClaimRequest(message_id, self._tokens.next(), redelivered))
+
+    async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus:
+        done = await self._completions.submit(Completion(message_id, token, cache_hit))
+        return CompleteStatus.IN_REDIS if done else CompleteStatus.LOST
+
+    async def release(self, message_id: str, token: str) -> bool:
+        return await self._releases.submit(Lease(message_id, token))
+
+    async def renew(self, leases: Sequence[Lease]) -> list[bool]:
+        if not leases:
+            return []
+        keys = [self._keys.claim(lease.message_id) for lease in leases]
+        args = [self._lease_ms, *(lease.token for lease in leases)]
+        return [bool(x) for x in await self._renew_script(keys=keys, args=args)]
+
+    async def _claim_batch(self, batch: list[ClaimRequest]) -> list[ClaimResult]:
+        keys = [self._keys.stats]
+        args = [self._lease_ms]
+        for request in batch:
+            keys += (self._keys.done(request.message_id), self._keys.claim(request.message_id))
+            args += (request.token, "1" if request.redelivered else "0")
+        codes = await self._claim_script(keys=keys, args=args)
+        results: list[ClaimResult] = []
+        for request, code in zip(batch, codes, strict=True):
+            if code == -2:
+                results.append(ClaimResult(ClaimStatus.CLAIMED, request.token, in_redis=True))
+            elif code == -1:
+                results.append(ClaimResult(ClaimStatus.DONE, in_redis=True))
+            else:
+                results.append(ClaimResult(ClaimStatus.BUSY, retry_after_s=int(code) / 1000))
+        return results
+
+    async def _complete_batch(self, batch: list[Completion]) -> list[bool]:
+        keys = [self._keys.stats]
+        args = [self._dedup_ttl_s, "900"]
+        for item in batch:
+            keys += (self._keys.done(item.message_id), self._keys.claim(item.message_id))
+            args += (item.token, "1" if item.cache_hit else "0")
+        args.append(self._keys.throughput(0)[:-1])  # the bucket prefix; the script appends TIME
+        return [bool(x) for x in await self._complete_script(keys=keys, args=args)]
+
+    async def _release_batch(self, batch: list[Lease]) -> list[bool]:
+        keys = [self._keys.claim(lease.message_id) for lease in batch]
+        args = [lease.token for lease in batch]
+        return [bool(x) for x in await self._release_script(keys=keys, args=args)]
+
+    async def aclose(self) -> None:
+        for batcher in (self._claims, self._completions, self._releases):
+            await batcher.aclose()
+
+
+class MemoryClaimStore:
+    """Claims inside one process: exact for one replica, blind to the others (no Redis)."""
+
+    def __init__(
+        self, tokens: TokenSource, *, lease_s: float, dedup_ttl_s: int, max_done: int
+    ) -> None:
+        self.lease_s = lease_s
+        self._tokens = tokens
+        self._dedup_ttl_s = dedup_ttl_s
+        self._max_done = max_done
+        self._claims: dict[str, tuple[str, float]] = {}
+        self._done: OrderedDict[str, float] = OrderedDict()
+
+    def is_done(self, message_id: str) -> bool:
+        expires = self._done.get(message_id)
+        return expires is not None and expires > time.monotonic()
+
+    def mark_done(self, message_id: str) -> None:
+        """Remember a finished ID (oldest forgotten first once ``max_done`` is reached)."""
+        now = time.monotonic()
+        self._done[message_id] = now + self._dedup_ttl_s
+        self._done.move_to_end(message_id)
+        self._claims.pop(message_id, None)
+        while self._done:
+            oldest, expires = next(iter(self._done.items()))
+            if expires > now and len(self._done) <= self._max_done:
+                break
+            del self._done[oldest]
+
+    async def claim(self, message_id: str, redelivered: bool) -> ClaimResult:
+        if self.is_done(message_id):
+            return ClaimResult(ClaimStatus.DONE)
+        now = time.monotonic()
+        held = self._claims.get(message_id)
+        if held is not None and held[1] > now:
+            return ClaimResult(ClaimStatus.BUSY, retry_after_s=held[1] - now)
+        token = self._tokens.next()
+        self._claims[message_id] = (token, now + self.lease_s)
+        return ClaimResult(ClaimStatus.CLAIMED, token)
+
+    def _owns(self, message_id: str, token: str) -> bool:
+        held = self._claims.get(message_id)
+        return held is not None and held[0] == token and held[1] > time.monotonic()
+
+    async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus:
+        if not self._owns(message_id, token):
+            return CompleteStatus.LOST
+        self.mark_done(message_id)
+        return CompleteStatus.IN_MEMORY
+
+    async def release(self, message_id: str, token: str) -> bool:
+        if not self._owns(message_id, token):
+            return False
+        del self._claims[message_id]
+        return True
+
+    async def renew(self, leases: Sequence[Lease]) -> list[bool]:
+        renewed = []
+        for lease in leases:
+            owned = self._owns(lease.message_id, lease.token)
+            if owned:
+                self._claims[lease.message_id] = (lease.token, time.monotonic() + self.lease_s)
+            renewed.append(owned)
+        return renewed
+
+    async def aclose(self) -> None:
+        self._claims.clear()

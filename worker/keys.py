@@ -1,0 +1,63 @@
+"""The Redis key layout, in one place. Every key starts with ``REDIS_KEY_PREFIX``.
+
+{p}done:{message_id}          "1"         processed marker, TTL = DEDUP_TTL_S
+{p}claim:{message_id}         token       lease of the replica working on it, TTL = lease
+{p}cache:{classifier}:{hash}  JSON        classification of a normalised text, TTL = CACHE_TTL_S
+{p}stats                      hash        cluster counters (field names: ``Counter``)
+{p}tp:{epoch_second}          integer     messages processed in that second, TTL 15 min
+{p}replica:{replica_id}       JSON        heartbeat of a live replica, TTL 3 heartbeats
+{p}replicas                   set         replica IDs that have sent a heartbeat
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+THROUGHPUT_BUCKET_TTL_S = 900
+
+
+class Counter(StrEnum):
+    """Counters kept per replica and, with Redis, for the whole cluster."""
+
+    PROCESSED = "processed"
+    DUPLICATES = "duplicates"
+    REDELIVERED_DONE = "redelivered_done"
+    CACHE_HITS = "cache_hits"
+    CACHE_MISSES = "cache_misses"
+    CLASSIFIER_CALLS = "classifier_calls"
+    FAILED = "failed"
+    RETRIED = "retried"
+    DEAD_LETTERED = "dead_lettered"
+    CLAIMS_LOST = "claims_lost"
+    DEGRADED = "degraded"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    """Builds the keys of one deployment (one prefix)."""
+
+    prefix: str
+
+    def done(self, message_id: str) -> str:
+        return f"{self.prefix}done:{message_id}"
+
+    def claim(self, message_id: str) -> str:
+        return f"{self.prefix}claim:{message_id}"
+
+    def cache(self, classifier_key: str, text_hash: str) -> str:
+        return f"{self.prefix}cache:{classifier_key}:{text_hash}"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}stats"
+
+    def throughput(self, epoch_second: int) -> str:
+        return f"{self.prefix}tp:{epoch_second}"
+
+    def replica(self, replica_id: str) -> str:
+        return f"{self.prefix}replica:{replica_id}"
+
+    @property
+    def replicas(self) -> str:
+        return f"{self.prefix}replicas"

@@ -1,0 +1,127 @@
+"""The replica's connection to Redis: its state, the contract's log lines, and background recovery.
+
+Components that use Redis ask ``available`` before a call and ``report_failure`` when a call fails;
+the link then logs ``⚠️ Redis connection failed`` once, and retries with backoff in the background
+until a PING answers, when it logs ``✅ Redis cache connected`` and everybody switches back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from enum import StrEnum
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker.redaction import redact_url, scrub
+
+log = structlog.get_logger("worker.redis")
+
+# Failures that mean "Redis is not reachable right now" (not a bug in a command or a script).
+REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+CONNECTED_LINE = "✅ Redis cache connected"
+FAILED_LINE = "⚠️ Redis connection failed"
+
+
+class LinkState(StrEnum):
+    CONNECTED = "redis_connected"
+    DISCONNECTED = "redis_disconnected"
+
+
+def make_redis(url: str, timeout_s: float) -> Redis:
+    """A client for ``url`` with timeouts, so an outage fails calls instead of hanging them."""
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
+
+
+class RedisLink:
+    """Tracks whether Redis answers, and brings it back after an outage."""
+
+    def __init__(
+        self,
+        client: Redis,
+        url: str,
+        *,
+        secrets: tuple[str, ...] = (),
+        max_backoff_s: float = 5.0,
+    ) -> None:
+        self.client = client
+        self._where = redact_url(url)
+        self._secrets = secrets
+        self._max_backoff_s = max_backoff_s
+        self.state = LinkState.DISCONNECTED
+        self._recovery: asyncio.Task[None] | None = None
+        self._on_recovery: list[Callable[[], Awaitable[None]]] = []
+
+    @property
+    def available(self) -> bool:
+        return self.state is LinkState.CONNECTED
+
+    def on_recovery(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` each time Redis becomes reachable again."""
+        self._on_recovery.append(callback)
+
+    async def connect(self) -> bool:
+        """Try once; on failure keep working (callers fall back) and retry in the background."""
+        try:
+            await self.client.ping()  # type: ignore[misc]
+        except REDIS_UNAVAILABLE as exc:
+            self.report_failure(exc)
+            return False
+        self.state = LinkState.CONNECTED
+        log.info(CONNECTED_LINE, redis=self._where)
+        return True
+
+    def report_failure(self, exc: BaseException) -> None:
+        """Mark Redis down (logging the failure line once per outage) and start recovering."""
+        if self._recovery is not None and not self._recovery.done():
+            return
+        self.state = LinkState.DISCONNECTED
+        log.warning(
+            FAILED_LINE,
+            redis=self._where,
+            error=scrub(f"{type(exc).__name__}: {exc}", self._secrets),
+            fallback="in-memory claims, cache and counters until Redis is back",
+        )
+        self._recovery = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        delay_s = 0.2
+        while True:
+            await asyncio.sleep(delay_s)
+            try:
+                await self.client.ping()  # type: ignore[misc]
+            except REDIS_UNAVAILABLE:
+                delay_s = min(delay_s * 2, self._max_backoff_s)
+                continue
+            break
+        self.state = LinkState.CONNECTED
+        self._recovery = None  # a failure from here on starts a new recovery
+        log.info(CONNECTED_LINE, redis=self._where, recovered=True)
+        for callback in self._on_recovery:
+            try:
+                await callback()
+            except REDIS_UNAVAILABLE as exc:
+                log.warning("redis_recovery_step_failed", error=type(exc).__name__)
+
+    async def aclose(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
+        await self.client.aclose()
