@@ -1,0 +1,234 @@
+"""Helpers for integration tests: replicas as real processes, a results sink, publishing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+import redis.asyncio as aioredis
+
+from tests.conftest import RABBITMQ_URL, Names
+from worker import publish
+from worker.keys import Counter
+
+
+class Replica:
+    """One ``neiromatrius-worker run`` process; its log (JSON lines) goes to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Replica:
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run"],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def events(self) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log_text().splitlines():
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+        return found
+
+    async def wait_for_log(self, text: str, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if text in self.log_text():
+                return
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(
+                    f"replica exited ({self.process.returncode}) before logging "
+                    f"{text!r}:\n{self.log_text()[-3000:]}"
+                )
+            await asyncio.sleep(0.05)
+        raise AssertionError(
+            f"replica did not log {text!r} in {timeout_s}s:\n{self.log_text()[-3000:]}"
+        )
+
+    async def started(self, timeout_s: float = 20.0) -> Replica:
+        await self.wait_for_log("replica_started", timeout_s)
+        return self
+
+    @property
+    def stats_port(self) -> int:
+        for event in self.events():
+            if event.get("event") == "monitoring_listening":
+                return int(event["port"])
+        raise AssertionError("replica has not logged its monitoring port")
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    async def wait_exit(self, timeout_s: float = 30.0) -> int:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while self.process.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"replica did not exit within {timeout_s}s")
+            await asyncio.sleep(0.05)
+        return self.process.returncode
+
+    def stop_now(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if hasattr(self, "_log"):
+            self._log.close()
+
+
+class Replicas:
+    """Starts replicas for a test and makes sure none outlives it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self._tmp_path = tmp_path
+        self.all: list[Replica] = []
+
+    def start(self, env: dict[str, str]) -> Replica:
+        replica = Replica(env, self._tmp_path / f"replica-{len(self.all)}.log").start()
+        self.all.append(replica)
+        return replica
+
+    def close(self) -> None:
+        for replica in self.all:
+            replica.stop_now()
+
+
+class ResultSink:
+    """Collects every result published on the test's results exchange, by message ID."""
+
+    def __init__(self, names: Names) -> None:
+        self._names = names
+        self.by_id: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.total = 0
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+
+    async def __aenter__(self) -> ResultSink:
+        self._connection = await aio_pika.connect_robust(RABBITMQ_URL)
+        channel = await self._connection.channel()
+        exchange = await channel.declare_exchange(
+            self._names.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key="#")
+        await queue.consume(self._on_result, no_ack=True)
+        return self
+
+    async def _on_result(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        body = orjson.loads(message.body)
+        body["_routing_key"] = message.routing_key
+        body["_amqp_message_id"] = message.message_id
+        self.by_id[body["message_id"]].append(body)
+        self.total += 1
+
+    async def wait_for_ids(self, ids: set[str], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if ids <= self.by_id.keys():
+                return
+            await asyncio.sleep(0.05)
+        missing = ids - self.by_id.keys()
+        raise AssertionError(f"{len(missing)} of {len(ids)} results missing after {timeout_s}s")
+
+    async def settle(self, quiet_s: float = 1.0) -> None:
+        """Wait until no result has arrived for ``quiet_s`` (late duplicates would show up here)."""
+        last = -1
+        while last != self.total:
+            last = self.total
+            await asyncio.sleep(quiet_s)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+
+async def publish_bodies(names: Names, bodies: list[dict[str, Any]]) -> None:
+    await publish.publish(RABBITMQ_URL, names.input_queue, publish.from_bodies(bodies))
+
+
+async def publish_raw(names: Names, raw: list[tuple[bytes, str | None]]) -> None:
+    await publish.publish(
+        RABBITMQ_URL,
+        names.input_queue,
+        [publish.Outgoing(body, message_id) for body, message_id in raw],
+    )
+
+
+async def cluster_counters(client: aioredis.Redis, names: Names) -> dict[str, int]:
+    raw = await client.hgetall(f"{names.key_prefix}stats")
+    values = {k.decode(): int(v) for k, v in raw.items()}
+    return {c.value: values.get(c.value, 0) for c in Counter}
+
+
+async def wait_counter(
+    client: aioredis.Redis, names: Names, counter: Counter, expected: int, timeout_s: float = 10.0
+) -> dict[str, int]:
+    """Wait until a cluster counter reaches ``expected`` (counters flush every heartbeat)."""
+    deadline = time.monotonic() + timeout_s
+    counters = await cluster_counters(client, names)
+    while counters[counter] < expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        counters = await cluster_counters(client, names)
+    return counters
+
+
+async def drain_queue(
+    names: Names, queue_name: str, timeout_s: float = 5.0, expected: int | None = None
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Take every message currently in ``queue_name`` (waiting for ``expected`` if given)."""
+    connection = await aio_pika.connect_robust(RABBITMQ_URL)
+    taken: list[aio_pika.abc.AbstractIncomingMessage] = []
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, durable=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            message = await queue.get(no_ack=True, fail=False)
+            if message is None:
+                if expected is None or len(taken) >= expected:
+                    break
+                await asyncio.sleep(0.1)
+                continue
+            taken.append(message)
+    finally:
+        await connection.close()
+    return taken
+
+
+def body(message_id: str, text: str, **extra: Any) -> dict[str, Any]:
+    return {"message_id": message_id, "text": text, "chat_id": "chat-1", **extra}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,90 @@
+"""The acker batches acknowledgements but never acknowledges a delivery still in flight."""
+
+from __future__ import annotations
+
+import asyncio
+
+from worker.acks import Acker, Outcome
+
+
+class RecordingChannel:
+    """A channel that records the frames it is asked to send (the seam ``AckChannel``)."""
+
+    def __init__(self) -> None:
+        self.is_closed = False
+        self.frames: list[tuple[str, int, bool]] = []
+
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self.frames.append(("ack", delivery_tag, multiple))
+
+    async def basic_nack(
+        self, delivery_tag: int, multiple: bool = False, requeue: bool = True
+    ) -> None:
+        self.frames.append(("nack", delivery_tag, multiple))
+
+
+def acked_tags(frames: list[tuple[str, int, bool]], tracked: list[int]) -> set[int]:
+    """Which tracked tags the frames acknowledge, applying ``multiple`` the way RabbitMQ does."""
+    done: set[int] = set()
+    for kind, tag, multiple in frames:
+        covered = [t for t in tracked if t <= tag and t not in done] if multiple else [tag]
+        if kind == "ack":
+            done.update(covered)
+        else:
+            done.add(tag)
+    return done
+
+
+async def settle_all() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_contiguous_settlements_become_one_multiple_ack() -> None:
+    """Ten deliveries settled in the same turn cost one ``ack(multiple=True)`` frame."""
+    channel, acker = RecordingChannel(), Acker()
+    for tag in range(1, 11):
+        acker.track(channel, tag)
+    for tag in range(1, 11):
+        acker.settle(channel, tag, Outcome.ACK)
+    await settle_all()
+    assert channel.frames == [("ack", 10, True)]
+
+
+async def test_in_flight_delivery_is_never_covered_by_a_multiple_ack() -> None:
+    """With delivery 3 still in flight, 1-2 are acked together and 4-5 one by one, never 3."""
+    channel, acker = RecordingChannel(), Acker()
+    for tag in range(1, 6):
+        acker.track(channel, tag)
+    for tag in (1, 2, 4, 5):
+        acker.settle(channel, tag, Outcome.ACK)
+    await settle_all()
+    assert 3 not in acked_tags(channel.frames, [1, 2, 3, 4, 5])
+    assert acked_tags(channel.frames, [1, 2, 3, 4, 5]) == {1, 2, 4, 5}
+    assert ("ack", 2, True) in channel.frames
+    assert all(not multiple for _, tag, multiple in channel.frames if tag > 3)
+    acker.settle(channel, 3, Outcome.ACK)
+    await settle_all()
+    assert acked_tags(channel.frames, [1, 2, 3, 4, 5]) == {1, 2, 3, 4, 5}
+
+
+async def test_requeue_splits_the_run_and_is_sent_alone() -> None:
+    """A requeued delivery in the middle of a run is nacked alone; acks around it stay batched."""
+    channel, acker = RecordingChannel(), Acker()
+    for tag in range(1, 6):
+        acker.track(channel, tag)
+    for tag in range(1, 6):
+        acker.settle(channel, tag, Outcome.REQUEUE if tag == 3 else Outcome.ACK)
+    await settle_all()
+    assert channel.frames == [("ack", 2, True), ("nack", 3, False), ("ack", 5, True)]
+
+
+async def test_deliveries_of_a_closed_channel_are_dropped() -> None:
+    """After the channel closed, its deliveries are not acknowledged (the broker redelivers them)."""
+    channel, acker = RecordingChannel(), Acker()
+    acker.track(channel, 1)
+    channel.is_closed = True
+    acker.settle(channel, 1, Outcome.ACK)
+    await settle_all()
+    assert channel.frames == []
+    assert acker.unsettled == 0
