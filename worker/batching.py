@@ -23,7 +23,7 @@ class MicroBatcher(Generic[Req, Resp]):
         run_batch: Callable[[list[Req]], Awaitable[Sequence[Resp]]],
         *,
         max_batch: int = 512,
-        max_concurrent: int = 2,
+        max_concurrent: int = 1,
     ) -> None:
         self._run_batch = run_batch
         self._max_batch = max_batch

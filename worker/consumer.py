@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -18,7 +20,6 @@ from structlog.contextvars import bound_contextvars
 
 from worker.acks import Acker, Outcome
 from worker.broker import Broker, attempt_of
-from worker.cache import text_hash
 from worker.classify import CachedClassifier
 from worker.counters import Counters
 from worker.dedup import ClaimResult, ClaimStatus, ClaimStore, CompleteStatus
@@ -41,7 +42,13 @@ class ConsumerLimits:
 
 
 class MessageConsumer:
-    """Handles deliveries; ``on_message`` is the aio-pika consumer callback."""
+    """Handles deliveries; ``on_delivery`` is the (synchronous) aio-pika consumer callback.
+
+    Deliveries wait in an inbox and are taken in passes: each pass parses its deliveries and claims
+    all their IDs in one round trip, then works on each claimed message concurrently. At most
+    ``max_passes`` run at once, so under load deliveries accumulate meanwhile and passes grow:
+    batching adapts to the load without a fixed delay.
+    """
 
     def __init__(
         self,
@@ -54,6 +61,7 @@ class MessageConsumer:
         acker: Acker,
         counters: Counters,
         faults: Faults,
+        max_passes: int = 4,
     ) -> None:
         self._limits = limits
         self._broker = broker
@@ -63,69 +71,147 @@ class MessageConsumer:
         self._acker = acker
         self._counters = counters
         self._faults = faults
-        self._tasks: set[asyncio.Task[object]] = set()
+        self._max_passes = max_passes
+        self._inbox: list[AbstractIncomingMessage] = []
+        self._pass_scheduled = False
+        self._passes: set[asyncio.Task[None]] = set()
+        self._waiters: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
         self.stopping = asyncio.Event()
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return self._in_flight
 
-    async def on_message(self, delivery: AbstractIncomingMessage) -> None:
-        channel = delivery.channel
-        tag = delivery.delivery_tag or 0
-        self._acker.track(channel, tag)
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    def on_delivery(self, delivery: AbstractIncomingMessage) -> None:
+        """Take a delivery (in arrival order) and make sure a pass will pick it up."""
+        self._acker.track(delivery.channel, delivery.delivery_tag or 0)
+        self._inbox.append(delivery)
+        self._in_flight += 1
+        if not self._pass_scheduled:
+            self._pass_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_passes)
+
+    def _start_passes(self) -> None:
+        self._pass_scheduled = False
+        while self._inbox and len(self._passes) < self._max_passes:
+            deliveries, self._inbox = self._inbox, []
+            task = asyncio.get_running_loop().create_task(self._run_pass(deliveries))
+            self._passes.add(task)
+            task.add_done_callback(self._pass_done)
+
+    def _pass_done(self, task: asyncio.Task[None]) -> None:
+        self._passes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("pass_failed", error=repr(task.exception()))
+        if self._inbox and not self._pass_scheduled:
+            self._pass_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_passes)
+
+    def _settle(self, delivery: AbstractIncomingMessage, outcome: Outcome) -> None:
+        self._in_flight -= 1
+        self._acker.settle(delivery.channel, delivery.delivery_tag or 0, outcome)
+
+    async def _run_pass(self, deliveries: list[AbstractIncomingMessage]) -> None:
+        parsed: list[tuple[AbstractIncomingMessage, ChatMessage, int]] = []
+        rejected = []
+        for delivery in deliveries:
+            attempt = attempt_of(delivery)
+            try:
+                message = parse_message(
+                    delivery.body, delivery.message_id, self._limits.max_message_bytes
+                )
+            except InvalidMessage as exc:
+                rejected.append(self._guarded(delivery, self._reject(delivery, exc, attempt)))
+            else:
+                parsed.append((delivery, message, attempt))
+        work = list(rejected)
+        if parsed:
+            try:
+                claims = await self._claims.claim_many(
+                    [(m.message_id, bool(d.redelivered)) for d, m, _ in parsed]
+                )
+            except Exception:
+                log.exception("claim_failed")
+                for delivery, _, _ in parsed:
+                    self._settle(delivery, Outcome.REQUEUE)
+                claims = []
+            for (delivery, message, attempt), claim in zip(parsed, claims, strict=False):
+                coroutine = self._after_claim(delivery, message, attempt, claim)
+                if claim.status is ClaimStatus.BUSY:
+                    waiter = asyncio.get_running_loop().create_task(
+                        self._guarded(delivery, coroutine)
+                    )
+                    self._waiters.add(waiter)
+                    waiter.add_done_callback(self._waiters.discard)
+                else:
+                    work.append(self._guarded(delivery, coroutine))
+        if work:
+            await asyncio.gather(*work)
+
+    async def _guarded(
+        self, delivery: AbstractIncomingMessage, step: Coroutine[Any, Any, Outcome]
+    ) -> None:
+        """Run one delivery's remaining work and settle it exactly once, whatever happens."""
         outcome = Outcome.REQUEUE
         try:
-            outcome = await self._handle(delivery)
+            outcome = await step
         except asyncio.CancelledError:
-            outcome = Outcome.REQUEUE
             raise
         except Exception:
             log.exception("message_handling_failed")
-            outcome = Outcome.REQUEUE
         finally:
-            self._tasks.discard(task)
-            self._acker.settle(channel, tag, outcome)
+            self._settle(delivery, outcome)
 
-    async def _handle(self, delivery: AbstractIncomingMessage) -> Outcome:
-        attempt = attempt_of(delivery)
-        try:
-            message = parse_message(
-                delivery.body, delivery.message_id, self._limits.max_message_bytes
-            )
-        except InvalidMessage as exc:
-            log.warning("message_dead_lettered", reason=exc.reason, detail=exc.detail)
-            await self._broker.dead_letter(delivery, exc.reason, exc.detail, attempt)
-            self._counters.record(Counter.DEAD_LETTERED)
-            return Outcome.ACK
+    async def _reject(
+        self, delivery: AbstractIncomingMessage, exc: InvalidMessage, attempt: int
+    ) -> Outcome:
+        log.warning("message_dead_lettered", reason=exc.reason, detail=exc.detail)
+        await self._broker.dead_letter(delivery, exc.reason, exc.detail, attempt)
+        self._counters.record(Counter.DEAD_LETTERED)
+        return Outcome.ACK
+
+    async def _after_claim(
+        self,
+        delivery: AbstractIncomingMessage,
+        message: ChatMessage,
+        attempt: int,
+        claim: ClaimResult,
+    ) -> Outcome:
         with bound_contextvars(message_id=message.message_id, attempt=attempt):
-            return await self._process(delivery, message, attempt)
+            if claim.status is ClaimStatus.BUSY:
+                resolved = await self._claim(message, bool(delivery.redelivered))
+                if resolved is None:
+                    return Outcome.REQUEUE
+                claim = resolved
+            return await self._process(delivery, message, attempt, claim)
 
     async def _claim(self, message: ChatMessage, redelivered: bool) -> ClaimResult | None:
-        """Claim, waiting while another replica holds the ID; ``None`` if we stop meanwhile."""
+        """Wait while another replica holds the ID, then claim; ``None`` if we stop meanwhile.
+
+        The owner may die; then its copy is redelivered and ours must not be lost, so we hold the
+        delivery and ask again with backoff (never longer than the owner's remaining lease).
+        """
         delay_s = BUSY_POLL_MIN_S
         while True:
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=delay_s)
+                return None
+            except TimeoutError:
+                pass
             claim = await self._claims.claim(message.message_id, redelivered)
             if claim.status is not ClaimStatus.BUSY:
                 return claim
-            # The owner may die; then its copy is redelivered and ours must not be lost: wait.
-            wait_s = min(delay_s, max(claim.retry_after_s, BUSY_POLL_MIN_S))
-            try:
-                await asyncio.wait_for(self.stopping.wait(), timeout=wait_s)
-                return None
-            except TimeoutError:
-                delay_s = min(delay_s * 2, BUSY_POLL_MAX_S)
+            delay_s = min(delay_s * 2, BUSY_POLL_MAX_S, max(claim.retry_after_s, BUSY_POLL_MIN_S))
 
     async def _process(
-        self, delivery: AbstractIncomingMessage, message: ChatMessage, attempt: int
+        self,
+        delivery: AbstractIncomingMessage,
+        message: ChatMessage,
+        attempt: int,
+        claim: ClaimResult,
     ) -> Outcome:
         started = time.perf_counter()
-        claim = await self._claim(message, bool(delivery.redelivered))
-        if claim is None:
-            return Outcome.REQUEUE
         if claim.status is ClaimStatus.DONE:
             counter = Counter.REDELIVERED_DONE if delivery.redelivered else Counter.DUPLICATES
             self._counters.record(counter, in_redis=claim.in_redis)
@@ -154,12 +240,7 @@ class MessageConsumer:
             Counter.CACHE_HITS if cached else Counter.CACHE_MISSES, in_redis=in_redis
         )
         self._counters.latency.observe(time.perf_counter() - started)
-        log.debug(
-            "message_processed",
-            label=classification.label,
-            cached=cached,
-            text_hash=text_hash(message.text),
-        )
+        log.debug("message_processed", label=classification.label, cached=cached)
         return Outcome.ACK
 
     async def _retry_or_dead_letter(
@@ -193,15 +274,33 @@ class MessageConsumer:
         return Outcome.ACK
 
     async def drain(self, timeout_s: float) -> bool:
-        """Let messages in progress finish; those still waiting on a busy claim give up at once."""
+        """Let messages in progress finish; those still waiting on a busy claim give up at once.
+
+        Deliveries not finished by ``timeout_s`` are abandoned: the broker redelivers them when the
+        channel closes.
+        """
         self.stopping.set()
-        pending = set(self._tasks)
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=timeout_s)
-            for task in still:
-                task.cancel()
-            if still:
-                await asyncio.wait(still, timeout=1.0)
-                log.warning("drain_timeout", abandoned=len(still))
-                return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._inbox or self._passes or self._waiters:
+            self._start_passes()
+            pending = self._passes | self._waiters
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            if pending:
+                await asyncio.wait(pending, timeout=remaining)
+            else:
+                await asyncio.sleep(0)
+        abandoned = self._passes | self._waiters
+        for task in abandoned:
+            task.cancel()
+        if abandoned:
+            await asyncio.wait(abandoned, timeout=1.0)
+        for delivery in self._inbox:
+            self._settle(delivery, Outcome.REQUEUE)
+        self._inbox.clear()
+        if abandoned:
+            log.warning("drain_timeout", abandoned=len(abandoned))
+            return False
         return True

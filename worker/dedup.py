@@ -109,6 +109,9 @@ return out
 """
 
 
+MAX_SCRIPT_BATCH = 512  # IDs per script call: bounds how long one call blocks Redis
+
+
 class ClaimStatus(Enum):
     CLAIMED = "claimed"
     DONE = "done"
@@ -163,6 +166,10 @@ class ClaimStore(Protocol):
 
     async def claim(self, message_id: str, redelivered: bool) -> ClaimResult: ...
 
+    async def claim_many(self, requests: Sequence[tuple[str, bool]]) -> list[ClaimResult]:
+        """Claim several (message_id, redelivered) at once: one round trip for the batch."""
+        ...
+
     async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus: ...
 
     async def release(self, message_id: str, token: str) -> bool: ...
@@ -210,6 +217,13 @@ class RedisClaimStore:
 
     async def claim(self, message_id: str, redelivered: bool) -> ClaimResult:
         return await self._claims.submit(ClaimRequest(message_id, self._tokens.next(), redelivered))
+
+    async def claim_many(self, requests: Sequence[tuple[str, bool]]) -> list[ClaimResult]:
+        batch = [ClaimRequest(m, self._tokens.next(), r) for m, r in requests]
+        results: list[ClaimResult] = []
+        for start in range(0, len(batch), MAX_SCRIPT_BATCH):
+            results += await self._claim_batch(batch[start : start + MAX_SCRIPT_BATCH])
+        return results
 
     async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus:
         done = await self._completions.submit(Completion(message_id, token, cache_hit))
@@ -289,6 +303,9 @@ class MemoryClaimStore:
             if expires > now and len(self._done) <= self._max_done:
                 break
             del self._done[oldest]
+
+    async def claim_many(self, requests: Sequence[tuple[str, bool]]) -> list[ClaimResult]:
+        return [await self.claim(m, r) for m, r in requests]
 
     async def claim(self, message_id: str, redelivered: bool) -> ClaimResult:
         if self.is_done(message_id):

@@ -66,6 +66,15 @@ class FallbackClaimStore:
         self._counters.record(Counter.DEGRADED)
         return await self._memory.claim(message_id, redelivered)
 
+    async def claim_many(self, requests: Sequence[tuple[str, bool]]) -> list[ClaimResult]:
+        if any(self._memory.is_done(m) for m, _ in requests) or not self._link.available:
+            return [await self.claim(m, r) for m, r in requests]
+        try:
+            return await self._redis.claim_many(requests)
+        except REDIS_UNAVAILABLE as exc:
+            self._link.report_failure(exc)
+        return [await self.claim(m, r) for m, r in requests]
+
     async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus:
         if not self._in_memory(token):
             try:
