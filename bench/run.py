@@ -1,0 +1,345 @@
+"""The worker against the bare consumer, measured in one run on the local RabbitMQ and Redis.
+
+    python bench/run.py [--messages 20000] [--cases abcdef]
+
+Cases: (a) baseline, a bare aio-pika consumer acknowledging each message and doing nothing else;
+(b) the worker, one replica, Redis, keywords classifier, all-unique traffic; (c) 50 % duplicates;
+(d) 90 % repeated texts (cache hits); (e) in-memory mode; (f) two replicas. Every case consumes the
+same number of messages published beforehand, so it measures consumption alone; then a paced
+phase (half the baseline rate, a few seconds) measures the time from publish to result. Prints
+messages/s, the ratio to (a), p50/p99 latency, each replica's peak RSS, and Redis memory per
+remembered message ID. Absolute numbers drift on a shared machine; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+import redis.asyncio as aioredis
+
+from bench.redis_memory import measure as measure_redis_memory
+from worker import publish
+from worker.samples import generate_sample
+
+RABBITMQ_URL = os.environ.get("RABBITMQ_URL") or "amqp://guest:guest@127.0.0.1:5672/"
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    title: str
+    bare: bool = False
+    redis: bool = True
+    duplicates: float = 0.0
+    repeated_texts: float = 0.0
+    replicas: int = 1
+
+
+CASES = [
+    Case("a", "bare aio-pika consumer, ack each (baseline)", bare=True),
+    Case("b", "worker, Redis, all unique"),
+    Case("c", "worker, Redis, 50% duplicates", duplicates=0.5),
+    Case("d", "worker, Redis, 90% repeated texts", repeated_texts=0.9),
+    Case("e", "worker, in-memory mode", redis=False),
+    Case("f", "worker, Redis, two replicas", replicas=2),
+]
+
+
+@dataclass
+class Outcome:
+    case: Case
+    per_second: float = 0.0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    peak_rss_mb: list[float] = field(default_factory=list)
+
+
+class Names:
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.queue = f"bench.{tag}.in"
+        self.results = f"bench.{tag}.out"
+        self.dead = f"bench.{tag}.dead"
+        self.prefix = f"bench:{tag}:"
+
+
+def bodies(count: int, case: Case, seed: int) -> list[dict[str, Any]]:
+    plan = generate_sample(count, case.duplicates, case.repeated_texts, seed=seed)
+    return [m.to_body() for m in plan.messages]
+
+
+async def prefill(names: Names, messages: list[dict[str, Any]]) -> None:
+    await publish.publish(RABBITMQ_URL, names.queue, publish.from_bodies(messages), window=2000)
+
+
+def replica_env(names: Names, case: Case) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "FAULT_INJECTION"}}
+    env.update(
+        RABBITMQ_URL=RABBITMQ_URL,
+        INPUT_QUEUE=names.queue,
+        RESULTS_EXCHANGE=names.results,
+        DEAD_LETTER_QUEUE=names.dead,
+        REDIS_KEY_PREFIX=names.prefix,
+        STATS_PORT="0",
+        STATS_HOST="127.0.0.1",
+        LOG_FORMAT="json",
+        LOG_LEVEL="info",
+    )
+    if case.redis:
+        env["REDIS_URL"] = REDIS_URL
+    return env
+
+
+def stats_port(log: Path) -> int | None:
+    for line in log.read_text(errors="replace").splitlines():
+        if '"monitoring_listening"' in line:
+            return int(json.loads(line)["port"])
+    return None
+
+
+def handled(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/monitoring/stats", timeout=5) as r:
+        counters = json.loads(r.read())["replica"]["counters"]
+    return int(counters["processed"] + counters["duplicates"] + counters["dead_lettered"])
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def result_latencies(names: Names, rate: float, seconds: float) -> list[float]:
+    """Publish at ``rate`` for ``seconds`` with a send timestamp; collect publish-to-result times."""
+    connection = await aio_pika.connect_robust(RABBITMQ_URL)
+    latencies: list[float] = []
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            names.results, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key="#")
+
+        async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            sent_at = orjson.loads(message.body).get("sent_at")
+            if sent_at is not None:
+                latencies.append(time.time() - float(sent_at))
+
+        await queue.consume(on_result, no_ack=True)
+        count = int(rate * seconds)
+        paced = [
+            publish.Outgoing(
+                orjson.dumps(
+                    {
+                        "message_id": f"lat-{uuid.uuid4()}",
+                        "text": f"Где мой заказ {i}? latency probe",
+                        "sent_at": 0.0,
+                    }
+                ),
+                None,
+            )
+            for i in range(count)
+        ]
+        started = time.perf_counter()
+        pub = await connection.channel(publisher_confirms=True)
+        pending = []
+        for i in range(count):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            body = orjson.loads(paced[i].body)
+            body["sent_at"] = time.time()
+            pending.append(
+                asyncio.ensure_future(
+                    pub.default_exchange.publish(
+                        aio_pika.Message(orjson.dumps(body)), routing_key=names.queue
+                    )
+                )
+            )
+        await asyncio.gather(*pending)
+        deadline = time.monotonic() + 30
+        while len(latencies) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+    return latencies
+
+
+async def run_bare(names: Names, count: int, prefetch: int) -> Outcome:
+    await prefill(names, bodies(count, CASES[1], seed=1))
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bare_consumer.py"),
+            RABBITMQ_URL,
+            names.queue,
+            str(count),
+            str(prefetch),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    report = json.loads(done.stdout)
+    return Outcome(
+        CASES[0],
+        per_second=count / report["seconds"],
+        peak_rss_mb=[round(report["peak_rss_mb"], 1)],
+    )
+
+
+async def run_worker(
+    names: Names, case: Case, count: int, latency_rate: float, tmp: Path
+) -> Outcome:
+    messages = bodies(count, case, seed=2)
+    await prefill(names, messages)
+    processes: list[tuple[subprocess.Popen[bytes], Path]] = []
+    env = replica_env(names, case)
+    for index in range(case.replicas):
+        log = tmp / f"{names.queue}-{index}.log"
+        # The consumer starts the moment the replica is up: its queue is already full.
+        processes.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-m", "worker", "run"],
+                    env=env,
+                    stdout=log.open("wb"),
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
+    outcome = Outcome(case)
+    try:
+        ports: list[int] = []
+        deadline = time.monotonic() + 30
+        while len(ports) < len(processes) and time.monotonic() < deadline:
+            ports = [p for p in (stats_port(log) for _, log in processes) if p is not None]
+            await asyncio.sleep(0.01)
+        first: float | None = None
+        total = 0
+        deadline = time.monotonic() + 600
+        while total < count and time.monotonic() < deadline:
+            total = sum(await asyncio.gather(*(asyncio.to_thread(handled, p) for p in ports)))
+            now = time.perf_counter()
+            if first is None and total > 0:
+                first = now
+            await asyncio.sleep(0.02)
+        assert first is not None and total >= count, f"case {case.key}: {total}/{count} handled"
+        outcome.per_second = count / (time.perf_counter() - first)
+        latencies = await result_latencies(names, min(latency_rate, outcome.per_second / 2), 4.0)
+        if latencies:
+            latencies.sort()
+            outcome.p50_ms = round(statistics.median(latencies) * 1000, 1)
+            outcome.p99_ms = round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 1)
+        outcome.peak_rss_mb = [round(peak_rss_mb(p.pid), 1) for p, _ in processes]
+    finally:
+        for process, _ in processes:
+            process.send_signal(signal.SIGTERM)
+        for process, _ in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    return outcome
+
+
+async def cleanup(names: Names) -> None:
+    connection = await aio_pika.connect_robust(RABBITMQ_URL)
+    try:
+        channel = await connection.channel()
+        for queue in (names.queue, names.dead):
+            await channel.queue_delete(queue, if_unused=False, if_empty=False)
+        for delay in (1000, 2000, 4000, 8000):
+            await channel.queue_delete(
+                f"{names.queue}.retry.{delay}ms", if_unused=False, if_empty=False
+            )
+        await channel.exchange_delete(names.results)
+    finally:
+        await connection.close()
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{names.prefix}*", count=5000)]
+        for start in range(0, len(keys), 5000):
+            await client.unlink(*keys[start : start + 5000])
+    finally:
+        await client.aclose()
+
+
+def render(outcomes: list[Outcome], memory: dict[str, Any], count: int) -> str:
+    base = outcomes[0].per_second if outcomes and outcomes[0].case.bare else None
+    lines = [
+        f"{count} messages per case; ratios against (a) measured in this run",
+        "",
+        f"{'case':<4} {'what':<44} {'msg/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}"
+        f" {'peak RSS MB':>12}",
+    ]
+    for o in outcomes:
+        ratio = f"{o.per_second / base:.2f}" if base else "-"
+        p50 = f"{o.p50_ms:.1f}" if o.p50_ms is not None else "-"
+        p99 = f"{o.p99_ms:.1f}" if o.p99_ms is not None else "-"
+        rss = "/".join(f"{r:.0f}" for r in o.peak_rss_mb)
+        lines.append(
+            f"({o.case.key}) {o.case.title:<44} {o.per_second:>8,.0f} {ratio:>6} {p50:>7}"
+            f" {p99:>7} {rss:>12}"
+        )
+    lines.append("")
+    lines.append(
+        f"Redis memory per remembered message ID: {memory['bytes_per_id']} bytes "
+        f"({memory['ids']:,} UUID IDs, prefix {memory['key_prefix']!r})"
+    )
+    return "\n".join(lines)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmark the worker against a bare consumer.")
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--cases", default="abcdef")
+    parser.add_argument("--prefetch", type=int, default=256, help="the baseline's prefetch")
+    parser.add_argument("--memory-ids", type=int, default=100_000)
+    args = parser.parse_args()
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "neiromatrius-bench"
+    tmp.mkdir(parents=True, exist_ok=True)
+    outcomes: list[Outcome] = []
+    baseline_rate = 1000.0
+    for case in CASES:
+        if case.key not in args.cases:
+            continue
+        names = Names()
+        try:
+            if case.bare:
+                outcome = await run_bare(names, args.messages, args.prefetch)
+                baseline_rate = outcome.per_second
+            else:
+                outcome = await run_worker(names, case, args.messages, baseline_rate / 2, tmp)
+        finally:
+            await cleanup(names)
+        outcomes.append(outcome)
+        print(f"  ({case.key}) {outcome.per_second:,.0f} msg/s", file=sys.stderr, flush=True)
+    memory = await measure_redis_memory(REDIS_URL.rsplit("/", 1)[0] + "/15", args.memory_ids)
+    print(render(outcomes, memory, args.messages))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
