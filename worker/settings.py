@@ -5,6 +5,7 @@ Nothing else in the worker reads ``os.environ``; components receive the values t
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -17,6 +18,9 @@ REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps"})
 # URL-valued settings whose input must never be echoed: they may carry a password.
 SECRET_FIELDS = frozenset({"redis_url", "rabbitmq_url", "llm_api_key", "llm_base_url"})
+DEFAULT_LLM_LABELS = "question,complaint,order,greeting,spam,other"
+# Labels become AMQP routing keys: one topic word (no dots, no wildcards), letters first.
+_LLM_LABEL_RE = re.compile(r"[^\W\d_][\w-]{0,63}")
 
 
 def _check_url(value: str, schemes: frozenset[str], *, needs_host: bool = True) -> str:
@@ -55,6 +59,13 @@ class Settings(BaseSettings):
     llm_base_url: str = ""
     llm_api_key: SecretStr = SecretStr("")
     llm_model: str = ""
+    llm_labels: str = DEFAULT_LLM_LABELS
+    llm_prompt_file: str = ""
+    llm_response_format: Literal["json_schema", "json_object", "none"] = "json_schema"
+    llm_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    llm_max_retries: int = Field(default=3, ge=0, le=20)
+    llm_max_rps: float = Field(default=0.0, ge=0, le=100_000)
+    single_flight_wait_s: float = Field(default=30.0, gt=0, le=3_600)
     prefetch: int = Field(default=256, ge=1, le=65_535)
     stats_host: str = "0.0.0.0"
     stats_port: int = Field(default=8080, ge=0, le=65_535)
@@ -95,6 +106,27 @@ class Settings(BaseSettings):
         value = value.strip()
         return _check_url(value, frozenset({"http", "https"})) if value else ""
 
+    @field_validator("llm_response_format", mode="before")
+    @classmethod
+    def _lower_llm(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("llm_labels")
+    @classmethod
+    def _llm_labels(cls, value: str) -> str:
+        labels = [label.strip().lower() for label in value.split(",") if label.strip()]
+        if len(labels) < 2:
+            raise ValueError("needs at least two comma-separated labels")
+        if len(set(labels)) != len(labels):
+            raise ValueError("lists a label twice")
+        for label in labels:
+            if not _LLM_LABEL_RE.fullmatch(label):
+                raise ValueError(
+                    f"label {label!r} must start with a letter and hold only letters, digits, "
+                    "'_' or '-' (at most 64)"
+                )
+        return ",".join(labels)
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.classifier == "llm":
@@ -103,6 +135,11 @@ class Settings(BaseSettings):
             if not self.llm_model:
                 raise ValueError("LLM_MODEL is required when CLASSIFIER=llm")
         return self
+
+    @property
+    def llm_label_set(self) -> tuple[str, ...]:
+        """``LLM_LABELS`` as a tuple, in the configured order."""
+        return tuple(self.llm_labels.split(","))
 
     @property
     def redis_enabled(self) -> bool:
