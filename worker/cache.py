@@ -1,8 +1,9 @@
 """The classification cache: a bounded local LRU in front of Redis, keyed by normalised text.
 
-A key covers the classifier's identity (kind, version, model, prompt, label set ...) and a hash of
-the normalised text, so a classification stored under a key can never change: serving it from the
-local tier is always safe, and changing the classifier makes old entries miss instead of going stale.
+A key covers the key-format version, the classifier's identity (kind, version, model, prompt,
+label set ...) and a hash of the normalised text, so a classification stored under a key can never
+change: serving it from the local tier is always safe, and changing the classifier makes old
+entries miss instead of going stale. Hits are counted per tier.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import hashlib
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import structlog
@@ -22,6 +23,9 @@ from worker.keys import RedisKeys
 from worker.redis_link import REDIS_UNAVAILABLE, RedisLink
 
 log = structlog.get_logger("worker.cache")
+
+# Bump when the text normalisation or the stored value's format changes: every key then changes.
+KEY_FORMAT_VERSION: Final = 2
 
 
 def normalise(text: str) -> str:
@@ -35,8 +39,9 @@ def text_hash(text: str) -> str:
 
 
 def classifier_key(identity: str) -> str:
-    """A short, stable name for a classifier identity inside cache keys."""
-    return hashlib.blake2b(identity.encode(), digest_size=6).hexdigest()
+    """A short, stable name for a classifier identity (and the key format) inside cache keys."""
+    versioned = f"{KEY_FORMAT_VERSION}\n{identity}"
+    return hashlib.blake2b(versioned.encode(), digest_size=6).hexdigest()
 
 
 def _encode(classification: Classification) -> bytes:
@@ -103,23 +108,52 @@ class ClassificationCache:
         self._ttl_s = ttl_s
         self._gets: MicroBatcher[str, bytes | None] = MicroBatcher(self._get_batch)
         self._puts: MicroBatcher[tuple[str, bytes], None] = MicroBatcher(self._put_batch)
+        self.local_hits = 0
+        self.redis_hits = 0
+        self.misses = 0
+
+    @property
+    def shared(self) -> bool:
+        """True while Redis (the tier every replica sees) is configured and reachable."""
+        return self._link is not None and self._link.available
 
     def redis_key(self, hashed_text: str) -> str:
         return self._keys.cache(self._classifier_key, hashed_text)
 
+    def lock_key(self, hashed_text: str) -> str:
+        """The single-flight lock of one entry (see ``singleflight``)."""
+        return f"{self._keys.prefix}lock:{self._classifier_key}:{hashed_text}"
+
     async def get(self, hashed_text: str) -> Classification | None:
         found = self._local.get(hashed_text)
-        if found is not None or self._link is None or not self._link.available:
+        if found is not None:
+            self.local_hits += 1
             return found
+        if self._link is None or not self._link.available:
+            self.misses += 1
+            return None
         try:
             raw = await self._gets.submit(self.redis_key(hashed_text))
         except REDIS_UNAVAILABLE as exc:
             self._link.report_failure(exc)
+            self.misses += 1
             return None
         found = _decode(raw) if raw is not None else None
-        if found is not None:
-            self._local.put(hashed_text, found)
+        if found is None:
+            self.misses += 1
+            return None
+        self.redis_hits += 1
+        self._local.put(hashed_text, found)
         return found
+
+    def snapshot(self) -> dict[str, int]:
+        """Lookups by outcome: found in the local LRU, found in Redis, not found."""
+        return {
+            "cache_local_hits": self.local_hits,
+            "cache_redis_hits": self.redis_hits,
+            "cache_lookup_misses": self.misses,
+            "cache_local_entries": len(self._local),
+        }
 
     async def put(self, hashed_text: str, classification: Classification) -> None:
         self._local.put(hashed_text, classification)

@@ -1,48 +1,62 @@
-"""Classification through the cache, computing each distinct text at most once per replica at a time."""
+"""Classification through the cache, computing each distinct text once per replica and, with
+Redis, once for the whole cluster (see ``singleflight``)."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol, runtime_checkable
 
 from worker.cache import ClassificationCache, text_hash
 from worker.classifiers.base import Classification, Classifier
 from worker.counters import Counters
 from worker.errors import ClassifierUnavailable, PermanentError, TransientError
 from worker.keys import Counter
+from worker.singleflight import ClusterFlight
+
+
+@runtime_checkable
+class Reporting(Protocol):
+    """A component that keeps tallies of its own (exported through ``snapshot``)."""
+
+    def snapshot(self) -> dict[str, int]: ...
 
 
 class CachedClassifier:
     """``classify(text)`` -> (classification, served_from_cache).
 
     Concurrent requests for the same text share one computation (single flight): the first one
-    looks in the cache and, on a miss, asks the classifier; the others wait for its answer and count
-    as cache hits. A failed classification is never cached: every waiter sees the failure.
+    looks in the cache and, on a miss, asks the classifier (through ``flight`` when the replicas
+    share a Redis, so that only one replica of the cluster asks); the others wait for its answer
+    and count as cache hits. A failed classification is never cached: every waiter sees the failure.
     """
 
     def __init__(
-        self, classifier: Classifier, cache: ClassificationCache, counters: Counters
+        self,
+        classifier: Classifier,
+        cache: ClassificationCache,
+        counters: Counters,
+        *,
+        flight: ClusterFlight | None = None,
     ) -> None:
         self.classifier = classifier
         self._cache = cache
         self._counters = counters
+        self._flight = flight
         self._inflight: dict[str, asyncio.Future[Classification]] = {}
+        self.local_waits = 0
 
     async def classify(self, text: str) -> tuple[Classification, bool]:
         key = text_hash(text)
         shared = self._inflight.get(key)
         if shared is not None:
+            self.local_waits += 1
             return await asyncio.shield(shared), True
         future: asyncio.Future[Classification] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            cached = await self._cache.get(key)
-            if cached is not None:
-                future.set_result(cached)
-                return cached, True
-            result = await self._call(text)
+            result, computed = await self._lookup_or_compute(text, key)
             future.set_result(result)
-            await self._cache.put(key, result)
-            return result, False
+            return result, not computed
         except BaseException as exc:
             if not future.done():
                 # Waiters must not inherit our cancellation (a timeout of ours is not theirs).
@@ -59,6 +73,23 @@ class CachedClassifier:
         finally:
             del self._inflight[key]
 
+    async def _lookup_or_compute(self, text: str, key: str) -> tuple[Classification, bool]:
+        """``(classification, computed_here)``."""
+        cached = await self._cache.get(key)
+        if cached is not None:
+            return cached, False
+
+        async def compute() -> Classification:
+            result = await self._call(text)
+            await self._cache.put(key, result)
+            return result
+
+        if self._flight is None or not self._cache.shared:
+            return await compute(), True
+        return await self._flight.run(
+            self._cache.lock_key(key), lambda: self._cache.get(key), compute
+        )
+
     async def _call(self, text: str) -> Classification:
         self._counters.record(Counter.CLASSIFIER_CALLS)
         try:
@@ -67,3 +98,18 @@ class CachedClassifier:
             raise
         except (OSError, ValueError) as exc:
             raise ClassifierUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        """Stop the cluster single flight's lock renewals (the cache and classifier close apart)."""
+        if self._flight is not None:
+            await self._flight.aclose()
+
+    def snapshot(self) -> dict[str, int]:
+        """Tallies of the cache tiers, both single flights and the classifier (if it keeps any)."""
+        found: dict[str, int] = {"single_flight_local_waits": self.local_waits}
+        found.update(self._cache.snapshot())
+        if self._flight is not None:
+            found.update(self._flight.snapshot())
+        if isinstance(self.classifier, Reporting):
+            found.update(self.classifier.snapshot())
+        return found
