@@ -4,19 +4,50 @@ from __future__ import annotations
 
 from worker.classifiers.base import Classifier
 from worker.classifiers.keywords import KeywordClassifier
+from worker.classifiers.llm import LLMClassifier, LLMConfig, PromptTemplate
 from worker.errors import ConfigError
+from worker.keys import RedisKeys
+from worker.ratelimit import RateLimiter
+from worker.redis_link import RedisLink
 from worker.settings import Settings
 
 
-def build_classifier(settings: Settings) -> Classifier:
+def build_classifier(settings: Settings, *, link: RedisLink | None = None) -> Classifier:
+    """The configured classifier; ``link`` (when the replicas share a Redis) makes the LLM rate
+    limit cluster-wide instead of per replica."""
     delay_s = settings.classifier_delay_ms / 1000
-    if settings.classifier == "keywords":
-        if settings.keywords_file:
-            try:
-                return KeywordClassifier.from_file(settings.keywords_file, delay_s=delay_s)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"invalid setting KEYWORDS_FILE: {exc}") from None
-        return KeywordClassifier.default(delay_s=delay_s)
-    raise ConfigError(
-        "invalid setting CLASSIFIER: 'llm' is not available in this version yet; use 'keywords'"
+    if settings.classifier == "llm":
+        return build_llm_classifier(settings, link=link)
+    if settings.keywords_file:
+        try:
+            return KeywordClassifier.from_file(settings.keywords_file, delay_s=delay_s)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"invalid setting KEYWORDS_FILE: {exc}") from None
+    return KeywordClassifier.default(delay_s=delay_s)
+
+
+def build_llm_classifier(settings: Settings, *, link: RedisLink | None = None) -> LLMClassifier:
+    try:
+        prompt = (
+            PromptTemplate.from_file(settings.llm_prompt_file)
+            if settings.llm_prompt_file
+            else PromptTemplate.default()
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"invalid setting LLM_PROMPT_FILE: cannot read it ({exc.strerror})"
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(f"invalid setting LLM_PROMPT_FILE: {exc}") from None
+    limiter = RateLimiter(settings.llm_max_rps, RedisKeys(settings.redis_key_prefix), link)
+    config = LLMConfig(
+        base_url=settings.llm_base_url,
+        model=settings.llm_model,
+        labels=settings.llm_label_set,
+        prompt=prompt,
+        api_key=settings.llm_api_key,
+        response_format=settings.llm_response_format,
+        timeout_s=settings.llm_timeout_s,
+        max_retries=settings.llm_max_retries,
     )
+    return LLMClassifier(config, limiter)

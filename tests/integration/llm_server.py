@@ -1,0 +1,211 @@
+"""A local OpenAI-compatible chat-completions server for tests (nothing leaves the machine).
+
+It answers ``POST /v1/chat/completions`` on 127.0.0.1 (a free port) after ``latency_s``, labels each
+text deterministically, and can be told to misbehave: per text (``script``), for the next requests
+whatever their text (``fail_next``), or by a function of the request (``policy``). Every request is
+recorded with its arrival and answer times (the server's ``time.monotonic``), text, model,
+``Authorization`` header, status and JSON body. Error bodies echo the key the client sent, as real
+providers do, so a test can prove the worker never repeats them.
+
+Runs inside the test's event loop while the replicas under test run as subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+DEFAULT_LABELS = ("question", "complaint", "order", "greeting", "spam", "other")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer: a status, headers, and either a message ``content`` or a raw body."""
+
+    status: int = 200
+    content: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    raw_body: str | None = None
+
+    @classmethod
+    def ok(cls, label: str, confidence: float = 0.9) -> Reply:
+        return cls(content=json.dumps({"label": label, "confidence": confidence}))
+
+    @classmethod
+    def rate_limited(cls, retry_after_s: float) -> Reply:
+        return cls(status=429, headers=(("Retry-After", f"{retry_after_s:g}"),))
+
+    @classmethod
+    def server_error(cls, status: int = 500) -> Reply:
+        return cls(status=status)
+
+    @classmethod
+    def not_json(cls) -> Reply:
+        return cls(content="Sure! This message is a question, I think.")
+
+    @classmethod
+    def unknown_label(cls) -> Reply:
+        return cls(content=json.dumps({"label": "weather_report", "confidence": 0.99}))
+
+    @classmethod
+    def http_error(cls, status: int) -> Reply:
+        return cls(status=status)
+
+
+@dataclass
+class Recorded:
+    """One request as the server saw it."""
+
+    received_at: float
+    answered_at: float
+    text: str
+    model: str
+    authorization: str
+    status: int
+    body: dict[str, Any] = field(repr=False)
+
+
+Policy = Callable[[str, int], Reply | None]
+
+
+class FakeLLM:
+    """``async with FakeLLM(latency_s=0.2) as llm:`` then point ``LLM_BASE_URL`` at ``llm.base_url``."""
+
+    def __init__(self, *, latency_s: float = 0.0, labels: tuple[str, ...] = DEFAULT_LABELS) -> None:
+        self.latency_s = latency_s
+        self.labels = labels
+        self.requests: list[Recorded] = []
+        self.policy: Policy | None = None
+        self._scripts: dict[str, deque[Reply]] = {}
+        self._next: deque[Reply] = deque()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def label_for(self, text: str) -> str:
+        """The label this server gives ``text`` when nothing is scripted (stable across runs)."""
+        digest = hashlib.blake2b(" ".join(text.split()).encode(), digest_size=4).digest()
+        return self.labels[int.from_bytes(digest, "big") % len(self.labels)]
+
+    def script(self, text: str, *replies: Reply) -> None:
+        """Answer the next requests for ``text`` with ``replies``, in order (then normally)."""
+        self._scripts.setdefault(text, deque()).extend(replies)
+
+    def fail_next(self, *replies: Reply) -> None:
+        """Answer the next requests, whatever their text, with ``replies`` in order."""
+        self._next.extend(replies)
+
+    def requests_for(self, text: str) -> list[Recorded]:
+        return [r for r in self.requests if r.text == text]
+
+    def max_in_window(self, window_s: float = 1.0) -> int:
+        """The most requests that arrived within any ``window_s`` (half-open) window."""
+        times = sorted(r.received_at for r in self.requests)
+        best, start = 0, 0
+        for end, t in enumerate(times):
+            while t - times[start] >= window_s:
+                start += 1
+            best = max(best, end - start + 1)
+        return best
+
+    def _reply_for(self, text: str) -> Reply:
+        scripted = self._scripts.get(text)
+        if scripted:
+            return scripted.popleft()
+        if self._next:
+            return self._next.popleft()
+        if self.policy is not None:
+            decided = self.policy(text, len(self.requests))
+            if decided is not None:
+                return decided
+        return Reply.ok(self.label_for(text))
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        received_at = time.monotonic()
+        authorization = request.headers.get("Authorization", "")
+        try:
+            body = json.loads(await request.read())
+            text = str(body["messages"][-1]["content"])
+            model = str(body["model"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            return web.json_response({"error": {"message": "bad request"}}, status=400)
+        reply = self._reply_for(text)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        response = self._render(reply, model, authorization)
+        self.requests.append(
+            Recorded(
+                received_at,
+                time.monotonic(),
+                text,
+                model,
+                authorization,
+                reply.status,
+                body,
+            )
+        )
+        return response
+
+    @staticmethod
+    def _render(reply: Reply, model: str, authorization: str) -> web.Response:
+        headers = dict(reply.headers)
+        if reply.status != 200:
+            # Like real providers, errors quote the key they were given: the worker must not.
+            error = {
+                "error": {"message": f"failed for key {authorization!r}", "code": reply.status}
+            }
+            return web.json_response(error, status=reply.status, headers=headers)
+        if reply.raw_body is not None:
+            return web.Response(
+                text=reply.raw_body, content_type="application/json", headers=headers
+            )
+        completion = {
+            "id": "chatcmpl-test",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.content},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 50, "completion_tokens": 10, "total_tokens": 60},
+        }
+        return web.json_response(completion, headers=headers)
+
+    async def start(self) -> FakeLLM:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = int(sock.getsockname()[1])
+        await web.SockSite(self._runner, sock).start()
+        return self
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeLLM:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
