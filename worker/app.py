@@ -34,6 +34,7 @@ from worker.monitor import MonitorServer, ReplicaView
 from worker.redaction import redact_url, scrub
 from worker.redis_link import RedisLink, make_redis
 from worker.settings import Settings
+from worker.singleflight import ClusterFlight, ClusterLocks
 
 log = structlog.get_logger("worker.app")
 
@@ -140,18 +141,20 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
     keys = RedisKeys(settings.redis_key_prefix)
     faults = Faults.parse(settings.fault_injection)
     counters = Counters(cluster=settings.redis_enabled)
-    classifier = build_classifier(settings)
+    link: RedisLink | None = None
+    if settings.redis_enabled:
+        link = RedisLink(
+            make_redis(settings.redis_url, settings.redis_timeout_s),
+            settings.redis_url,
+            secrets=settings.secrets,
+        )
+    # Built before connecting anything, so that a bad classifier setting stops start-up at once.
+    classifier = build_classifier(settings, link=link)
     live = _Live()
 
     async with AsyncExitStack() as stack:
         stack.push_async_callback(classifier.aclose)
-        link: RedisLink | None = None
-        if settings.redis_enabled:
-            link = RedisLink(
-                make_redis(settings.redis_url, settings.redis_timeout_s),
-                settings.redis_url,
-                secrets=settings.secrets,
-            )
+        if link is not None:
             stack.push_async_callback(link.aclose)
             await link.connect()
         else:
@@ -167,6 +170,13 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
             ttl_s=settings.cache_ttl_s,
         )
         stack.push_async_callback(cache.aclose)
+        flight = (
+            ClusterFlight(ClusterLocks(link), wait_s=settings.single_flight_wait_s)
+            if link is not None
+            else None
+        )
+        cached_classifier = CachedClassifier(classifier, cache, counters, flight=flight)
+        stack.push_async_callback(cached_classifier.aclose)
 
         view = ReplicaView(
             identity=identity,
@@ -210,7 +220,7 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
             broker=broker,
             claims=claims,
             leases=leases,
-            classifier=CachedClassifier(classifier, cache, counters),
+            classifier=cached_classifier,
             acker=acker,
             counters=counters,
             faults=faults,
