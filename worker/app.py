@@ -35,6 +35,7 @@ from worker.redaction import redact_url, scrub
 from worker.redis_link import RedisLink, make_redis
 from worker.settings import Settings
 from worker.singleflight import ClusterFlight, ClusterLocks
+from worker.stats import QueueNames
 
 log = structlog.get_logger("worker.app")
 
@@ -186,6 +187,8 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
             in_flight=lambda: live.consumer.in_flight if live.consumer else 0,
             broker_connected=lambda: live.broker is not None and live.broker.connected,
             consuming=lambda: live.consuming,
+            queue_names=QueueNames(settings.input_queue, settings.dead_letter_queue),
+            connection=lambda: live.broker.connection if live.broker else None,
         )
         await stack.enter_async_context(
             MonitorServer(view, settings.stats_host, settings.stats_port)

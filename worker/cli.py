@@ -57,7 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         help="publish at this pace instead of as fast as possible",
     )
 
-    st = sub.add_parser("stats", help="print cluster-wide counters from Redis")
+    st = sub.add_parser(
+        "stats",
+        help="print cluster-wide counters from Redis (no replica needed)",
+        description="Cluster-wide counters, throughput, live replicas and Redis memory, read "
+        "from REDIS_URL; queue depths too when RABBITMQ_URL reaches the broker.",
+    )
     st.add_argument("--json", action="store_true", help="machine-readable JSON")
     sub.add_parser("check", help="test the configured connections")
     return parser
@@ -148,7 +153,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
 async def _stats(settings: Settings, *, as_json: bool) -> int:
     from worker.keys import RedisKeys
     from worker.redis_link import REDIS_UNAVAILABLE, make_redis
-    from worker.stats import read_cluster, render_table
+    from worker.stats import QueueNames, probe_queue_depths, read_cluster, render_table
 
     if not settings.redis_enabled:
         print(
@@ -158,8 +163,13 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
         )
         return 1
     client = make_redis(settings.redis_url, settings.redis_timeout_s)
+    names = QueueNames(settings.input_queue, settings.dead_letter_queue)
     try:
-        data = await read_cluster(client, RedisKeys(settings.redis_key_prefix))
+        # The broker is optional here: without it the queue depths are reported as unknown.
+        data, queues = await asyncio.gather(
+            read_cluster(client, RedisKeys(settings.redis_key_prefix)),
+            probe_queue_depths(settings.rabbitmq_url, names),
+        )
     except REDIS_UNAVAILABLE as exc:
         print(
             f"neiromatrius-worker stats: ⚠️ Redis connection failed ({type(exc).__name__})",
@@ -168,7 +178,7 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
         return 1
     finally:
         await client.aclose()
-    data = {"cache": {"status": "redis_connected", "type": "redis"}, **data}
+    data = {"cache": {"status": "redis_connected", "type": "redis"}, **data, "queues": queues}
     print(
         orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else render_table(data)
     )

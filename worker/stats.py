@@ -1,20 +1,39 @@
-"""The cluster view: counters, throughput, live replicas and Redis memory, read from Redis.
+"""The cluster view: counters, throughput, live replicas, Redis memory and queue depths.
 
 Shared by the monitoring endpoint of every replica and the ``stats`` command (which needs no
-replica running). Values only: no URL, password or message text is ever part of it.
+replica running). Values only: no URL, password or message text is ever part of it; heartbeats
+are reduced to ``REPLICA_FIELDS`` so nothing else a replica wrote can leak through.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+import aio_pika
+import aiormq
 import orjson
+from aio_pika.abc import AbstractConnection
 from redis.asyncio import Redis
 
 from worker.keys import Counter, RedisKeys
 
 WINDOWS_S = (10, 60, 300)
+REPLICA_FIELDS = ("id", "host", "pid", "started_at", "last_seen", "in_flight", "processed")
+BROKER_UNREACHABLE = "the broker is unreachable"
+# Failures of a passive declare that mean "cannot ask the broker now", not a bug.
+QUEUE_PROBE_ERRORS: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+    RuntimeError,
+)
 
 
 def rates(counters: dict[str, int]) -> dict[str, float]:
@@ -51,6 +70,11 @@ async def read_throughput(
     return {f"{w}s": round(sum(per_second[s] for s in seconds[-w:]) / w, 2) for w in WINDOWS_S}
 
 
+def replica_entry(heartbeat: dict[str, Any]) -> dict[str, Any]:
+    """The published fields of a heartbeat, every one present (``None`` when unknown)."""
+    return {name: heartbeat.get(name) for name in REPLICA_FIELDS}
+
+
 async def read_replicas(redis: Redis, keys: RedisKeys) -> list[dict[str, Any]]:
     """Heartbeats of live replicas; IDs whose heartbeat expired are dropped from the set."""
     ids = sorted(m.decode() for m in await redis.smembers(keys.replicas))  # type: ignore[misc]
@@ -61,8 +85,11 @@ async def read_replicas(redis: Redis, keys: RedisKeys) -> list[dict[str, Any]]:
     for replica_id, beat in zip(ids, beats, strict=True):
         if beat is None:
             gone.append(replica_id)
-        else:
-            live.append(orjson.loads(beat))
+            continue
+        try:
+            live.append(replica_entry(orjson.loads(beat)))
+        except orjson.JSONDecodeError:
+            continue  # a heartbeat we cannot read is skipped; it expires on its own
     if gone:
         await redis.srem(keys.replicas, *gone)  # type: ignore[misc]
     return live
@@ -99,8 +126,104 @@ async def read_cluster(redis: Redis, keys: RedisKeys) -> dict[str, Any]:
     }
 
 
-def render_table(stats: dict[str, Any]) -> str:
+@dataclass(frozen=True, slots=True)
+class QueueNames:
+    """The queues whose depth the view reports."""
+
+    input: str
+    dead_letter: str
+
+    def roles(self) -> tuple[tuple[str, str], ...]:
+        return (("input", self.input), ("dead_letter", self.dead_letter))
+
+
+def unknown_depths(names: QueueNames, reason: str) -> dict[str, Any]:
+    """The ``queues`` section when the broker could not be asked."""
+    found: dict[str, Any] = {
+        role: {"name": name, "messages": None, "consumers": None} for role, name in names.roles()
+    }
+    found["error"] = reason
+    return found
+
+
+async def _queue_depth(
+    connection: AbstractConnection, name: str, timeout_s: float
+) -> dict[str, Any]:
+    # A passive declare on a channel of its own: it never creates the queue, and the 404 it
+    # answers for a missing queue closes only this channel. The underlying channel is used because
+    # aio-pika's robust channel would return a cached declaration with a stale count.
+    channel = await asyncio.wait_for(connection.channel(), timeout_s)
+    try:
+        underlay = await channel.get_underlay_channel()
+        declared = await underlay.queue_declare(name, passive=True, timeout=timeout_s)
+        return {
+            "name": name,
+            "messages": declared.message_count or 0,
+            "consumers": declared.consumer_count or 0,
+        }
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return {"name": name, "messages": None, "consumers": None, "missing": True}
+    finally:
+        with contextlib.suppress(*QUEUE_PROBE_ERRORS):
+            await channel.close()
+
+
+async def read_queue_depths(
+    connection: AbstractConnection, names: QueueNames, *, timeout_s: float = 2.0
+) -> dict[str, Any]:
+    """Messages ready for delivery and consumers of the input and dead-letter queues.
+
+    ``messages`` counts what waits in the queue; deliveries a replica holds unacknowledged are
+    not in it (they are each replica's ``in_flight``).
+    """
+    return {role: await _queue_depth(connection, name, timeout_s) for role, name in names.roles()}
+
+
+async def probe_queue_depths(
+    rabbitmq_url: str, names: QueueNames, *, timeout_s: float = 3.0
+) -> dict[str, Any]:
+    """``read_queue_depths`` over a short-lived connection; unknown depths if it cannot connect."""
+    try:
+        connection = await asyncio.wait_for(aio_pika.connect(rabbitmq_url), timeout_s)
+    except QUEUE_PROBE_ERRORS:
+        return unknown_depths(names, BROKER_UNREACHABLE)
+    try:
+        return await read_queue_depths(connection, names, timeout_s=timeout_s)
+    except QUEUE_PROBE_ERRORS:
+        return unknown_depths(names, BROKER_UNREACHABLE)
+    finally:
+        with contextlib.suppress(*QUEUE_PROBE_ERRORS):
+            await connection.close()
+
+
+def _ago(epoch_s: Any, now: float) -> str:
+    if not isinstance(epoch_s, int | float):
+        return "?"
+    seconds = max(0.0, now - float(epoch_s))
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _started(epoch_s: Any) -> str:
+    if not isinstance(epoch_s, int | float):
+        return "?"
+    return datetime.fromtimestamp(float(epoch_s), UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _depth(entry: dict[str, Any]) -> str:
+    if entry.get("missing"):
+        return f"{entry['name']}: (no such queue)"
+    if entry.get("messages") is None:
+        return f"{entry['name']}: ?"
+    return f"{entry['name']}: {entry['messages']:,} waiting, {entry['consumers']} consumers"
+
+
+def render_table(stats: dict[str, Any], now: float | None = None) -> str:
     """A readable summary for people (the ``stats`` command without ``--json``)."""
+    now = time.time() if now is None else now
     lines = [f"Neiromatrius worker — {stats.get('scope', 'cluster')} stats"]
     cache = stats.get("cache")
     if cache:
@@ -119,10 +242,10 @@ def render_table(stats: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"  live replicas    {len(replicas)}")
     for rep in replicas:
-        age = time.time() - float(rep.get("last_seen", 0))
         lines.append(
-            f"    {rep['id']:<28} pid {rep.get('pid', '?'):<8} in flight {rep.get('in_flight', 0):<5}"
-            f" processed {rep.get('processed', 0):<8,} seen {age:.0f}s ago"
+            f"    {rep.get('id')!s:<28} host {rep.get('host')!s:<16} pid {rep.get('pid')!s:<8}"
+            f" started {_started(rep.get('started_at'))}  seen {_ago(rep.get('last_seen'), now)}"
+            f"  in flight {rep.get('in_flight') or 0:<5} processed {rep.get('processed') or 0:,}"
         )
     redis = stats.get("redis")
     if redis:
@@ -136,5 +259,9 @@ def render_table(stats: dict[str, Any]) -> str:
             lines.append(f"  WARNING: {redis['warning']}")
     queues = stats.get("queues")
     if queues:
-        lines.append("  queues           " + "  ".join(f"{k}: {v}" for k, v in queues.items()))
+        lines.append("")
+        lines.append(f"  input queue      {_depth(queues['input'])}")
+        lines.append(f"  dead letters     {_depth(queues['dead_letter'])}")
+        if "error" in queues:
+            lines.append(f"  (queue depths unknown: {queues['error']})")
     return "\n".join(lines)
