@@ -1,4 +1,4 @@
-"""The ``neiromatrius-worker`` command: run, publish, stats, check."""
+"""The ``neiromatrius-worker`` command: run, publish, stats, check, demo."""
 
 from __future__ import annotations
 
@@ -65,7 +65,45 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--json", action="store_true", help="machine-readable JSON")
     sub.add_parser("check", help="test the configured connections")
+    _demo_parser(sub)
     return parser
+
+
+def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="run replicas on generated traffic and show what dedup and the cache did",
+        description="Starts replicas on the local broker under names of their own, publishes "
+        "sample traffic with duplicates and repeated texts, shows progress and a final table, "
+        "then stops the replicas and removes everything it created. Uses REDIS_URL when set.",
+    )
+    demo.add_argument("--replicas", type=int, default=3, metavar="N", help="default 3")
+    demo.add_argument("--messages", type=int, default=2000, metavar="N", help="default 2000")
+    demo.add_argument(
+        "--duplicates",
+        type=float,
+        default=0.2,
+        metavar="FRACTION",
+        help="share of the messages that re-send an earlier one (default 0.2)",
+    )
+    demo.add_argument(
+        "--repeat-texts",
+        type=float,
+        default=0.5,
+        metavar="FRACTION",
+        help="share of unique messages reusing an earlier text (default 0.5)",
+    )
+    demo.add_argument(
+        "--rate", type=float, default=0.0, metavar="PER_SECOND", help="pace publishing"
+    )
+    demo.add_argument("--seed", type=int, default=None, help="reproducible traffic")
+    redis = demo.add_mutually_exclusive_group()
+    redis.add_argument("--redis-url", default=None, help="Redis to use (default: REDIS_URL)")
+    redis.add_argument("--no-redis", action="store_true", help="in-memory replicas")
+    demo.add_argument(
+        "--timeout", type=float, default=120.0, metavar="SECONDS", help="give up after this"
+    )
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_stats(settings, as_json=args.json))
         if args.command == "check":
             return asyncio.run(_check(settings))
+        if args.command == "demo":
+            return _demo(settings, args)
     except ConfigError as exc:
         print(f"neiromatrius-worker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -183,6 +223,52 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
         orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else render_table(data)
     )
     return 0
+
+
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.demo import DemoOptions, run_demo
+    from worker.samples import generate_sample
+
+    if args.no_redis:
+        redis_url = ""
+    elif args.redis_url is not None:
+        redis_url = load_settings(redis_url=args.redis_url).redis_url  # validated like REDIS_URL
+    else:
+        redis_url = settings.redis_url
+    if not 1 <= args.replicas <= 32:
+        print("neiromatrius-worker demo: --replicas must be between 1 and 32", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.messages < 1 or args.rate < 0 or args.timeout <= 0:
+        print(
+            "neiromatrius-worker demo: --messages must be >= 1, --rate >= 0, --timeout > 0",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        generate_sample(args.messages, args.duplicates, args.repeat_texts)
+    except ValueError as exc:
+        print(f"neiromatrius-worker demo: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    options = DemoOptions(
+        replicas=args.replicas,
+        messages=args.messages,
+        duplicates=args.duplicates,
+        repeat_texts=args.repeat_texts,
+        rate_per_s=args.rate,
+        seed=args.seed,
+        redis_url=redis_url,
+        timeout_s=args.timeout,
+        as_json=args.json,
+    )
+
+    async def demo() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await run_demo(settings, options, stop)
+
+    return asyncio.run(demo())
 
 
 async def _check(settings: Settings) -> int:
