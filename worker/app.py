@@ -34,7 +34,7 @@ from worker.monitor import MonitorServer, ReplicaView
 from worker.redaction import redact_url, scrub
 from worker.redis_link import RedisLink, make_redis
 from worker.settings import Settings
-from worker.singleflight import ClusterFlight, ClusterLocks
+from worker.singleflight import LOCK_TTL_S, ClusterFlight, ClusterLocks
 from worker.stats import QueueNames
 
 log = structlog.get_logger("worker.app")
@@ -172,7 +172,11 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
         )
         stack.push_async_callback(cache.aclose)
         flight = (
-            ClusterFlight(ClusterLocks(link), wait_s=settings.single_flight_wait_s)
+            ClusterFlight(
+                # A dead owner's lock lapses no later than its claims do.
+                ClusterLocks(link, ttl_s=min(LOCK_TTL_S, settings.claim_lease_s)),
+                wait_s=settings.single_flight_wait_s,
+            )
             if link is not None
             else None
         )
