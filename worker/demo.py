@@ -345,7 +345,12 @@ class Demo:
                 while not self.stop.is_set():
                     await self.poll(session)
                     if publishing.done():
-                        publishing.result()  # a failed publish ends the demo with its error
+                        failure = publishing.exception()
+                        if failure is not None:
+                            where = redact_url(self.settings.rabbitmq_url)
+                            raise DemoFailed(
+                                f"publishing to {where} failed ({type(failure).__name__})"
+                            )
                         deadline = deadline or time.monotonic() + self.options.timeout_s
                     done = publishing.done() and self.progress.accounted >= total
                     if done or time.monotonic() - shown >= interval_s:
