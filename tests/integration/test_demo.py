@@ -81,16 +81,16 @@ async def test_demo_with_redis_shows_exact_dedup_and_cache(tmp_path: Path) -> No
     assert f"3 replicas, Redis {redact_url(REDIS_URL)}" in table
     assert f"published {len(plan.messages)}/{len(plan.messages)}" in done.stderr
 
-    assert row(table, "published")[0] == len(plan.messages)
-    assert row(table, "processed") == (plan.unique_ids, plan.unique_ids, "✓")
+    assert row(table, "published")[0] == len(plan.messages), table
+    assert row(table, "processed") == (plan.unique_ids, plan.unique_ids, "✓"), table
     skipped = (plan.duplicate_count, plan.duplicate_count, "✓")
-    assert row(table, "duplicates skipped") == skipped
+    assert row(table, "duplicates skipped") == skipped, table
     # Each distinct text is classified once for the whole cluster; every other message is a hit.
     expected_hits = plan.unique_ids - plan.distinct_texts
-    assert row(table, "cache hits") == (expected_hits, expected_hits, "✓")
-    assert row(table, "classifier calls")[0] == plan.distinct_texts
-    assert row(table, "results published") == (plan.unique_ids, plan.unique_ids, "✓")
-    assert "cluster counters in Redis equal the replicas' sum: yes" in table
+    assert row(table, "cache hits") == (expected_hits, expected_hits, "✓"), table
+    assert row(table, "classifier calls")[0] == plan.distinct_texts, table
+    assert row(table, "results published") == (plan.unique_ids, plan.unique_ids, "✓"), table
+    assert "cluster counters in Redis equal the replicas' sum: yes" in table, table
 
     tag = re.search(r"\(run ([0-9a-f]+)\)", done.stderr)
     assert tag, done.stderr
