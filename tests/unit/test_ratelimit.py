@@ -52,23 +52,30 @@ def test_local_pacer_lets_a_burst_through_then_spaces_calls() -> None:
     """After a quiet spell burst + 1 calls go at once; the next ones are one interval apart."""
     pacer = LocalPacer(10)
     waits = [pacer.reserve(100.0)[1] for _ in range(5)]
-    assert waits == pytest.approx([0.0, 0.0, 0.1, 0.2, 0.3])
+    assert waits == pytest.approx([0.0, 0.0, 0.105, 0.21, 0.315])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     rps=st.sampled_from([1.0, 3.0, 7.5, 20.0, 100.0]),
-    gaps=st.lists(st.floats(min_value=0, max_value=0.3), min_size=1, max_size=300),
+    calls=st.lists(
+        st.tuples(st.floats(min_value=0, max_value=0.3), st.floats(min_value=0, max_value=0.05)),
+        min_size=1,
+        max_size=300,
+    ),
 )
-def test_local_pacer_never_exceeds_the_window_limit(rps: float, gaps: list[float]) -> None:
-    """Whatever the arrival pattern, no one-second window holds more than the documented bound."""
+def test_local_pacer_never_exceeds_the_window_limit(
+    rps: float, calls: list[tuple[float, float]]
+) -> None:
+    """Whatever the arrival pattern, and with calls leaving up to 50 ms after their slot, no
+    one-second window holds more than the documented bound."""
     pacer = LocalPacer(rps)
     now, sent = 0.0, []
-    for gap in gaps:
+    for gap, lag in calls:
         now += gap
         reserved, wait_s = pacer.reserve(now)
         assert reserved
-        sent.append(now + wait_s)
+        sent.append(now + wait_s + lag)
     assert max_in_window(sent) <= window_limit(rps)
 
 
@@ -129,7 +136,7 @@ async def test_unreachable_redis_falls_back_to_local_pacing() -> None:
         for _ in range(4):
             await limiter.acquire()
             granted.append(loop.time())
-        assert granted[-1] - granted[0] >= 0.2 - 0.01  # two calls of burst, then 0.1 s apart
+        assert granted[-1] - granted[0] >= 0.2  # two calls of burst, then 0.105 s apart
     finally:
         await link.aclose()
 
