@@ -7,7 +7,8 @@ recorded with its arrival and answer times (the server's ``time.monotonic``), te
 ``Authorization`` header, status and JSON body. Error bodies echo the key the client sent, as real
 providers do, so a test can prove the worker never repeats them.
 
-Runs inside the test's event loop while the replicas under test run as subprocesses.
+It serves from a thread of its own (with its own event loop), started and stopped from the test's
+event loop, while the replicas under test run as subprocesses.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -88,6 +90,8 @@ class FakeLLM:
         self._scripts: dict[str, deque[Reply]] = {}
         self._next: deque[Reply] = deque()
         self._runner: web.AppRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self.port = 0
 
     @property
@@ -188,6 +192,30 @@ class FakeLLM:
         return web.json_response(completion, headers=headers)
 
     async def start(self) -> FakeLLM:
+        """Serve from a thread of its own, so that the test's own event loop being busy (publishing,
+        collecting results) never delays the server's answers or skews its timestamps."""
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        caller = asyncio.get_running_loop()
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._serve())
+                caller.call_soon_threadsafe(ready.set_result, None)
+            except BaseException as exc:  # report start-up failures to the test
+                caller.call_soon_threadsafe(ready.set_exception, exc)
+                return
+            loop.run_forever()
+            loop.run_until_complete(self._cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="fake-llm", daemon=True)
+        self._thread.start()
+        await ready
+        return self
+
+    async def _serve(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
@@ -197,15 +225,33 @@ class FakeLLM:
         sock.bind(("127.0.0.1", 0))
         self.port = int(sock.getsockname()[1])
         await web.SockSite(self._runner, sock).start()
-        return self
 
-    async def close(self) -> None:
+    async def _cleanup(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def close(self) -> None:
+        if self._thread is None or self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        await asyncio.to_thread(self._thread.join, 10)
+        self._thread = None
 
     async def __aenter__(self) -> FakeLLM:
         return await self.start()
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def replica_env(llm: FakeLLM, env: dict[str, str], **extra: str) -> dict[str, str]:
+    """``env`` (from ``Names.env``) plus the settings of an LLM replica talking to ``llm``."""
+    return {
+        **env,
+        "CLASSIFIER": "llm",
+        "LLM_BASE_URL": llm.base_url,
+        "LLM_MODEL": "test-model",
+        "LLM_TIMEOUT_S": "5",
+        **extra,
+    }
