@@ -79,9 +79,12 @@ async def test_600_messages_with_60_texts_make_exactly_60_llm_calls(
             for _ in range(3):
                 replicas.start(replica_env(llm, names.env(), PREFETCH="64"))
             await asyncio.gather(*(replica.started() for replica in replicas.all))
+            started = time.perf_counter()
             await publish_bodies(names, messages)
             await sink.wait_for_ids({m["message_id"] for m in messages}, timeout_s=40)
+            took_s = time.perf_counter() - started
             await sink.settle(quiet_s=0.5)
+            print(f"\n600 messages, 60 texts: {len(llm.requests)} LLM requests, {took_s:.2f} s")
 
             assert len(llm.requests) == 60
             assert sorted(r.text for r in llm.requests) == sorted(texts)
