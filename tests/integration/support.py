@@ -10,12 +10,14 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import orjson
 import redis.asyncio as aioredis
+from hypothesis import strategies as st
 
 from tests.conftest import RABBITMQ_URL, Names
 from worker import publish
@@ -232,3 +234,137 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+# --- Hostile input: a catalogue of malformed deliveries and a generator of random bodies ---------
+
+HOSTILE_MAX_BYTES = 16_384  # MAX_MESSAGE_BYTES of the replicas that receive the catalogue
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """One malformed delivery and the dead-letter reason the worker must give it."""
+
+    name: str
+    body: bytes
+    reason: str
+    amqp_message_id: str | None = None
+
+
+def _json(**fields: Any) -> bytes:
+    return orjson.dumps(fields)
+
+
+def _nested(levels: int) -> Any:
+    value: Any = "bottom"
+    for _ in range(levels):
+        value = {"deeper": value}
+    return value
+
+
+HOSTILE: list[Hostile] = [
+    Hostile("plain text", b"this is not json", "not_json"),
+    Hostile("empty body", b"", "not_json"),
+    Hostile("whitespace body", b"  \n\t ", "not_json"),
+    Hostile("truncated JSON", b'{"message_id": "h-trunc", "text": "half a messa', "not_json"),
+    Hostile("trailing garbage", b'{"message_id": "h-tail", "text": "hi"} and more', "not_json"),
+    Hostile(
+        "two objects", b'{"message_id": "h-2a", "text": "a"}{"message_id": "h-2b"}', "not_json"
+    ),
+    Hostile("invalid UTF-8", b'{"message_id": "h-utf8", "text": "\xff\xfe\xc3"}', "not_json"),
+    Hostile("lone surrogate", b'{"message_id": "h-sur", "text": "\\ud800 alone"}', "not_json"),
+    Hostile("byte order mark", b'\xef\xbb\xbf{"message_id": "h-bom", "text": "hi"}', "not_json"),
+    Hostile("NaN", b'{"message_id": "h-nan", "text": "hi", "score": NaN}', "not_json"),
+    Hostile("number overflow", b'{"message_id": "h-inf", "text": "hi", "n": 1e999}', "not_json"),
+    Hostile("JSON array", b'["h-array", "text"]', "not_object"),
+    Hostile("JSON string", b'"just a string"', "not_object"),
+    Hostile("JSON number", b"42", "not_object"),
+    Hostile("JSON null", b"null", "not_object"),
+    Hostile("JSON true", b"true", "not_object"),
+    Hostile(
+        "deep nesting", _json(message_id="h-deep", text="hi", metadata=_nested(100)), "too_deep"
+    ),
+    Hostile("nesting past the parser", b"[" * 2_000, "too_deep"),
+    Hostile(
+        "duplicate message_id",
+        b'{"message_id": "h-dup-a", "text": "hi", "message_id": "h-dup-b"}',
+        "duplicate_keys",
+    ),
+    Hostile(
+        "duplicate text, escaped",
+        b'{"message_id": "h-dup-t", "text": "ok", "\\u0074ext": "hidden"}',
+        "duplicate_keys",
+    ),
+    Hostile("numeric id", _json(message_id=17, text="id is a number"), "bad_message_id"),
+    Hostile("list id", _json(message_id=["h"], text="id is a list"), "bad_message_id"),
+    Hostile("object id", _json(message_id={"id": 1}, text="id is an object"), "bad_message_id"),
+    Hostile("boolean id", _json(message_id=True, text="id is a boolean"), "bad_message_id"),
+    Hostile("empty id", _json(message_id="", text="id is empty"), "bad_message_id"),
+    Hostile("blank id", _json(message_id="   ", text="id is blank"), "bad_message_id"),
+    Hostile("10 KB id", _json(message_id="i" * 10_240, text="id of 10 KB"), "bad_message_id"),
+    Hostile(
+        "NUL in id", _json(message_id="h-\x00-nul", text="control character"), "bad_message_id"
+    ),
+    Hostile(
+        "newline in id", _json(message_id="h-\n-nl", text="control character"), "bad_message_id"
+    ),
+    Hostile("invisible id", _json(message_id="\u200b", text="zero-width id"), "bad_message_id"),
+    Hostile(
+        "control characters in the AMQP id",
+        _json(text="id only in the AMQP property"),
+        "bad_message_id",
+        amqp_message_id="h-\x07\x1b-prop",
+    ),
+    Hostile("no text", _json(message_id="h-notext"), "no_text"),
+    Hostile("null text", _json(message_id="h-nulltext", text=None), "no_text"),
+    Hostile("numeric text", _json(message_id="h-numtext", text=12), "bad_text"),
+    Hostile("list text", _json(message_id="h-listtext", text=["a"]), "bad_text"),
+    Hostile("object text", _json(message_id="h-objtext", text={"a": "b"}), "bad_text"),
+    Hostile("boolean text", _json(message_id="h-booltext", text=False), "bad_text"),
+    Hostile("empty text", _json(message_id="h-empty", text=""), "empty_text"),
+    Hostile("whitespace text", _json(message_id="h-ws", text=" \t\n\u3000\u00a0 "), "empty_text"),
+    Hostile(
+        "over MAX_MESSAGE_BYTES",
+        _json(message_id="h-big", text="x" * (HOSTILE_MAX_BYTES + 1)),
+        "too_large",
+    ),
+]
+
+
+def random_bodies() -> st.SearchStrategy[bytes]:
+    """Bodies a careless or hostile producer might send: random bytes, random JSON of any shape,
+    objects with the right keys holding anything, and valid bodies truncated or with a byte changed."""
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=40)
+    )
+    values = st.recursive(
+        scalars,
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(st.text(max_size=10), children, max_size=4)
+        ),
+        max_leaves=12,
+    )
+    keyed = st.fixed_dictionaries(
+        {}, optional={"message_id": values, "text": values, "chat_id": values, "metadata": values}
+    )
+    valid = st.builds(
+        lambda i, text: orjson.dumps({"message_id": f"r-{i}", "text": text}),
+        st.integers(0, 10**6),
+        st.text(min_size=1, max_size=40),
+    )
+    truncated = st.tuples(valid, st.integers(0, 60)).map(lambda t: t[0][: t[1]])
+    flipped = st.tuples(valid, st.integers(0, 60), st.integers(0, 255)).map(
+        lambda t: t[0][: t[1]] + bytes([t[2]]) + t[0][t[1] + 1 :]
+    )
+    return st.one_of(
+        st.binary(max_size=200),
+        values.map(orjson.dumps),
+        keyed.map(orjson.dumps),
+        truncated,
+        flipped,
+    )
