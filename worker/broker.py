@@ -6,14 +6,23 @@ Topology (all durable):
 - ``DEAD_LETTER_QUEUE``: messages that cannot be processed, with ``x-death-reason`` and detail;
 - ``{INPUT_QUEUE}.retry.{delay}ms``: one holding queue per retry delay; a message waits there for
   its TTL, then RabbitMQ dead-letters it back to the input queue (no hot requeue loop).
+
+The connection is aio-pika's robust one (channels, queues and consumers are restored after a
+reconnection), reconnecting with backoff: at once, then after half as long as the broker has been
+away, between ``RECONNECT_MIN_S`` and ``RECONNECT_MAX_S``. Deliveries unacknowledged when the
+connection dropped are redelivered by the broker; the claim protocol keeps them from being
+processed twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aio_pika
 import aiormq
@@ -28,12 +37,24 @@ from aio_pika.abc import (
 from pamqp.commands import Basic
 
 from worker.classifiers.base import Classification
-from worker.errors import PublishFailed
+from worker.errors import PermanentError, PublishFailed
 from worker.models import ChatMessage
 
 ATTEMPT_HEADER = "x-neiromatrius-attempt"
 REASON_HEADER = "x-death-reason"
 DETAIL_HEADER = "x-death-detail"
+MAX_ATTEMPT_HEADER = 1_000  # a forged attempt header must not make the delay computation explode
+DROPPED_HEADERS_HEADER = "x-neiromatrius-dropped-headers"
+# What pamqp raises for a header value it cannot encode (nothing was sent then).
+HEADER_ENCODING_ERRORS: tuple[type[BaseException], ...] = (
+    TypeError,
+    ValueError,
+    OverflowError,
+    struct.error,
+)
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 15.0
+CONNECTION_NAME = "neiromatrius-worker"
 PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.AMQPError,
     aiormq.exceptions.AMQPError,
@@ -53,31 +74,70 @@ class Topology:
 
     def retry_delay_ms(self, attempt: int) -> int:
         """Delay before attempt ``attempt + 1``: the base, doubled after each failure, at most 1 h."""
-        return int(min(self.retry_base_delay_s * 2 ** (attempt - 1), 3_600) * 1000)
+        doublings = min(max(attempt, 1), 64) - 1
+        return int(min(self.retry_base_delay_s * 2**doublings, 3_600) * 1000)
 
     def retry_queue(self, attempt: int) -> str:
         return f"{self.input_queue}.retry.{self.retry_delay_ms(attempt)}ms"
 
 
 def attempt_of(message: AbstractIncomingMessage) -> int:
-    """Which attempt this delivery is (1 for a message never retried)."""
+    """Which attempt this delivery is by its header (1 for a message never retried)."""
     value = (message.headers or {}).get(ATTEMPT_HEADER, 1)
-    return value if isinstance(value, int) and value >= 1 else 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        return 1
+    return min(value, MAX_ATTEMPT_HEADER)
 
 
-async def connect(url: str) -> AbstractRobustConnection:
-    """A robust connection: aio-pika reconnects and restores channels, queues and consumers."""
-    return await aio_pika.connect_robust(
-        url, client_properties={"connection_name": "neiromatrius-worker"}
+class BackoffRobustConnection(aio_pika.RobustConnection):
+    """aio-pika's robust connection, waiting longer between attempts the longer the broker is away.
+
+    aio-pika sleeps ``reconnect_interval`` after each failed attempt; here that value is computed
+    when read: the configured minimum while connected, then half the outage so far (at most
+    ``RECONNECT_MAX_S``), so attempts come at roughly 1.5 times the previous delay.
+    """
+
+    _min_interval_s: float = RECONNECT_MIN_S
+    _lost_at: float | None = None
+
+    @property
+    def reconnect_interval(self) -> float:
+        if self.connected.is_set():
+            self._lost_at = None
+            return self._min_interval_s
+        now = time.monotonic()
+        if self._lost_at is None:
+            self._lost_at = now
+        return min(RECONNECT_MAX_S, max(self._min_interval_s, (now - self._lost_at) / 2))
+
+    @reconnect_interval.setter
+    def reconnect_interval(self, value: float) -> None:
+        self._min_interval_s = float(value)
+
+
+async def connect(url: str, *, name: str = CONNECTION_NAME) -> AbstractRobustConnection:
+    """A robust connection named ``name`` (shown by ``rabbitmqctl list_connections``)."""
+    extra: dict[str, Any] = {}
+    if "reconnect_interval" not in parse_qs(urlsplit(url).query):
+        extra["reconnect_interval"] = RECONNECT_MIN_S
+    connection: AbstractRobustConnection = await aio_pika.connect_robust(
+        url,
+        client_properties={"connection_name": name},
+        connection_class=BackoffRobustConnection,
+        **extra,
     )
+    return connection
 
 
 class Broker:
     """Declares the topology and publishes results, retries and dead letters with confirms."""
 
-    def __init__(self, connection: AbstractRobustConnection, topology: Topology) -> None:
+    def __init__(
+        self, connection: AbstractRobustConnection, topology: Topology, *, app_id: str = ""
+    ) -> None:
         self.connection = connection
         self.topology = topology
+        self._app_id = app_id or None  # on every result: which replica published it
         self._channel: AbstractChannel | None = None
         self._results: AbstractExchange | None = None
 
@@ -134,16 +194,21 @@ class Broker:
             "classifier": classification.classifier,
             "cached": cached,
         }
+        try:
+            encoded = orjson.dumps(body)
+        except orjson.JSONEncodeError as exc:
+            raise PermanentError(f"the result cannot be encoded: {exc}") from exc
         properties = Basic.Properties(
             message_id=message.message_id,
             content_type="application/json",
             delivery_mode=2,
+            app_id=self._app_id,
         )
         try:
             channel = await self._channel.get_underlay_channel()
             # Not mandatory: with nobody bound to the results exchange, results are discarded.
             await channel.basic_publish(
-                orjson.dumps(body),
+                encoded,
                 exchange=self._results.name,
                 routing_key=classification.label,
                 properties=properties,
@@ -153,11 +218,11 @@ class Broker:
             raise PublishFailed(f"publish of a result failed: {type(exc).__name__}") from exc
 
     def _copy(
-        self, delivery: AbstractIncomingMessage, headers: Mapping[str, Any]
+        self, delivery: AbstractIncomingMessage, headers: Mapping[str, Any], *, keep: bool = True
     ) -> aio_pika.Message:
         return aio_pika.Message(
             delivery.body,
-            headers={**(delivery.headers or {}), **headers},
+            headers={**(delivery.headers or {}), **headers} if keep else dict(headers),
             content_type=delivery.content_type,
             content_encoding=delivery.content_encoding,
             message_id=delivery.message_id,
@@ -168,30 +233,36 @@ class Broker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
 
+    async def _publish_copy(
+        self, delivery: AbstractIncomingMessage, headers: dict[str, Any], queue: str
+    ) -> None:
+        """Publish a copy of ``delivery`` with ``headers`` added to its own, confirmed.
+
+        A header the producer sent may not survive re-encoding (pamqp reads values it cannot
+        write); then the copy carries only our headers, plus a note, rather than never leaving.
+        """
+        assert self._channel is not None, "declare() first"
+        exchange = self._channel.default_exchange
+        try:
+            await self._publish(exchange, self._copy(delivery, headers), queue, mandatory=True)
+        except HEADER_ENCODING_ERRORS as exc:
+            headers = {**headers, DROPPED_HEADERS_HEADER: type(exc).__name__}
+            await self._publish(
+                exchange, self._copy(delivery, headers, keep=False), queue, mandatory=True
+            )
+
     async def dead_letter(
         self, delivery: AbstractIncomingMessage, reason: str, detail: str, attempts: int
     ) -> None:
-        assert self._channel is not None, "declare() first"
         headers = {REASON_HEADER: reason, DETAIL_HEADER: detail[:500], ATTEMPT_HEADER: attempts}
-        await self._publish(
-            self._channel.default_exchange,
-            self._copy(delivery, headers),
-            self.topology.dead_letter_queue,
-            mandatory=True,
-        )
+        await self._publish_copy(delivery, headers, self.topology.dead_letter_queue)
 
     async def schedule_retry(
         self, delivery: AbstractIncomingMessage, attempt: int, error: str
     ) -> None:
         """Park a copy for the delay of ``attempt``; it comes back as attempt ``attempt + 1``."""
-        assert self._channel is not None, "declare() first"
         headers = {ATTEMPT_HEADER: attempt + 1, DETAIL_HEADER: error[:500]}
-        await self._publish(
-            self._channel.default_exchange,
-            self._copy(delivery, headers),
-            self.topology.retry_queue(attempt),
-            mandatory=True,
-        )
+        await self._publish_copy(delivery, headers, self.topology.retry_queue(attempt))
 
     @property
     def connected(self) -> bool:
