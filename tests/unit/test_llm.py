@@ -7,6 +7,7 @@ import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +25,7 @@ from worker.settings import load_settings
 API_KEY = "sk-unit-7f3a9c1e5b2d"
 
 
-def make(llm: FakeLLM, **overrides: object) -> LLMClassifier:
+def make(llm: FakeLLM, **overrides: Any) -> LLMClassifier:
     config = LLMConfig(
         base_url=llm.base_url,
         model="test-model",
