@@ -1,8 +1,17 @@
-"""Keeping secrets out of logs, stats and error messages."""
+"""Keeping secrets out of logs, stats and error messages.
+
+A URL may carry a secret in two places: its password (``redis://:secret@host``) and, for clients
+that read connection options from the query string, a ``password``-like parameter
+(``rediss://host/0?password=secret``). Both are masked by ``redact_url`` and listed by
+``url_secrets`` (as written and percent-decoded) for ``scrub`` to remove from free text.
+"""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+MASK = "***"
+SECRET_QUERY_KEYS = frozenset({"password", "pass", "passwd", "ssl_password", "token", "secret"})
 
 
 def redact_url(url: str) -> str:
@@ -11,26 +20,46 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
         password = parts.password
         host = parts.hostname
+        query = parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:
         return "<unparseable URL>"
-    if password is None:
+    netloc = parts.netloc
+    if password is not None:
+        user = parts.username or ""
+        netloc = f"{user}:{MASK}@" if user else f":{MASK}@"
+        if host is not None:
+            netloc += f"[{host}]" if ":" in host else host
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if port is not None:
+            netloc += f":{port}"
+    if any(key.lower() in SECRET_QUERY_KEYS for key, _ in query):
+        masked = [(k, MASK if k.lower() in SECRET_QUERY_KEYS else v) for k, v in query]
+        query_text = urlencode(masked, safe="*/")
+    else:
+        query_text = parts.query
+    if password is None and query_text == parts.query:
         return url
-    user = parts.username or ""
-    netloc = f"{user}:***@" if user else ":***@"
-    if host is not None:
-        netloc += f"[{host}]" if ":" in host else host
+    return urlunsplit((parts.scheme, netloc, parts.path, query_text, parts.fragment))
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """The secrets inside ``url``: its password and password-like query values, raw and decoded."""
     try:
-        port = parts.port
+        parts = urlsplit(url)
+        found = [parts.password or ""]
+        found += [v for k, v in parse_qsl(parts.query) if k.lower() in SECRET_QUERY_KEYS]
     except ValueError:
-        port = None
-    if port is not None:
-        netloc += f":{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        return ()
+    every = {s for secret in found for s in (secret, unquote(secret)) if s}
+    return tuple(sorted(every, key=len, reverse=True))  # longest first: no partial leftovers
 
 
 def scrub(text: str, secrets: tuple[str, ...]) -> str:
     """Remove every non-empty secret from ``text`` (for exception messages that echo a URL)."""
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "***")
+            text = text.replace(secret, MASK)
     return text
