@@ -19,7 +19,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from worker.acks import Acker
-from worker.broker import Broker, Topology, connect
+from worker.broker import CONNECTION_NAME, Broker, Topology, connect
 from worker.cache import ClassificationCache, LocalCache
 from worker.classifiers.factory import build_classifier, worth_cluster_single_flight
 from worker.classify import CachedClassifier
@@ -32,7 +32,7 @@ from worker.keys import RedisKeys
 from worker.leases import LeaseKeeper
 from worker.monitor import MonitorServer, ReplicaView
 from worker.redaction import redact_url, scrub
-from worker.redis_link import RedisLink, make_redis
+from worker.redis_link import FALLBACK_IN_MEMORY, RedisLink, make_redis
 from worker.settings import Settings
 from worker.singleflight import LOCK_TTL_S, ClusterFlight, ClusterLocks
 from worker.stats import QueueNames
@@ -41,6 +41,7 @@ log = structlog.get_logger("worker.app")
 
 IN_MEMORY_LINE = "In-memory mode: no REDIS_URL, claims, cache and counters are per replica"
 SUMMARY_INTERVAL_S = 30.0
+STRICT_FALLBACK = "none (REDIS_FAILURE_MODE=strict): no new message is taken until Redis is back"
 
 
 @dataclass(slots=True)
@@ -63,14 +64,14 @@ def topology_of(settings: Settings) -> Topology:
 
 
 async def connect_broker(
-    settings: Settings, stop: asyncio.Event
+    settings: Settings, stop: asyncio.Event, *, name: str = CONNECTION_NAME
 ) -> AbstractRobustConnection | None:
     """Connect, retrying with backoff while the broker is down; ``None`` if asked to stop first."""
     delay_s = 0.5
     where = redact_url(settings.rabbitmq_url)
     while not stop.is_set():
         try:
-            return await connect(settings.rabbitmq_url)
+            return await connect(settings.rabbitmq_url, name=name)
         except (TimeoutError, OSError, ConnectionError) as exc:
             log.warning(
                 "broker_unreachable",
@@ -104,6 +105,7 @@ def build_claims(
         lease_s=settings.claim_lease_s,
         dedup_ttl_s=settings.dedup_ttl_s,
         max_done=settings.memory_dedup_size,
+        max_attempts=settings.max_attempts,
     )
     if link is None:
         return memory
@@ -113,6 +115,7 @@ def build_claims(
         TokenSource(identity.replica_id),
         lease_s=settings.claim_lease_s,
         dedup_ttl_s=settings.dedup_ttl_s,
+        max_attempts=settings.max_attempts,
     )
     return FallbackClaimStore(
         redis_store,
@@ -122,6 +125,8 @@ def build_claims(
         counters=counters,
         memory_token_prefix=memory_prefix,
         dedup_ttl_s=settings.dedup_ttl_s,
+        strict=settings.redis_failure_mode == "strict",
+        fallback_after_s=settings.redis_fallback_after_s,
     )
 
 
@@ -148,6 +153,9 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
             make_redis(settings.redis_url, settings.redis_timeout_s),
             settings.redis_url,
             secrets=settings.secrets,
+            fallback=STRICT_FALLBACK
+            if settings.redis_failure_mode == "strict"
+            else FALLBACK_IN_MEMORY,
         )
     # Built before connecting anything, so that a bad classifier setting stops start-up at once.
     classifier = build_classifier(settings, link=link)
@@ -190,7 +198,7 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
             keys=keys,
             in_flight=lambda: live.consumer.in_flight if live.consumer else 0,
             broker_connected=lambda: live.broker is not None and live.broker.connected,
-            consuming=lambda: live.consuming,
+            consuming=lambda: live.consuming and not (live.consumer and live.consumer.paused),
             queue_names=QueueNames(settings.input_queue, settings.dead_letter_queue),
             connection=lambda: live.broker.connection if live.broker else None,
         )
@@ -209,11 +217,13 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
                 )
             )
 
-        connection = await connect_broker(settings, stop)
+        connection = await connect_broker(
+            settings, stop, name=f"{CONNECTION_NAME}/{identity.replica_id}"
+        )
         if connection is None:
             return True
         stack.push_async_callback(connection.close)
-        broker = live.broker = Broker(connection, topology_of(settings))
+        broker = live.broker = Broker(connection, topology_of(settings), app_id=identity.replica_id)
         await broker.declare()
 
         leases = await stack.enter_async_context(

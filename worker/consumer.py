@@ -4,12 +4,25 @@ Every delivery is settled exactly one way: acknowledged (processed, duplicate, d
 parked for a retry) or requeued (shutdown while it waited). Nothing is acknowledged before what it
 stands for is durable: a result is confirmed by the broker before the done marker is written, and
 the done marker is written before the acknowledgement.
+
+Failures never turn into a hot loop: a failed attempt is retried through a delay queue and counted
+(``MAX_ATTEMPTS``, counted per message ID at claim time, so a replica killed by a message counts
+too), and the rare requeue after a failure nobody expected waits ``REQUEUE_PAUSE_S`` first. While
+the claim store must wait for Redis (strict mode, or the first seconds of an outage) a pass holds
+its deliveries unacknowledged and the consumer reports itself ``paused``.
+
+Redeliveries are suspects: a replica may have died working on them, perhaps because of one of
+them. They go through a lane of their own, one at a time and alone: before a suspect is claimed,
+no new claim is made and the messages in work finish. So a message that kills its replica takes
+only itself down from then on, and only its own attempts run out; the innocent messages that were
+in flight with it the first time are processed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -19,11 +32,17 @@ from aio_pika.abc import AbstractIncomingMessage
 from structlog.contextvars import bound_contextvars
 
 from worker.acks import Acker, Outcome
-from worker.broker import Broker, attempt_of
+from worker.broker import DETAIL_HEADER, Broker, attempt_of
 from worker.classify import CachedClassifier
 from worker.counters import Counters
 from worker.dedup import ClaimResult, ClaimStatus, ClaimStore, CompleteStatus
-from worker.errors import InvalidMessage, PermanentError, PublishFailed, TransientError
+from worker.errors import (
+    InvalidMessage,
+    PermanentError,
+    PublishFailed,
+    StoreUnavailable,
+    TransientError,
+)
 from worker.faults import Faults
 from worker.keys import Counter
 from worker.leases import LeaseKeeper
@@ -33,6 +52,11 @@ log = structlog.get_logger("worker.consumer")
 
 BUSY_POLL_MIN_S = 0.02
 BUSY_POLL_MAX_S = 0.5
+ISOLATION_POLL_S = 0.005
+STORE_POLL_MIN_S = 0.05
+STORE_POLL_MAX_S = 0.5
+REQUEUE_PAUSE_S = 1.0
+EXPECTED_FAILURES = (TransientError, PermanentError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +101,23 @@ class MessageConsumer:
         self._passes: set[asyncio.Task[None]] = set()
         self._waiters: set[asyncio.Task[None]] = set()
         self._in_flight = 0
+        self._holding = 0
+        self._suspects: deque[tuple[AbstractIncomingMessage, ChatMessage]] = deque()
+        self._lane: asyncio.Task[None] | None = None
+        self._open = asyncio.Event()  # cleared while a suspect is claimed and worked on alone
+        self._open.set()
+        self._claiming = 0  # claim calls in flight outside passes (busy waiters)
+        self._working = 0  # messages claimed and being worked on
         self.stopping = asyncio.Event()
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def paused(self) -> bool:
+        """True while deliveries wait for the claim store (Redis) before they can be claimed."""
+        return self._holding > 0
 
     def on_delivery(self, delivery: AbstractIncomingMessage) -> None:
         """Take a delivery (in arrival order) and make sure a pass will pick it up."""
@@ -94,7 +130,7 @@ class MessageConsumer:
 
     def _start_passes(self) -> None:
         self._pass_scheduled = False
-        while self._inbox and len(self._passes) < self._max_passes:
+        while self._inbox and len(self._passes) < self._max_passes and self._open.is_set():
             deliveries, self._inbox = self._inbox, []
             task = asyncio.get_running_loop().create_task(self._run_pass(deliveries))
             self._passes.add(task)
@@ -113,41 +149,144 @@ class MessageConsumer:
         self._acker.settle(delivery.channel, delivery.delivery_tag or 0, outcome)
 
     async def _run_pass(self, deliveries: list[AbstractIncomingMessage]) -> None:
-        parsed: list[tuple[AbstractIncomingMessage, ChatMessage, int]] = []
-        rejected = []
+        parsed: list[tuple[AbstractIncomingMessage, ChatMessage]] = []
+        work: list[Coroutine[Any, Any, None]] = []
         for delivery in deliveries:
-            attempt = attempt_of(delivery)
             try:
                 message = parse_message(
                     delivery.body, delivery.message_id, self._limits.max_message_bytes
                 )
             except InvalidMessage as exc:
-                rejected.append(self._guarded(delivery, self._reject(delivery, exc, attempt)))
+                work.append(self._guarded(delivery, self._reject(delivery, exc)))
             else:
-                parsed.append((delivery, message, attempt))
-        work = list(rejected)
-        if parsed:
-            try:
-                claims = await self._claims.claim_many(
-                    [(m.message_id, bool(d.redelivered)) for d, m, _ in parsed]
-                )
-            except Exception:
-                log.exception("claim_failed")
-                for delivery, _, _ in parsed:
-                    self._settle(delivery, Outcome.REQUEUE)
-                claims = []
-            for (delivery, message, attempt), claim in zip(parsed, claims, strict=False):
-                coroutine = self._after_claim(delivery, message, attempt, claim)
-                if claim.status is ClaimStatus.BUSY:
-                    waiter = asyncio.get_running_loop().create_task(
-                        self._guarded(delivery, coroutine)
-                    )
-                    self._waiters.add(waiter)
-                    waiter.add_done_callback(self._waiters.discard)
+                if delivery.redelivered:
+                    self._suspect(delivery, message)
                 else:
-                    work.append(self._guarded(delivery, coroutine))
-        if work:
-            await asyncio.gather(*work)
+                    parsed.append((delivery, message))
+        if parsed:
+            work.append(self._claim_and_work(parsed))
+        await asyncio.gather(*work)
+
+    async def _claim_and_work(
+        self, parsed: list[tuple[AbstractIncomingMessage, ChatMessage]]
+    ) -> None:
+        """Claim the pass's IDs in one round trip, then work on each claimed message concurrently."""
+        claims = await self._claim_all([(m.message_id, bool(d.redelivered)) for d, m in parsed])
+        if claims is None:
+            for delivery, _ in parsed:
+                self._settle(delivery, Outcome.REQUEUE)
+            return
+        work = []
+        for (delivery, message), claim in zip(parsed, claims, strict=True):
+            coroutine = self._after_claim(delivery, message, claim)
+            if claim.status is ClaimStatus.BUSY:
+                waiter = asyncio.get_running_loop().create_task(self._guarded(delivery, coroutine))
+                self._waiters.add(waiter)
+                waiter.add_done_callback(self._waiters.discard)
+            else:
+                work.append(self._guarded(delivery, coroutine))
+        await asyncio.gather(*work)
+
+    async def _claim_all(self, requests: list[tuple[str, bool]]) -> list[ClaimResult] | None:
+        """Claim ``requests``; while the store waits for Redis, hold them. ``None``: requeue them."""
+        delay_s = STORE_POLL_MIN_S
+        holding = False
+        try:
+            while True:
+                try:
+                    return await self._claims.claim_many(requests)
+                except StoreUnavailable:
+                    if not holding:
+                        holding = True
+                        self._hold(+1)
+                except Exception:
+                    log.exception("claim_failed")
+                    await self._pause(REQUEUE_PAUSE_S)
+                    return None
+                if await self._pause(delay_s):
+                    return None
+                delay_s = min(delay_s * 2, STORE_POLL_MAX_S)
+        finally:
+            if holding:
+                self._hold(-1)
+
+    def _hold(self, change: int) -> None:
+        was_paused = self.paused
+        self._holding += change
+        if self.paused and not was_paused:
+            log.warning("consumer_paused", reason="claims are waiting for Redis")
+        elif was_paused and not self.paused:
+            log.info("consumer_resumed")
+
+    async def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds``, or less if the consumer is stopping; ``True`` when it is."""
+        if self.stopping.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def _suspect(self, delivery: AbstractIncomingMessage, message: ChatMessage) -> None:
+        self._suspects.append((delivery, message))
+        if self._lane is None:
+            self._lane = asyncio.get_running_loop().create_task(self._run_suspects())
+
+    async def _run_suspects(self) -> None:
+        """Work through the suspects in arrival order, each alone."""
+        try:
+            while self._suspects and not self.stopping.is_set():
+                delivery, message = self._suspects.popleft()
+                await self._guarded(delivery, self._alone(delivery, message))
+        finally:
+            self._reopen()
+            self._lane = None
+
+    async def _alone(self, delivery: AbstractIncomingMessage, message: ChatMessage) -> Outcome:
+        """Claim and process one suspect with nothing else claimed or in work in this replica."""
+        with bound_contextvars(message_id=message.message_id, suspect=True):
+            delay_s = BUSY_POLL_MIN_S
+            try:
+                while True:
+                    if not await self._isolate():
+                        return Outcome.REQUEUE
+                    try:
+                        claim = await self._claims.claim(message.message_id, True)
+                    except StoreUnavailable:
+                        claim = ClaimResult(ClaimStatus.BUSY, retry_after_s=STORE_POLL_MAX_S)
+                    if claim.status is not ClaimStatus.BUSY:
+                        break
+                    # Another replica holds it (maybe a dead one, until its lease lapses): let
+                    # the other messages flow meanwhile.
+                    self._reopen()
+                    if await self._pause(delay_s):
+                        return Outcome.REQUEUE
+                    delay_s = min(
+                        delay_s * 2, BUSY_POLL_MAX_S, max(claim.retry_after_s, BUSY_POLL_MIN_S)
+                    )
+                attempt = max(attempt_of(delivery), claim.attempt)
+                with bound_contextvars(attempt=attempt):
+                    return await self._process(delivery, message, attempt, claim)
+            finally:
+                self._reopen()
+
+    async def _isolate(self) -> bool:
+        """Stop new claims and wait until nothing is being claimed or worked on; ``False`` if
+        the consumer is stopping."""
+        self._open.clear()
+        while self._passes or self._claiming or self._working:
+            if await self._pause(ISOLATION_POLL_S):
+                return False
+        return True
+
+    def _reopen(self) -> None:
+        if self._open.is_set():
+            return
+        self._open.set()
+        if self._inbox and not self._pass_scheduled:
+            self._pass_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_passes)
 
     async def _guarded(
         self, delivery: AbstractIncomingMessage, step: Coroutine[Any, Any, Outcome]
@@ -160,31 +299,34 @@ class MessageConsumer:
             raise
         except Exception:
             log.exception("message_handling_failed")
+            await self._pause(REQUEUE_PAUSE_S)  # requeued at once, it could come straight back
         finally:
             self._settle(delivery, outcome)
 
-    async def _reject(
-        self, delivery: AbstractIncomingMessage, exc: InvalidMessage, attempt: int
-    ) -> Outcome:
+    async def _reject(self, delivery: AbstractIncomingMessage, exc: InvalidMessage) -> Outcome:
         log.warning("message_dead_lettered", reason=exc.reason, detail=exc.detail)
-        await self._broker.dead_letter(delivery, exc.reason, exc.detail, attempt)
+        try:
+            await self._broker.dead_letter(delivery, exc.reason, exc.detail, attempt_of(delivery))
+        except PublishFailed as publish_exc:
+            log.warning("dead_letter_publish_failed", error=str(publish_exc))
+            await self._pause(REQUEUE_PAUSE_S)
+            return Outcome.REQUEUE
         self._counters.record(Counter.DEAD_LETTERED)
         return Outcome.ACK
 
     async def _after_claim(
-        self,
-        delivery: AbstractIncomingMessage,
-        message: ChatMessage,
-        attempt: int,
-        claim: ClaimResult,
+        self, delivery: AbstractIncomingMessage, message: ChatMessage, claim: ClaimResult
     ) -> Outcome:
-        with bound_contextvars(message_id=message.message_id, attempt=attempt):
+        with bound_contextvars(message_id=message.message_id):
             if claim.status is ClaimStatus.BUSY:
                 resolved = await self._claim(message, bool(delivery.redelivered))
                 if resolved is None:
                     return Outcome.REQUEUE
                 claim = resolved
-            return await self._process(delivery, message, attempt, claim)
+            # The store counts attempts at claim time; the header survives a Redis outage.
+            attempt = max(attempt_of(delivery), claim.attempt)
+            with bound_contextvars(attempt=attempt):
+                return await self._process(delivery, message, attempt, claim)
 
     async def _claim(self, message: ChatMessage, redelivered: bool) -> ClaimResult | None:
         """Wait while another replica holds the ID, then claim; ``None`` if we stop meanwhile.
@@ -194,12 +336,18 @@ class MessageConsumer:
         """
         delay_s = BUSY_POLL_MIN_S
         while True:
-            try:
-                await asyncio.wait_for(self.stopping.wait(), timeout=delay_s)
+            if await self._pause(delay_s):
                 return None
-            except TimeoutError:
-                pass
-            claim = await self._claims.claim(message.message_id, redelivered)
+            if not self._open.is_set():  # a suspect is being worked on alone
+                continue
+            self._claiming += 1
+            try:
+                claim = await self._claims.claim(message.message_id, redelivered)
+            except StoreUnavailable:
+                delay_s = min(delay_s * 2, BUSY_POLL_MAX_S)
+                continue
+            finally:
+                self._claiming -= 1
             if claim.status is not ClaimStatus.BUSY:
                 return claim
             delay_s = min(delay_s * 2, BUSY_POLL_MAX_S, max(claim.retry_after_s, BUSY_POLL_MIN_S))
@@ -211,19 +359,39 @@ class MessageConsumer:
         attempt: int,
         claim: ClaimResult,
     ) -> Outcome:
-        started = time.perf_counter()
         if claim.status is ClaimStatus.DONE:
             counter = Counter.REDELIVERED_DONE if delivery.redelivered else Counter.DUPLICATES
             self._counters.record(counter, in_redis=claim.in_redis)
             log.debug("duplicate_skipped", redelivered=delivery.redelivered)
             return Outcome.ACK
+        if claim.status is ClaimStatus.EXHAUSTED:
+            return await self._exhausted(delivery, claim.attempt)
+        if attempt > self._limits.max_attempts:  # by the header: MAX_ATTEMPTS was lowered
+            await self._claims.release(message.message_id, claim.token)
+            return await self._exhausted(delivery, attempt - 1)
+        self._working += 1
+        try:
+            return await self._work(delivery, message, attempt, claim)
+        finally:
+            self._working -= 1
+
+    async def _work(
+        self,
+        delivery: AbstractIncomingMessage,
+        message: ChatMessage,
+        attempt: int,
+        claim: ClaimResult,
+    ) -> Outcome:
+        started = time.perf_counter()
         self._faults.hit("kill_after_claim", message.message_id)
         try:
             async with self._leases.working(message.message_id, claim.token):
                 self._faults.hit("fail_classify", message.message_id)
                 classification, cached = await self._classifier.classify(message.text)
                 await self._broker.publish_result(message, classification, cached)
-        except (TransientError, PermanentError, TimeoutError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, EXPECTED_FAILURES):
+                log.exception("message_work_failed")
             await self._claims.release(message.message_id, claim.token)
             return await self._retry_or_dead_letter(delivery, attempt, exc)
         self._faults.hit("kill_after_publish", message.message_id)
@@ -243,14 +411,35 @@ class MessageConsumer:
         log.debug("message_processed", label=classification.label, cached=cached)
         return Outcome.ACK
 
+    async def _exhausted(self, delivery: AbstractIncomingMessage, attempts: int) -> Outcome:
+        """Dead-letter a message whose attempts were all used up without one finishing."""
+        detail = (
+            f"{attempts} attempts started, none finished (MAX_ATTEMPTS={self._limits.max_attempts})"
+        )
+        last_error = (delivery.headers or {}).get(DETAIL_HEADER)
+        if isinstance(last_error, str) and last_error:
+            detail += f"; last error reported: {last_error}"
+        else:
+            detail += "; the replicas working on it stopped (crashed or lost the claim)"
+        log.warning("message_dead_lettered", reason="retries_exhausted", attempts=attempts)
+        try:
+            await self._broker.dead_letter(delivery, "retries_exhausted", detail, attempts)
+        except PublishFailed as publish_exc:
+            log.warning("dead_letter_publish_failed", error=str(publish_exc))
+            await self._pause(REQUEUE_PAUSE_S)
+            return Outcome.REQUEUE
+        self._counters.record(Counter.DEAD_LETTERED)
+        return Outcome.ACK
+
     async def _retry_or_dead_letter(
         self, delivery: AbstractIncomingMessage, attempt: int, exc: BaseException
     ) -> Outcome:
-        error = (
-            "work timed out or its lease could not be renewed"
-            if isinstance(exc, TimeoutError)
-            else str(exc)
-        )
+        if isinstance(exc, TimeoutError):
+            error = "work timed out or its lease could not be renewed"
+        elif isinstance(exc, TransientError | PermanentError):
+            error = str(exc)
+        else:  # its text may hold anything; the type is what an operator can act on
+            error = f"unexpected {type(exc).__name__}"
         self._counters.record(Counter.FAILED)
         try:
             if isinstance(exc, PermanentError) or attempt >= self._limits.max_attempts:
@@ -270,6 +459,7 @@ class MessageConsumer:
                 self._counters.record(Counter.RETRIED)
         except PublishFailed as publish_exc:
             log.warning("retry_publish_failed", error=str(publish_exc))
+            await self._pause(REQUEUE_PAUSE_S)
             return Outcome.REQUEUE
         return Outcome.ACK
 
@@ -282,9 +472,9 @@ class MessageConsumer:
         self.stopping.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self._inbox or self._passes or self._waiters:
+        while self._inbox or self._passes or self._waiters or self._lane:
             self._start_passes()
-            pending = self._passes | self._waiters
+            pending = self._passes | self._waiters | ({self._lane} if self._lane else set())
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -292,14 +482,15 @@ class MessageConsumer:
                 await asyncio.wait(pending, timeout=remaining)
             else:
                 await asyncio.sleep(0)
-        abandoned = self._passes | self._waiters
+        abandoned = self._passes | self._waiters | ({self._lane} if self._lane else set())
         for task in abandoned:
             task.cancel()
         if abandoned:
             await asyncio.wait(abandoned, timeout=1.0)
-        for delivery in self._inbox:
+        for delivery in [*self._inbox, *(d for d, _ in self._suspects)]:
             self._settle(delivery, Outcome.REQUEUE)
         self._inbox.clear()
+        self._suspects.clear()
         if abandoned:
             log.warning("drain_timeout", abandoned=len(abandoned))
             return False

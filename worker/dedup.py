@@ -4,10 +4,15 @@ Protocol (per message ID):
 - ``claim``: if a done marker exists the delivery is a duplicate (or a redelivery of a message
   already finished); otherwise take the lease if it is free (``SET NX PX``), else report who is
   busy and for how long. The caller of a busy ID waits, holding its delivery, and claims again.
+- Taking the lease also counts an attempt (``INCR attempts:{id}``), so an attempt is counted
+  even when the replica making it is killed before it can say anything. An ID whose attempts
+  already reached ``max_attempts`` is not claimed but reported ``EXHAUSTED``: it goes to the
+  dead-letter queue instead of killing one more replica.
 - ``renew``/``release``/``complete`` check the owner token inside Lua, so a replica that lost its
   lease can never extend, delete or finish the new owner's claim.
-- ``complete`` writes the done marker, drops the lease and adds the message to the cluster counters
-  in one script: a crash cannot leave a counted message without its marker, or the reverse.
+- ``complete`` writes the done marker, drops the lease and the attempt count, and adds the message
+  to the cluster counters in one script: a crash cannot leave a counted message without its
+  marker, or the reverse.
 
 Every operation takes a batch: concurrent messages share one round trip (see ``batching``).
 """
@@ -15,6 +20,7 @@ Every operation takes a batch: concurrent messages share one round trip (see ``b
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,22 +33,33 @@ from redis.asyncio import Redis
 from worker.batching import MicroBatcher
 from worker.keys import Counter, RedisKeys
 
+# Answers, two numbers per ID: (status, value); status 0 claimed (value: attempts started,
+# this one included), 1 done, 2 busy (value: ms left on the owner's lease), 3 exhausted (value:
+# attempts already made).
 CLAIM_LUA = """
-local lease_ms = ARGV[1]
+local lease_ms, max_attempts, attempts_ttl_s = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local out = {}
 local duplicates, redelivered = 0, 0
-local n = (#KEYS - 1) / 2
+local n = (#KEYS - 1) / 3
 for i = 1, n do
-  local done_key, claim_key = KEYS[2 * i], KEYS[2 * i + 1]
+  local done_key, claim_key, attempts_key = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
   if redis.call('EXISTS', done_key) == 1 then
-    out[i] = -1
-    if ARGV[2 * i + 1] == '1' then redelivered = redelivered + 1 else duplicates = duplicates + 1 end
-  elseif redis.call('SET', claim_key, ARGV[2 * i], 'NX', 'PX', lease_ms) then
-    out[i] = -2
+    out[2 * i - 1], out[2 * i] = 1, 0
+    if ARGV[2 * i + 3] == '1' then redelivered = redelivered + 1 else duplicates = duplicates + 1 end
+  elseif redis.call('SET', claim_key, ARGV[2 * i + 2], 'NX', 'PX', lease_ms) then
+    local attempts = redis.call('INCR', attempts_key)
+    if max_attempts > 0 and attempts > max_attempts then
+      redis.call('DECR', attempts_key)
+      redis.call('DEL', claim_key)
+      out[2 * i - 1], out[2 * i] = 3, attempts - 1
+    else
+      if attempts == 1 then redis.call('EXPIRE', attempts_key, attempts_ttl_s) end
+      out[2 * i - 1], out[2 * i] = 0, attempts
+    end
   else
     local ttl = redis.call('PTTL', claim_key)
     if ttl < 0 then ttl = tonumber(lease_ms) end
-    out[i] = ttl
+    out[2 * i - 1], out[2 * i] = 2, ttl
   end
 end
 if duplicates > 0 then redis.call('HINCRBY', KEYS[1], '@DUPLICATES@', duplicates) end
@@ -55,12 +72,12 @@ COMPLETE_LUA = (
 local ttl_s, bucket_ttl_s = ARGV[1], ARGV[2]
 local out = {}
 local processed, hits = 0, 0
-local n = (#KEYS - 1) / 2
+local n = (#KEYS - 1) / 3
 for i = 1, n do
-  local done_key, claim_key = KEYS[2 * i], KEYS[2 * i + 1]
+  local done_key, claim_key = KEYS[3 * i - 1], KEYS[3 * i]
   if redis.call('GET', claim_key) == ARGV[2 * i + 1] then
     redis.call('SET', done_key, '1', 'EX', ttl_s)
-    redis.call('DEL', claim_key)
+    redis.call('DEL', claim_key, KEYS[3 * i + 1])
     processed = processed + 1
     if ARGV[2 * i + 2] == '1' then hits = hits + 1 end
     out[i] = 1
@@ -116,6 +133,7 @@ class ClaimStatus(Enum):
     CLAIMED = "claimed"
     DONE = "done"
     BUSY = "busy"
+    EXHAUSTED = "exhausted"
 
 
 class CompleteStatus(Enum):
@@ -128,15 +146,19 @@ class CompleteStatus(Enum):
 
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
-    """The answer to a claim: ours (with its token), already done, or busy for ``retry_after_s``.
+    """The answer to a claim: ours (with its token), already done, busy for ``retry_after_s``, or
+    exhausted (no attempt left).
 
-    ``in_redis`` says a Redis script already counted what this answer implies (a duplicate).
+    ``attempt`` is the number of attempts started for the ID, this one included, when claimed; the
+    number already made when exhausted. ``in_redis`` says a Redis script already counted what this
+    answer implies (a duplicate).
     """
 
     status: ClaimStatus
     token: str = ""
     retry_after_s: float = 0.0
     in_redis: bool = False
+    attempt: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,14 +202,18 @@ class ClaimStore(Protocol):
 
 
 class TokenSource:
-    """Unique lease tokens: the replica's ID and a sequence number."""
+    """Unique lease tokens: the replica's ID, a random nonce of this process, a sequence number.
+
+    The nonce keeps a restarted replica that reuses its ``REPLICA_ID`` from ever presenting the
+    token of a claim its predecessor left behind.
+    """
 
     def __init__(self, replica_id: str) -> None:
-        self._replica_id = replica_id
+        self._prefix = f"{replica_id}:{secrets.token_hex(4)}"
         self._seq = itertools.count(1)
 
     def next(self) -> str:
-        return f"{self._replica_id}:{next(self._seq)}"
+        return f"{self._prefix}:{next(self._seq)}"
 
 
 class RedisClaimStore:
@@ -201,12 +227,14 @@ class RedisClaimStore:
         *,
         lease_s: float,
         dedup_ttl_s: int,
+        max_attempts: int = 0,
     ) -> None:
         self.lease_s = lease_s
         self._keys = keys
         self._tokens = tokens
         self._lease_ms = str(max(1, int(lease_s * 1000)))
         self._dedup_ttl_s = str(dedup_ttl_s)
+        self._max_attempts = str(max_attempts)  # 0: count attempts, never refuse one
         self._claim_script = redis.register_script(CLAIM_LUA)
         self._complete_script = redis.register_script(COMPLETE_LUA)
         self._renew_script = redis.register_script(RENEW_LUA)
@@ -241,26 +269,41 @@ class RedisClaimStore:
 
     async def _claim_batch(self, batch: list[ClaimRequest]) -> list[ClaimResult]:
         keys = [self._keys.stats]
-        args = [self._lease_ms]
+        args = [self._lease_ms, self._max_attempts, self._dedup_ttl_s]
         for request in batch:
-            keys += (self._keys.done(request.message_id), self._keys.claim(request.message_id))
+            message_id = request.message_id
+            keys += (
+                self._keys.done(message_id),
+                self._keys.claim(message_id),
+                self._keys.attempts(message_id),
+            )
             args += (request.token, "1" if request.redelivered else "0")
-        codes = await self._claim_script(keys=keys, args=args)
+        answers = await self._claim_script(keys=keys, args=args)
         results: list[ClaimResult] = []
-        for request, code in zip(batch, codes, strict=True):
-            if code == -2:
-                results.append(ClaimResult(ClaimStatus.CLAIMED, request.token, in_redis=True))
-            elif code == -1:
+        for index, request in enumerate(batch):
+            status, value = int(answers[2 * index]), int(answers[2 * index + 1])
+            if status == 0:
+                results.append(
+                    ClaimResult(ClaimStatus.CLAIMED, request.token, in_redis=True, attempt=value)
+                )
+            elif status == 1:
                 results.append(ClaimResult(ClaimStatus.DONE, in_redis=True))
+            elif status == 2:
+                results.append(ClaimResult(ClaimStatus.BUSY, retry_after_s=value / 1000))
             else:
-                results.append(ClaimResult(ClaimStatus.BUSY, retry_after_s=int(code) / 1000))
+                results.append(ClaimResult(ClaimStatus.EXHAUSTED, attempt=value))
         return results
 
     async def _complete_batch(self, batch: list[Completion]) -> list[bool]:
         keys = [self._keys.stats]
         args = [self._dedup_ttl_s, "900"]
         for item in batch:
-            keys += (self._keys.done(item.message_id), self._keys.claim(item.message_id))
+            message_id = item.message_id
+            keys += (
+                self._keys.done(message_id),
+                self._keys.claim(message_id),
+                self._keys.attempts(message_id),
+            )
             args += (item.token, "1" if item.cache_hit else "0")
         args.append(self._keys.throughput(0)[:-1])  # the bucket prefix; the script appends TIME
         return [bool(x) for x in await self._complete_script(keys=keys, args=args)]
@@ -276,17 +319,29 @@ class RedisClaimStore:
 
 
 class MemoryClaimStore:
-    """Claims inside one process: exact for one replica, blind to the others (no Redis)."""
+    """Claims inside one process: exact for one replica, blind to the others (no Redis).
+
+    Attempts are counted as in Redis, but they die with the process: without Redis a message that
+    kills its replica is redelivered to the next one with a count of zero.
+    """
 
     def __init__(
-        self, tokens: TokenSource, *, lease_s: float, dedup_ttl_s: int, max_done: int
+        self,
+        tokens: TokenSource,
+        *,
+        lease_s: float,
+        dedup_ttl_s: int,
+        max_done: int,
+        max_attempts: int = 0,
     ) -> None:
         self.lease_s = lease_s
         self._tokens = tokens
         self._dedup_ttl_s = dedup_ttl_s
         self._max_done = max_done
+        self._max_attempts = max_attempts
         self._claims: dict[str, tuple[str, float]] = {}
         self._done: OrderedDict[str, float] = OrderedDict()
+        self._attempts: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     def is_done(self, message_id: str) -> bool:
         expires = self._done.get(message_id)
@@ -298,6 +353,7 @@ class MemoryClaimStore:
         self._done[message_id] = now + self._dedup_ttl_s
         self._done.move_to_end(message_id)
         self._claims.pop(message_id, None)
+        self._attempts.pop(message_id, None)
         while self._done:
             oldest, expires = next(iter(self._done.items()))
             if expires > now and len(self._done) <= self._max_done:
@@ -314,9 +370,25 @@ class MemoryClaimStore:
         held = self._claims.get(message_id)
         if held is not None and held[1] > now:
             return ClaimResult(ClaimStatus.BUSY, retry_after_s=held[1] - now)
+        attempts = self._count_attempt(message_id, now)
+        if attempts is None:
+            return ClaimResult(ClaimStatus.EXHAUSTED, attempt=self._max_attempts)
         token = self._tokens.next()
         self._claims[message_id] = (token, now + self.lease_s)
-        return ClaimResult(ClaimStatus.CLAIMED, token)
+        return ClaimResult(ClaimStatus.CLAIMED, token, attempt=attempts)
+
+    def _count_attempt(self, message_id: str, now: float) -> int | None:
+        """Count one more attempt; ``None`` (and nothing counted) when none is left."""
+        attempts, expires = self._attempts.get(message_id, (0, now + self._dedup_ttl_s))
+        if expires <= now:
+            attempts, expires = 0, now + self._dedup_ttl_s
+        if 0 < self._max_attempts <= attempts:
+            return None
+        self._attempts[message_id] = (attempts + 1, expires)
+        self._attempts.move_to_end(message_id)
+        while len(self._attempts) > self._max_done:
+            self._attempts.popitem(last=False)
+        return attempts + 1
 
     def _owns(self, message_id: str, token: str) -> bool:
         held = self._claims.get(message_id)

@@ -1,13 +1,20 @@
 """Claims that survive a Redis outage: Redis while it answers, this process's memory meanwhile.
 
-While a configured Redis is unreachable, claims and done markers live in memory (exact within this
-replica, blind to the others), every such message is counted as ``degraded``, and the counts its
-completion would have added to Redis wait in the pending deltas. IDs finished during the outage are
-written back as done markers when Redis returns, so their duplicates are still recognised.
+When a configured Redis stops answering, claims first wait ``REDIS_FALLBACK_AFTER_S`` for it (a
+restart or a failover usually fits in that time, and then nothing at all is processed twice);
+the consumer holds its deliveries meanwhile. After that, in the default ``fallback`` mode, claims
+and done markers live in memory (exact within this replica, blind to the others), every such
+message is counted as ``degraded``, and the counts its completion would have added to Redis wait
+in the pending deltas. IDs finished during the outage are written back as done markers when Redis
+returns, so their duplicates are still recognised.
+
+In ``strict`` mode claims never fall back: the consumer takes no new message until Redis answers
+again, and a message finished meanwhile is acknowledged only once its done marker is in Redis.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import structlog
@@ -21,14 +28,21 @@ from worker.dedup import (
     MemoryClaimStore,
     RedisClaimStore,
 )
+from worker.errors import StoreUnavailable
 from worker.keys import Counter, RedisKeys
 from worker.redis_link import REDIS_UNAVAILABLE, RedisLink
 
 log = structlog.get_logger("worker.claims")
 
+STRICT_RETRY_MAX_S = 1.0
+
 
 class FallbackClaimStore:
-    """A ``ClaimStore`` that routes each call to Redis or to memory by the link's state."""
+    """A ``ClaimStore`` that routes each call to Redis or to memory by the link's state.
+
+    ``claim``/``claim_many`` raise ``StoreUnavailable`` while the claim must wait for Redis (the
+    first ``fallback_after_s`` of an outage, or all of it when ``strict``).
+    """
 
     def __init__(
         self,
@@ -40,6 +54,8 @@ class FallbackClaimStore:
         counters: Counters,
         memory_token_prefix: str,
         dedup_ttl_s: int,
+        strict: bool = False,
+        fallback_after_s: float = 0.0,
     ) -> None:
         self.lease_s = redis_store.lease_s
         self._redis = redis_store
@@ -49,44 +65,84 @@ class FallbackClaimStore:
         self._counters = counters
         self._memory_prefix = memory_token_prefix
         self._dedup_ttl_s = dedup_ttl_s
+        self._strict = strict
+        self._fallback_after_s = fallback_after_s
+        self._memory_announced = False
         self._finished_offline: list[str] = []
         link.on_recovery(self.write_back)
 
     def _in_memory(self, token: str) -> bool:
         return token.startswith(self._memory_prefix)
 
+    def _fall_back(self) -> None:
+        """Redis is unreachable: return to claim in memory, or raise to make the claim wait."""
+        if self._strict:
+            raise StoreUnavailable("Redis is unreachable (REDIS_FAILURE_MODE=strict)")
+        if self._link.outage_s < self._fallback_after_s:
+            raise StoreUnavailable("Redis is unreachable; claims wait before falling back")
+        if not self._memory_announced:
+            self._memory_announced = True
+            log.warning("claims_in_memory", outage_s=round(self._link.outage_s, 1))
+
     async def claim(self, message_id: str, redelivered: bool) -> ClaimResult:
         if self._memory.is_done(message_id):
             return ClaimResult(ClaimStatus.DONE)
         if self._link.available:
             try:
-                return await self._redis.claim(message_id, redelivered)
+                return await self._redis.claim(message_id, redelivered)  # micro-batched
             except REDIS_UNAVAILABLE as exc:
                 self._link.report_failure(exc)
+        self._fall_back()
         self._counters.record(Counter.DEGRADED)
         return await self._memory.claim(message_id, redelivered)
 
     async def claim_many(self, requests: Sequence[tuple[str, bool]]) -> list[ClaimResult]:
-        if any(self._memory.is_done(m) for m, _ in requests) or not self._link.available:
-            return [await self.claim(m, r) for m, r in requests]
-        try:
-            return await self._redis.claim_many(requests)
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
-        return [await self.claim(m, r) for m, r in requests]
+        done_here = [self._memory.is_done(m) for m, _ in requests]
+        if not any(done_here):
+            return await self._claim(requests)
+        pending = [request for request, done in zip(requests, done_here, strict=True) if not done]
+        answers = iter(await self._claim(pending) if pending else [])
+        return [ClaimResult(ClaimStatus.DONE) if done else next(answers) for done in done_here]
+
+    async def _claim(self, requests: Sequence[tuple[str, bool]]) -> list[ClaimResult]:
+        if self._link.available:
+            try:
+                return await self._redis.claim_many(requests)
+            except REDIS_UNAVAILABLE as exc:
+                self._link.report_failure(exc)
+        self._fall_back()
+        self._counters.record(Counter.DEGRADED, len(requests))
+        return await self._memory.claim_many(requests)
 
     async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus:
         if not self._in_memory(token):
-            try:
-                return await self._redis.complete(message_id, token, cache_hit)
-            except REDIS_UNAVAILABLE as exc:
-                self._link.report_failure(exc)
+            if self._strict:
+                return await self._complete_in_redis(message_id, token, cache_hit)
+            if self._link.available:
+                try:
+                    return await self._redis.complete(message_id, token, cache_hit)
+                except REDIS_UNAVAILABLE as exc:
+                    self._link.report_failure(exc)
             # The lease was ours when Redis went away; finish here and tell Redis later.
             self._memory.mark_done(message_id)
         elif await self._memory.complete(message_id, token, cache_hit) is CompleteStatus.LOST:
             return CompleteStatus.LOST
         self._finished_offline.append(message_id)
         return CompleteStatus.IN_MEMORY
+
+    async def _complete_in_redis(
+        self, message_id: str, token: str, cache_hit: bool
+    ) -> CompleteStatus:
+        """Strict mode: wait for Redis to take the done marker (the delivery stays unacknowledged)."""
+        delay_s = 0.1
+        while True:
+            if self._link.available:
+                try:
+                    return await self._redis.complete(message_id, token, cache_hit)
+                except REDIS_UNAVAILABLE as exc:
+                    self._link.report_failure(exc)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, STRICT_RETRY_MAX_S)
 
     async def release(self, message_id: str, token: str) -> bool:
         if self._in_memory(token):
@@ -113,6 +169,7 @@ class FallbackClaimStore:
 
     async def write_back(self) -> None:
         """Record in Redis the IDs finished while it was unreachable."""
+        self._memory_announced = False
         finished, self._finished_offline = self._finished_offline, []
         if not finished:
             return
@@ -120,6 +177,7 @@ class FallbackClaimStore:
             pipe = self._link.client.pipeline(transaction=False)
             for message_id in finished:
                 pipe.set(self._keys.done(message_id), "1", ex=self._dedup_ttl_s)
+                pipe.delete(self._keys.attempts(message_id))
             await pipe.execute()
         except REDIS_UNAVAILABLE:
             self._finished_offline = finished + self._finished_offline

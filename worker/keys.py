@@ -2,6 +2,7 @@
 
 {p}done:{message_id}          "1"         processed marker, TTL = DEDUP_TTL_S
 {p}claim:{message_id}         token       lease of the replica working on it, TTL = lease
+{p}attempts:{message_id}      integer     attempts started (raised at claim time), TTL = DEDUP_TTL_S
 {p}cache:{classifier}:{hash}  JSON        classification of a normalised text, TTL = CACHE_TTL_S
 {p}stats                      hash        cluster counters (field names: ``Counter``)
 {p}tp:{epoch_second}          integer     messages processed in that second, TTL 15 min
@@ -44,6 +45,9 @@ class RedisKeys:
 
     def claim(self, message_id: str) -> str:
         return f"{self.prefix}claim:{message_id}"
+
+    def attempts(self, message_id: str) -> str:
+        return f"{self.prefix}attempts:{message_id}"
 
     def cache(self, classifier_key: str, text_hash: str) -> str:
         return f"{self.prefix}cache:{classifier_key}:{text_hash}"

@@ -3,12 +3,15 @@
 Components that use Redis ask ``available`` before a call and ``report_failure`` when a call fails;
 the link then logs ``⚠️ Redis connection failed`` once, and retries with backoff in the background
 until a PING answers, when it logs ``✅ Redis cache connected`` and everybody switches back.
+``outage_s`` says how long the current outage has lasted (claims fall back to memory only after
+``REDIS_FALLBACK_AFTER_S`` of it, see ``fallback``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
@@ -31,6 +34,7 @@ REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 CONNECTED_LINE = "✅ Redis cache connected"
 FAILED_LINE = "⚠️ Redis connection failed"
+FALLBACK_IN_MEMORY = "in-memory claims, cache and counters until Redis is back"
 
 
 class LinkState(StrEnum):
@@ -58,19 +62,29 @@ class RedisLink:
         url: str,
         *,
         secrets: tuple[str, ...] = (),
-        max_backoff_s: float = 5.0,
+        max_backoff_s: float = 1.0,
+        fallback: str = FALLBACK_IN_MEMORY,
     ) -> None:
         self.client = client
         self._where = redact_url(url)
         self._secrets = secrets
         self._max_backoff_s = max_backoff_s
+        self._fallback = fallback
         self.state = LinkState.DISCONNECTED
+        self._down_since: float | None = None
         self._recovery: asyncio.Task[None] | None = None
         self._on_recovery: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def available(self) -> bool:
         return self.state is LinkState.CONNECTED
+
+    @property
+    def outage_s(self) -> float:
+        """Seconds since Redis was found unreachable (0 while it answers)."""
+        if self._down_since is None or self.available:
+            return 0.0
+        return time.monotonic() - self._down_since
 
     def on_recovery(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` each time Redis becomes reachable again."""
@@ -84,6 +98,7 @@ class RedisLink:
             self.report_failure(exc)
             return False
         self.state = LinkState.CONNECTED
+        self._down_since = None
         log.info(CONNECTED_LINE, redis=self._where)
         return True
 
@@ -92,16 +107,18 @@ class RedisLink:
         if self._recovery is not None and not self._recovery.done():
             return
         self.state = LinkState.DISCONNECTED
+        self._down_since = time.monotonic()
         log.warning(
             FAILED_LINE,
             redis=self._where,
             error=scrub(f"{type(exc).__name__}: {exc}", self._secrets),
-            fallback="in-memory claims, cache and counters until Redis is back",
+            fallback=self._fallback,
         )
         self._recovery = asyncio.get_running_loop().create_task(self._recover())
 
     async def _recover(self) -> None:
-        delay_s = 0.2
+        # PING often (a short outage should cost no more than it lasts) but never in a tight loop.
+        delay_s = 0.1
         while True:
             await asyncio.sleep(delay_s)
             try:
@@ -110,9 +127,11 @@ class RedisLink:
                 delay_s = min(delay_s * 2, self._max_backoff_s)
                 continue
             break
+        outage_s = round(self.outage_s, 1)
         self.state = LinkState.CONNECTED
+        self._down_since = None
         self._recovery = None  # a failure from here on starts a new recovery
-        log.info(CONNECTED_LINE, redis=self._where, recovered=True)
+        log.info(CONNECTED_LINE, redis=self._where, recovered=True, outage_s=outage_s)
         for callback in self._on_recovery:
             try:
                 await callback()

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
+from worker.redaction import url_secrets
 
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps"})
@@ -83,6 +84,9 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(default=2.0, gt=0, le=60)
     replica_id: str = Field(default="", max_length=100)
     fault_injection: str = ""
+    redis_failure_mode: Literal["fallback", "strict"] = "fallback"
+    redis_fallback_after_s: float = Field(default=3.0, ge=0, le=3_600)
+    rabbitmq_consumer_timeout_s: float = Field(default=1_800.0, gt=0)
 
     @field_validator("classifier", "log_format", "log_level", mode="before")
     @classmethod
@@ -127,6 +131,27 @@ class Settings(BaseSettings):
                 )
         return ",".join(labels)
 
+    @field_validator("redis_failure_mode", mode="before")
+    @classmethod
+    def _lower_failure_mode(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _reliable(self) -> Settings:
+        if self.redis_failure_mode == "strict" and not self.redis_url:
+            raise ValueError(
+                "REDIS_FAILURE_MODE=strict needs REDIS_URL (without Redis there is nothing to wait for)"
+            )
+        # A delivery may wait for another replica's work on its ID, then do its own: both must
+        # end before RabbitMQ's consumer_timeout closes the channel over the unacknowledged delivery.
+        if 2 * self.work_timeout_s + self.claim_lease_s >= self.rabbitmq_consumer_timeout_s:
+            raise ValueError(
+                "WORK_TIMEOUT_S is too long: 2 × WORK_TIMEOUT_S + CLAIM_LEASE_S must stay below "
+                f"RABBITMQ_CONSUMER_TIMEOUT_S ({self.rabbitmq_consumer_timeout_s:g} s, the "
+                "broker's consumer_timeout)"
+            )
+        return self
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.classifier == "llm":
@@ -150,12 +175,7 @@ class Settings(BaseSettings):
         """Strings that must never be printed (passwords inside URLs, the API key)."""
         found: list[str] = [self.llm_api_key.get_secret_value()]
         for url in (self.redis_url, self.rabbitmq_url):
-            try:
-                password = urlsplit(url).password
-            except ValueError:
-                password = None
-            if password:
-                found.append(password)
+            found += url_secrets(url)
         return tuple(s for s in found if s)
 
 
