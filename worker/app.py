@@ -130,6 +130,14 @@ def build_claims(
     )
 
 
+def _waiting_for_redis(settings: Settings, link: RedisLink | None, live: _Live) -> bool:
+    """Whether messages wait for Redis now: strict mode while it is away, or claims on hold."""
+    if live.consumer is not None and live.consumer.paused:
+        return True
+    strict = settings.redis_failure_mode == "strict"
+    return strict and link is not None and not link.available
+
+
 async def _summaries(counters: Counters, live: _Live) -> None:
     while True:
         await asyncio.sleep(SUMMARY_INTERVAL_S)
@@ -198,7 +206,7 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
             keys=keys,
             in_flight=lambda: live.consumer.in_flight if live.consumer else 0,
             broker_connected=lambda: live.broker is not None and live.broker.connected,
-            consuming=lambda: live.consuming and not (live.consumer and live.consumer.paused),
+            consuming=lambda: live.consuming and not _waiting_for_redis(settings, link, live),
             queue_names=QueueNames(settings.input_queue, settings.dead_letter_queue),
             connection=lambda: live.broker.connection if live.broker else None,
         )
