@@ -113,6 +113,16 @@ class ClassificationCache:
         self.misses = 0
 
     @property
+    def ttl_s(self) -> int:
+        return self._ttl_s
+
+    def encode(self, classification: Classification) -> bytes:
+        return _encode(classification)
+
+    def decode(self, raw: bytes) -> Classification | None:
+        return _decode(raw)
+
+    @property
     def shared(self) -> bool:
         """True while Redis (the tier every replica sees) is configured and reachable."""
         return self._link is not None and self._link.available
@@ -124,10 +134,25 @@ class ClassificationCache:
         """The single-flight lock of one entry (see ``singleflight``)."""
         return f"{self._keys.prefix}lock:{self._classifier_key}:{hashed_text}"
 
-    async def get(self, hashed_text: str) -> Classification | None:
+    def get_local(self, hashed_text: str) -> Classification | None:
+        """The local tier alone (counted as a local hit when found)."""
         found = self._local.get(hashed_text)
         if found is not None:
             self.local_hits += 1
+        return found
+
+    def remember(self, hashed_text: str, classification: Classification, *, shared: bool) -> None:
+        """Keep in the local tier what was read from Redis (``shared``) or computed after a miss
+        by the caller itself, which also stored it in Redis (see ``singleflight``)."""
+        self._local.put(hashed_text, classification)
+        if shared:
+            self.redis_hits += 1
+        else:
+            self.misses += 1
+
+    async def get(self, hashed_text: str) -> Classification | None:
+        found = self.get_local(hashed_text)
+        if found is not None:
             return found
         if self._link is None or not self._link.available:
             self.misses += 1

@@ -11,7 +11,7 @@ from worker.classifiers.base import Classification, Classifier
 from worker.counters import Counters
 from worker.errors import ClassifierUnavailable, PermanentError, TransientError
 from worker.keys import Counter
-from worker.singleflight import ClusterFlight
+from worker.singleflight import ClusterFlight, Entry
 
 
 @runtime_checkable
@@ -75,20 +75,21 @@ class CachedClassifier:
 
     async def _lookup_or_compute(self, text: str, key: str) -> tuple[Classification, bool]:
         """``(classification, computed_here)``."""
+        if self._flight is not None and self._cache.shared:
+            found = self._cache.get_local(key)
+            if found is not None:
+                return found, False
+            # One script call looks Redis up and, on a miss, takes the text's cluster lock.
+            entry = Entry(self._cache.redis_key(key), self._cache.lock_key(key))
+            result, computed = await self._flight.run(entry, lambda: self._call(text), self._cache)
+            self._cache.remember(key, result, shared=not computed)
+            return result, computed
         cached = await self._cache.get(key)
         if cached is not None:
             return cached, False
-
-        async def compute() -> Classification:
-            result = await self._call(text)
-            await self._cache.put(key, result)
-            return result
-
-        if self._flight is None or not self._cache.shared:
-            return await compute(), True
-        return await self._flight.run(
-            self._cache.lock_key(key), lambda: self._cache.get(key), compute
-        )
+        result = await self._call(text)
+        await self._cache.put(key, result)
+        return result, True
 
     async def _call(self, text: str) -> Classification:
         self._counters.record(Counter.CLASSIFIER_CALLS)

@@ -1,19 +1,25 @@
-"""Single flight across replicas: of all replicas missing the same cache key, one computes it.
+"""Single flight across replicas: of all replicas missing the same cache entry, one computes it.
 
-Protocol, per cache key, with a short lock ``{prefix}lock:{classifier}:{text_hash}``:
+Each cache entry (its value key) has a short lock, ``{prefix}lock:{classifier}:{text_hash}``. Each
+step below is one script call, micro-batched with the same step of the replica's other messages,
+so the protocol costs no more round trips than a plain cache read and write:
 
-- The replica that misses takes the lock (``SET NX PX``, a token of its own). Holding it, it reads
-  the cache once more (another replica may have finished between its miss and its lock), computes,
-  writes the cache, and only then deletes the lock (owner-checked in Lua). So a lock that is gone
-  with no cached value means its owner failed, gave up or died.
-- While the owner computes, one task per replica renews every lock it holds in a single script call
-  every third of ``LOCK_TTL_S``: a live owner keeps its lock however long its computation takes,
-  and a dead owner's lock lapses within ``LOCK_TTL_S``.
-- A replica that finds the lock taken polls it (every 20 ms at first, then up to every 100 ms; the
-  polls of all its waiters share one ``MGET``) until it is gone or ``SINGLE_FLIGHT_WAIT_S`` has
-  passed, then re-reads the cache. A value is a hit. No value after the lock went away: it tries to
-  take the lock itself. No value when the wait ran out: it computes without the lock, paying twice
-  rather than waiting forever.
+- **Look up or lock.** The cached value if there is one; otherwise the lock, taken with a token of
+  our own and a TTL, if it is free; otherwise "held".
+- **Store and release.** The owner computes, then writes the value and deletes its lock in one
+  script (owner-checked), so a free lock with no value always means a real miss. When the
+  computation fails, the owner turns its lock into a failure mark for ``FAILURE_MARK_S`` instead:
+  the failure is shared with the replicas waiting for it, as it is within a replica, so a failing
+  classifier is not asked again by every replica in turn (their messages go through the worker's
+  retries). A failure mark does not block: the next look-up takes the lock over it.
+- **Renew.** While the owner computes, one task per replica renews every lock it holds, in one
+  script call every third of the lock's TTL: a live owner keeps its lock however long it takes, and
+  a dead owner's lock lapses within the TTL.
+- **Wait.** A replica that finds the lock held polls the value and the lock (every 20 ms at first,
+  then up to every 100 ms; one ``MGET`` for all its waiters). A value is a hit. A failure mark fails
+  the waiter too (``ClassifierUnavailable``). A lock gone with no value (its owner was cancelled or
+  died): look up or lock again. When ``SINGLE_FLIGHT_WAIT_S`` runs out, it computes and stores the
+  value without the lock, paying twice rather than waiting forever.
 
 Without a reachable Redis every replica simply computes for itself (the in-replica single flight
 in ``classify`` still shares one computation between concurrent messages of a replica).
@@ -26,12 +32,14 @@ import contextlib
 import itertools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from enum import Enum
-from typing import Final, TypeVar
+from typing import Final, Protocol, TypeVar
 
 import structlog
 
 from worker.batching import MicroBatcher
+from worker.errors import ClassifierUnavailable
 from worker.redis_link import REDIS_UNAVAILABLE, RedisLink
 
 log = structlog.get_logger("worker.singleflight")
@@ -41,6 +49,47 @@ T = TypeVar("T")
 LOCK_TTL_S: Final = 5.0
 POLL_MIN_S: Final = 0.02
 POLL_MAX_S: Final = 0.1
+# Long enough for every waiter (polling at most POLL_MAX_S apart) to see that the owner failed.
+FAILURE_MARK_S: Final = 0.5
+FAILED: Final = b"!failed"
+
+# KEYS: value, lock (per entry). ARGV[1]: lock TTL (ms); ARGV[2]: the failure mark; then a token
+# per entry. Per entry: the value if there is one; 1 = lock taken; 0 = lock held by another.
+LOOKUP_OR_LOCK_LUA: Final = """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local value = redis.call('GET', KEYS[2 * i - 1])
+  if value then
+    out[i] = value
+  else
+    local held = redis.call('GET', KEYS[2 * i])
+    if not held or held == ARGV[2] then
+      redis.call('SET', KEYS[2 * i], ARGV[i + 2], 'PX', ARGV[1])
+      out[i] = 1
+    else
+      out[i] = 0
+    end
+  end
+end
+return out
+"""
+
+# KEYS: value, lock (per entry). ARGV per entry: token ('' = none), value ('' = none), TTL (s).
+STORE_AND_RELEASE_LUA: Final = """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local token, value = ARGV[3 * i - 2], ARGV[3 * i - 1]
+  if value ~= '' then
+    redis.call('SET', KEYS[2 * i - 1], value, 'EX', ARGV[3 * i])
+  end
+  out[i] = 0
+  if token ~= '' and redis.call('GET', KEYS[2 * i]) == token then
+    redis.call('DEL', KEYS[2 * i])
+    out[i] = 1
+  end
+end
+return out
+"""
 
 RENEW_LUA: Final = """
 local out = {}
@@ -55,94 +104,153 @@ end
 return out
 """
 
-RELEASE_LUA: Final = """
-local out = {}
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[i] then
-    redis.call('DEL', KEYS[i])
-    out[i] = 1
-  else
-    out[i] = 0
-  end
+# ARGV[1]: the failure mark's lifetime (ms); ARGV[2]: the mark; ARGV[3]: the owner's token.
+MARK_FAILED_LUA: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[3] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
+  return 1
 end
-return out
+return 0
 """
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """The Redis keys of one cache entry and of its lock."""
+
+    value_key: str
+    lock_key: str
+
+
+class Store(Protocol[T]):
+    """How values are written to and read from their keys."""
+
+    @property
+    def ttl_s(self) -> int: ...
+
+    def encode(self, value: T) -> bytes: ...
+
+    def decode(self, raw: bytes) -> T | None: ...
+
+
 class LockState(Enum):
+    FOUND = "found"  # the value is cached: no lock taken
     ACQUIRED = "acquired"
     HELD = "held"  # by another computation (of this or another replica)
     UNAVAILABLE = "unavailable"  # Redis could not be asked
 
 
+class WaitOutcome(Enum):
+    FOUND = "found"
+    RELEASED = "released"  # the lock is gone without a value: its owner was cancelled or died
+    FAILED = "failed"  # the owner's computation failed
+    TIMED_OUT = "timed_out"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    entry: Entry
+    token: str
+    value: bytes
+    ttl_s: int
+
+
 class ClusterLocks:
-    """Short, renewed, owner-checked locks in Redis; every operation is micro-batched."""
+    """Short, renewed, owner-checked locks next to their values; every call is micro-batched."""
 
     def __init__(self, link: RedisLink, *, ttl_s: float = LOCK_TTL_S) -> None:
         self._link = link
         self._ttl_s = ttl_s
         self._ttl_ms = str(max(1, round(ttl_s * 1000)))
+        self._failure_mark_ms = str(round(FAILURE_MARK_S * 1000))
         self._token_prefix = uuid.uuid4().hex[:12]
         self._sequence = itertools.count(1)
         self._held: dict[str, str] = {}
         self._renewer: asyncio.Task[None] | None = None
-        self._renew_script = link.client.register_script(RENEW_LUA)
-        self._release_script = link.client.register_script(RELEASE_LUA)
-        self._acquires: MicroBatcher[tuple[str, str], bool] = MicroBatcher(self._acquire_batch)
-        self._releases: MicroBatcher[tuple[str, str], bool] = MicroBatcher(self._release_batch)
-        self._probes: MicroBatcher[str, bool] = MicroBatcher(self._probe_batch)
+        client = link.client
+        self._lookup_script = client.register_script(LOOKUP_OR_LOCK_LUA)
+        self._store_script = client.register_script(STORE_AND_RELEASE_LUA)
+        self._renew_script = client.register_script(RENEW_LUA)
+        self._mark_failed_script = client.register_script(MARK_FAILED_LUA)
+        self._lookups: MicroBatcher[tuple[Entry, str], bytes | int] = MicroBatcher(
+            self._lookup_batch
+        )
+        self._writes: MicroBatcher[_Write, int] = MicroBatcher(self._write_batch)
+        self._probes: MicroBatcher[Entry, tuple[bytes | None, bytes | None]] = MicroBatcher(
+            self._probe_batch
+        )
 
-    @property
-    def available(self) -> bool:
-        return self._link.available
-
-    async def acquire(self, key: str) -> tuple[LockState, str]:
-        """Try to take ``key``: ``(ACQUIRED, token)``, ``(HELD, "")`` or ``(UNAVAILABLE, "")``."""
+    async def lookup_or_lock(self, entry: Entry) -> tuple[LockState, str, bytes | None]:
+        """``(FOUND, "", value)``, ``(ACQUIRED, token, None)``, ``(HELD | UNAVAILABLE, "", None)``."""
         if not self._link.available:
-            return LockState.UNAVAILABLE, ""
+            return LockState.UNAVAILABLE, "", None
         token = f"{self._token_prefix}:{next(self._sequence)}"
         try:
-            taken = await self._acquires.submit((key, token))
+            answer = await self._lookups.submit((entry, token))
         except REDIS_UNAVAILABLE as exc:
             self._link.report_failure(exc)
-            return LockState.UNAVAILABLE, ""
-        if not taken:
-            return LockState.HELD, ""
-        self._held[key] = token
+            return LockState.UNAVAILABLE, "", None
+        if isinstance(answer, bytes):
+            return LockState.FOUND, "", answer
+        if not answer:
+            return LockState.HELD, "", None
+        self._held[entry.lock_key] = token
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
-        return LockState.ACQUIRED, token
+        return LockState.ACQUIRED, token, None
 
-    async def release(self, key: str, token: str) -> None:
-        """Give ``key`` back if we still own it (if Redis is down it lapses by itself)."""
-        if self._held.get(key) == token:
-            del self._held[key]
+    async def store_and_release(
+        self, entry: Entry, token: str, value: bytes | None, ttl_s: int
+    ) -> None:
+        """Write ``value`` (if any) and free our lock (if ``token``); if Redis is down, the lock
+        lapses by itself."""
+        if token and self._held.get(entry.lock_key) == token:
+            del self._held[entry.lock_key]
         if not self._link.available:
             return
         try:
-            await self._releases.submit((key, token))
+            await self._writes.submit(_Write(entry, token, value or b"", ttl_s))
         except REDIS_UNAVAILABLE as exc:
             self._link.report_failure(exc)
 
-    async def wait_released(self, key: str, timeout_s: float) -> bool | None:
-        """Poll until ``key`` is gone: True; False when ``timeout_s`` passed; None if Redis failed."""
+    async def mark_failed(self, entry: Entry, token: str) -> None:
+        """Turn our lock into a short-lived failure mark, so that its waiters fail too."""
+        if self._held.get(entry.lock_key) == token:
+            del self._held[entry.lock_key]
+        if not self._link.available:
+            return
+        try:
+            await self._mark_failed_script(
+                keys=[entry.lock_key], args=[self._failure_mark_ms, FAILED, token]
+            )
+        except REDIS_UNAVAILABLE as exc:
+            self._link.report_failure(exc)
+
+    async def wait(self, entry: Entry, timeout_s: float) -> tuple[WaitOutcome, bytes | None]:
+        """Poll until the value appears, the lock is gone or marked failed, or ``timeout_s``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         delay_s = POLL_MIN_S
         while True:
             remaining_s = deadline - loop.time()
             if remaining_s <= 0:
-                return False
+                return WaitOutcome.TIMED_OUT, None
             await asyncio.sleep(min(delay_s, remaining_s))
             delay_s = min(delay_s * 1.5, POLL_MAX_S)
             if not self._link.available:
-                return None
+                return WaitOutcome.UNAVAILABLE, None
             try:
-                if not await self._probes.submit(key):
-                    return True
+                value, lock = await self._probes.submit(entry)
             except REDIS_UNAVAILABLE as exc:
                 self._link.report_failure(exc)
-                return None
+                return WaitOutcome.UNAVAILABLE, None
+            if value is not None:
+                return WaitOutcome.FOUND, value
+            if lock is None:
+                return WaitOutcome.RELEASED, None
+            if lock == FAILED:
+                return WaitOutcome.FAILED, None
 
     async def renew_held(self) -> None:
         """Extend every lock this replica holds (one script call); drop those it lost."""
@@ -165,32 +273,34 @@ class ClusterLocks:
             await asyncio.sleep(self._ttl_s / 3)
             await self.renew_held()
 
-    async def _acquire_batch(self, batch: list[tuple[str, str]]) -> list[bool]:
-        pipe = self._link.client.pipeline(transaction=False)
-        for key, token in batch:
-            pipe.set(key, token, nx=True, px=int(self._ttl_ms))
-        return [bool(answer) for answer in await pipe.execute()]
+    async def _lookup_batch(self, batch: list[tuple[Entry, str]]) -> Sequence[bytes | int]:
+        keys = [key for entry, _ in batch for key in (entry.value_key, entry.lock_key)]
+        args: list[str | bytes] = [self._ttl_ms, FAILED, *(token for _, token in batch)]
+        answers: list[bytes | int] = await self._lookup_script(keys=keys, args=args)
+        return answers
 
-    async def _release_batch(self, batch: list[tuple[str, str]]) -> list[bool]:
-        keys = [key for key, _ in batch]
-        tokens = [token for _, token in batch]
-        return [bool(x) for x in await self._release_script(keys=keys, args=tokens)]
+    async def _write_batch(self, batch: list[_Write]) -> Sequence[int]:
+        keys = [key for w in batch for key in (w.entry.value_key, w.entry.lock_key)]
+        args: list[str | bytes | int] = [x for w in batch for x in (w.token, w.value, w.ttl_s)]
+        answers: list[int] = await self._store_script(keys=keys, args=args)
+        return answers
 
-    async def _probe_batch(self, keys: list[str]) -> Sequence[bool]:
+    async def _probe_batch(self, batch: list[Entry]) -> Sequence[tuple[bytes | None, bytes | None]]:
+        keys = [key for entry in batch for key in (entry.value_key, entry.lock_key)]
         values: list[bytes | None] = await self._link.client.mget(keys)
-        return [value is not None for value in values]
+        return list(zip(values[::2], values[1::2], strict=True))
 
     async def aclose(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
-        for batcher in (self._acquires, self._releases, self._probes):
+        for batcher in (self._lookups, self._writes, self._probes):
             await batcher.aclose()
 
 
 class ClusterFlight:
-    """Runs the protocol of the module docstring around a read and a compute of one key."""
+    """Runs the protocol of the module docstring for one entry at a time."""
 
     def __init__(self, locks: ClusterLocks, *, wait_s: float) -> None:
         self._locks = locks
@@ -198,44 +308,68 @@ class ClusterFlight:
         self.waits = 0
         self.wait_timeouts = 0
         self.takeovers = 0
+        self.shared_failures = 0
 
     async def run(
-        self,
-        lock_key: str,
-        read: Callable[[], Awaitable[T | None]],
-        compute: Callable[[], Awaitable[T]],
+        self, entry: Entry, compute: Callable[[], Awaitable[T]], store: Store[T]
     ) -> tuple[T, bool]:
-        """``(value, computed_here)``: ``read`` the shared value or ``compute`` (and store) it once.
-
-        ``compute`` must have stored its value where ``read`` finds it before it returns.
-        """
+        """``(value, computed_here)``: the shared value, or ``compute`` it and store it, once for
+        all replicas sharing the Redis."""
         deadline = asyncio.get_running_loop().time() + self._wait_s
         while True:
-            state, token = await self._locks.acquire(lock_key)
+            state, token, raw = await self._locks.lookup_or_lock(entry)
+            if state is LockState.FOUND and raw is not None:
+                found = store.decode(raw)
+                if found is not None:
+                    return found, False
+                return await self._compute_and_store(entry, compute, store), True  # unreadable
             if state is LockState.UNAVAILABLE:
                 return await compute(), True
             if state is LockState.ACQUIRED:
-                try:
-                    found = await read()
-                    if found is not None:
-                        return found, False
-                    return await compute(), True
-                finally:
-                    # Shielded: a cancelled owner still frees its waiters at once.
-                    await asyncio.shield(self._locks.release(lock_key, token))
+                return await self._own(entry, token, compute, store), True
             self.waits += 1
             remaining_s = deadline - asyncio.get_running_loop().time()
-            released = await self._locks.wait_released(lock_key, remaining_s)
-            found = await read()
-            if found is not None:
-                return found, False
-            if released is None:
+            outcome, raw = await self._locks.wait(entry, remaining_s)
+            if outcome is WaitOutcome.FOUND and raw is not None:
+                found = store.decode(raw)
+                if found is not None:
+                    return found, False
+                return await self._compute_and_store(entry, compute, store), True
+            if outcome is WaitOutcome.FAILED:
+                self.shared_failures += 1
+                raise ClassifierUnavailable(
+                    "the classification of this text failed on another replica just now"
+                )
+            if outcome is WaitOutcome.UNAVAILABLE:
                 return await compute(), True
-            if not released:
+            if outcome is WaitOutcome.TIMED_OUT:
                 self.wait_timeouts += 1
                 log.warning("single_flight_wait_timed_out", wait_s=self._wait_s)
-                return await compute(), True
+                return await self._compute_and_store(entry, compute, store), True
             self.takeovers += 1  # the owner went away without a value: try to be the owner
+
+    async def _own(
+        self, entry: Entry, token: str, compute: Callable[[], Awaitable[T]], store: Store[T]
+    ) -> T:
+        # Lock bookkeeping is shielded: a cancelled owner still frees its waiters at once.
+        try:
+            value = await compute()
+        except Exception:
+            await asyncio.shield(self._locks.mark_failed(entry, token))
+            raise
+        except BaseException:
+            await asyncio.shield(self._locks.store_and_release(entry, token, None, store.ttl_s))
+            raise
+        encoded = store.encode(value)
+        await asyncio.shield(self._locks.store_and_release(entry, token, encoded, store.ttl_s))
+        return value
+
+    async def _compute_and_store(
+        self, entry: Entry, compute: Callable[[], Awaitable[T]], store: Store[T]
+    ) -> T:
+        value = await compute()
+        await self._locks.store_and_release(entry, "", store.encode(value), store.ttl_s)
+        return value
 
     async def aclose(self) -> None:
         await self._locks.aclose()
@@ -245,4 +379,5 @@ class ClusterFlight:
             "single_flight_cluster_waits": self.waits,
             "single_flight_wait_timeouts": self.wait_timeouts,
             "single_flight_takeovers": self.takeovers,
+            "single_flight_shared_failures": self.shared_failures,
         }

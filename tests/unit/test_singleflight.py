@@ -8,8 +8,11 @@ from collections.abc import AsyncIterator
 import fakeredis
 import pytest
 
+from worker.errors import ClassifierUnavailable
 from worker.redis_link import RedisLink, make_redis
-from worker.singleflight import ClusterFlight, ClusterLocks, LockState
+from worker.singleflight import ClusterFlight, ClusterLocks, Entry, LockState, WaitOutcome
+
+ENTRY = Entry("unit:value", "unit:lock")
 
 
 @pytest.fixture
@@ -26,40 +29,48 @@ async def links() -> AsyncIterator[list[RedisLink]]:
         await link.aclose()
 
 
-class SharedValue:
-    """A value in the shared Redis, and a computation of it that counts its calls."""
+class TextStore:
+    """Values are plain strings (the ``Store`` the flight writes through)."""
 
-    def __init__(self, link: RedisLink, key: str = "unit:value", delay_s: float = 0.1) -> None:
-        self.link = link
-        self.key = key
+    ttl_s = 60
+
+    def encode(self, value: str) -> bytes:
+        return value.encode()
+
+    def decode(self, raw: bytes) -> str | None:
+        return raw.decode()
+
+
+class Computation:
+    """A computation that takes ``delay_s``, counts its runs and can be told to fail."""
+
+    def __init__(self, delay_s: float = 0.1) -> None:
         self.delay_s = delay_s
-        self.computed = 0
+        self.runs = 0
         self.fail = False
 
-    async def read(self) -> str | None:
-        raw = await self.link.client.get(self.key)
-        return raw.decode() if raw is not None else None
-
-    async def compute(self) -> str:
-        self.computed += 1
+    async def __call__(self) -> str:
+        self.runs += 1
         await asyncio.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("classifier failed")
-        await self.link.client.set(self.key, "answer")
         return "answer"
 
 
-async def test_lock_is_exclusive_and_released_only_by_its_owner(links: list[RedisLink]) -> None:
-    """One replica takes a lock; others see it held; a wrong token cannot release it."""
+async def test_lookup_or_lock_returns_the_value_or_one_lock(links: list[RedisLink]) -> None:
+    """One script call gives the cached value, or the lock to one caller and "held" to the rest;
+    storing the value and releasing the lock happen together, and only the owner can release."""
     a, b = ClusterLocks(links[0]), ClusterLocks(links[1])
     try:
-        state, token = await a.acquire("unit:lock:x")
+        state, token, _ = await a.lookup_or_lock(ENTRY)
         assert state is LockState.ACQUIRED
-        assert (await b.acquire("unit:lock:x"))[0] is LockState.HELD
-        await b.release("unit:lock:x", "not-the-owner")
-        assert (await b.acquire("unit:lock:x"))[0] is LockState.HELD
-        await a.release("unit:lock:x", token)
-        assert (await b.acquire("unit:lock:x"))[0] is LockState.ACQUIRED
+        assert (await b.lookup_or_lock(ENTRY))[0] is LockState.HELD
+        await b.store_and_release(ENTRY, "not-the-owner", None, 60)
+        assert (await b.lookup_or_lock(ENTRY))[0] is LockState.HELD
+        await a.store_and_release(ENTRY, token, b"answer", 60)
+        assert await b.lookup_or_lock(ENTRY) == (LockState.FOUND, "", b"answer")
+        assert await links[0].client.exists(ENTRY.lock_key) == 0
+        assert 0 < await links[0].client.ttl(ENTRY.value_key) <= 60
     finally:
         await a.aclose()
         await b.aclose()
@@ -71,73 +82,90 @@ async def test_owner_renews_its_lock_and_a_dead_owner_lets_it_lapse(
     """A held lock outlives its TTL while its owner runs, and lapses soon after the owner stops."""
     a, b = ClusterLocks(links[0], ttl_s=0.3), ClusterLocks(links[1], ttl_s=0.3)
     try:
-        assert (await a.acquire("unit:lock:y"))[0] is LockState.ACQUIRED
+        assert (await a.lookup_or_lock(ENTRY))[0] is LockState.ACQUIRED
         await asyncio.sleep(0.8)
-        assert (await b.acquire("unit:lock:y"))[0] is LockState.HELD
+        assert (await b.lookup_or_lock(ENTRY))[0] is LockState.HELD
         await a.aclose()  # the owner "dies": renewals stop, the lock is not released
-        assert await b.wait_released("unit:lock:y", 1.0) is True
+        assert await b.wait(ENTRY, 1.0) == (WaitOutcome.RELEASED, None)
     finally:
         await a.aclose()
         await b.aclose()
 
 
 async def test_concurrent_misses_on_three_replicas_compute_once(links: list[RedisLink]) -> None:
-    """Misses of one key on three replicas at the same moment run one computation; the others
+    """Misses of one entry on three replicas at the same moment run one computation; the others
     wait for it and read its value."""
-    value = SharedValue(links[0])
+    compute = Computation()
     flights = [ClusterFlight(ClusterLocks(link), wait_s=5) for link in links]
     try:
         results = await asyncio.gather(
-            *(f.run("unit:lock:v", value.read, value.compute) for f in flights for _ in range(3))
+            *(f.run(ENTRY, compute, TextStore()) for f in flights for _ in range(3))
         )
-        assert value.computed == 1
+        assert compute.runs == 1
         assert sorted(computed for _, computed in results) == [False] * 8 + [True]
         assert all(answer == "answer" for answer, _ in results)
-        assert sum(f.snapshot()["single_flight_cluster_waits"] for f in flights) >= 2
+        assert sum(f.snapshot()["single_flight_cluster_waits"] for f in flights) == 8
     finally:
         for flight in flights:
             await flight.aclose()
 
 
-async def test_a_waiter_takes_over_when_the_owner_fails(links: list[RedisLink]) -> None:
-    """When the owner's computation fails (nothing stored, lock released), a waiter computes."""
-    value = SharedValue(links[0])
+async def test_an_owners_failure_is_shared_with_its_waiters(links: list[RedisLink]) -> None:
+    """When the owner's computation fails, waiters on other replicas fail too instead of asking
+    the failing classifier again; the next miss after that computes."""
+    compute = Computation()
     owner, waiter = (ClusterFlight(ClusterLocks(link), wait_s=5) for link in links[:2])
     try:
-        value.fail = True
-        owner_task = asyncio.get_running_loop().create_task(
-            owner.run("unit:lock:f", value.read, value.compute)
-        )
+        compute.fail = True
+        loop = asyncio.get_running_loop()
+        owner_task = loop.create_task(owner.run(ENTRY, compute, TextStore()))
         await asyncio.sleep(0.03)
-
-        async def compute_after_failure() -> str:
-            value.fail = False
-            return await value.compute()
-
-        waiter_task = asyncio.get_running_loop().create_task(
-            waiter.run("unit:lock:f", value.read, compute_after_failure)
-        )
+        waiter_task = loop.create_task(waiter.run(ENTRY, compute, TextStore()))
         with pytest.raises(RuntimeError):
             await owner_task
+        with pytest.raises(ClassifierUnavailable, match="failed on another replica"):
+            await waiter_task
+        assert compute.runs == 1
+        assert waiter.snapshot()["single_flight_shared_failures"] == 1
+        compute.fail = False  # a failure mark does not block the next attempt
+        assert await waiter.run(ENTRY, compute, TextStore()) == ("answer", True)
+    finally:
+        await owner.aclose()
+        await waiter.aclose()
+
+
+async def test_a_waiter_takes_over_when_the_owner_is_cancelled(links: list[RedisLink]) -> None:
+    """An owner cancelled mid-computation (its message's deadline, shutdown) frees the lock at
+    once, and a waiter computes the value itself."""
+    compute = Computation(delay_s=0.3)
+    owner, waiter = (ClusterFlight(ClusterLocks(link), wait_s=5) for link in links[:2])
+    try:
+        loop = asyncio.get_running_loop()
+        owner_task = loop.create_task(owner.run(ENTRY, compute, TextStore()))
+        await asyncio.sleep(0.03)
+        waiter_task = loop.create_task(waiter.run(ENTRY, compute, TextStore()))
+        await asyncio.sleep(0.05)
+        owner_task.cancel()
         assert await waiter_task == ("answer", True)
         assert waiter.snapshot()["single_flight_takeovers"] == 1
-        assert value.computed == 2
+        assert compute.runs == 2
     finally:
         await owner.aclose()
         await waiter.aclose()
 
 
 async def test_the_wait_is_bounded(links: list[RedisLink]) -> None:
-    """A waiter whose owner neither finishes nor dies computes itself after SINGLE_FLIGHT_WAIT_S."""
+    """A waiter whose owner neither finishes nor dies computes (and stores) the value itself
+    after SINGLE_FLIGHT_WAIT_S."""
     stuck = ClusterLocks(links[0])
     waiter = ClusterFlight(ClusterLocks(links[1]), wait_s=0.3)
-    value = SharedValue(links[1], delay_s=0)
     try:
-        assert (await stuck.acquire("unit:lock:s"))[0] is LockState.ACQUIRED
+        assert (await stuck.lookup_or_lock(ENTRY))[0] is LockState.ACQUIRED
         started = asyncio.get_running_loop().time()
-        assert await waiter.run("unit:lock:s", value.read, value.compute) == ("answer", True)
+        assert await waiter.run(ENTRY, Computation(0), TextStore()) == ("answer", True)
         assert 0.3 <= asyncio.get_running_loop().time() - started < 0.6
         assert waiter.snapshot()["single_flight_wait_timeouts"] == 1
+        assert await links[0].client.get(ENTRY.value_key) == b"answer"
     finally:
         await stuck.aclose()
         await waiter.aclose()
@@ -148,19 +176,10 @@ async def test_without_a_reachable_redis_it_computes_directly() -> None:
     link = RedisLink(make_redis("redis://127.0.0.1:1/0", 0.2), "redis://127.0.0.1:1/0")
     assert not await link.connect()
     flight = ClusterFlight(ClusterLocks(link), wait_s=5)
-    computed = 0
-
-    async def compute() -> str:
-        nonlocal computed
-        computed += 1
-        return "answer"
-
-    async def read() -> str | None:
-        return None
-
+    compute = Computation(0)
     try:
-        assert await flight.run("unit:lock:d", read, compute) == ("answer", True)
-        assert computed == 1
+        assert await flight.run(ENTRY, compute, TextStore()) == ("answer", True)
+        assert compute.runs == 1
     finally:
         await flight.aclose()
         await link.aclose()
