@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from worker.acks import Acker
 from worker.broker import CONNECTION_NAME, Broker, Topology, connect
 from worker.cache import ClassificationCache, LocalCache
-from worker.classifiers.factory import build_classifier, worth_cluster_single_flight
+from worker.classifiers.factory import build_classifier
 from worker.classify import CachedClassifier
 from worker.consumer import ConsumerLimits, MessageConsumer
 from worker.counters import ClusterReporter, Counters, ReplicaIdentity
@@ -193,7 +193,7 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
                 ClusterLocks(link, ttl_s=min(LOCK_TTL_S, settings.claim_lease_s)),
                 wait_s=settings.single_flight_wait_s,
             )
-            if link is not None and worth_cluster_single_flight(settings)
+            if link is not None
             else None
         )
         cached_classifier = CachedClassifier(classifier, cache, counters, flight=flight)

@@ -26,15 +26,6 @@ def build_classifier(settings: Settings, *, link: RedisLink | None = None) -> Cl
     return KeywordClassifier.default(delay_s=delay_s)
 
 
-def worth_cluster_single_flight(settings: Settings) -> bool:
-    """Whether a miss should be computed once for the cluster (a Redis lock per text).
-
-    The lock costs three Redis round trips per miss: worth it for a model call, not for the
-    keyword classifier, which answers in microseconds (unless a latency is simulated).
-    """
-    return settings.classifier == "llm" or settings.classifier_delay_ms > 0
-
-
 def build_llm_classifier(settings: Settings, *, link: RedisLink | None = None) -> LLMClassifier:
     try:
         prompt = (
