@@ -305,3 +305,24 @@ async def test_concurrent_calls_share_the_connection_pool(llm: FakeLLM) -> None:
         assert len(llm.requests) == 50
     finally:
         await classifier.aclose()
+
+
+async def test_waiting_for_a_connection_does_not_count_against_the_timeout() -> None:
+    """More concurrent classifications than connections queue for one, and none of them times
+    out although the queue is longer than LLM_TIMEOUT_S."""
+    async with FakeLLM(latency_s=0.2) as slow:
+        config = LLMConfig(
+            base_url=slow.base_url,
+            model="m",
+            labels=DEFAULT_LABELS,
+            prompt=PromptTemplate.default(),
+            timeout_s=0.3,
+            max_retries=0,
+        )
+        classifier = LLMClassifier(config, RateLimiter(0, RedisKeys("unit:")), max_connections=2)
+        try:
+            results = await asyncio.gather(*(classifier.classify(f"t{i}") for i in range(6)))
+            assert len(results) == 6
+            assert classifier.snapshot()["llm_errors_timeout"] == 0
+        finally:
+            await classifier.aclose()

@@ -251,6 +251,7 @@ class LLMClassifier:
             trust_env=False,  # settings come from Settings only, proxies included
             follow_redirects=False,
         )
+        self._connections = asyncio.Semaphore(max_connections)
         self.tallies: Tally[str] = Tally()
         self.latency = LatencyHistogram()
         self._latency_ms_sum = 0.0
@@ -284,9 +285,12 @@ class LLMClassifier:
         failure: _AttemptFailed | None = None
         while attempt < attempts:
             attempt += 1
-            await self._limiter.acquire()
             try:
-                result = await self._call(body)
+                # A connection first, then the rate limiter's slot: a call leaves as soon as its
+                # slot comes, and waiting for a connection never counts against the timeout.
+                async with self._connections:
+                    await self._limiter.acquire()
+                    result = await self._call(body)
             except _AttemptFailed as exc:
                 failure = exc
                 self.tallies[f"llm_errors_{exc.kind}"] += 1
