@@ -312,7 +312,9 @@ class LLMClassifier:
         assert failure is not None
         self.tallies["llm_failures"] += 1
         message = f"LLM classification failed after {attempt} call(s): {failure.detail}"
-        log.warning("llm_classification_failed", kind=failure.kind, calls=attempt)
+        log.warning(
+            "llm_classification_failed", kind=failure.kind, calls=attempt, server=self._where
+        )
         raise ClassifierUnavailable(scrub(message, self._secrets))
 
     async def _delay_before_retry(
