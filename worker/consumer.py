@@ -59,6 +59,11 @@ REQUEUE_PAUSE_S = 1.0
 EXPECTED_FAILURES = (TransientError, PermanentError, TimeoutError)
 
 
+def seen_before(delivery: AbstractIncomingMessage) -> bool:
+    """A redelivery, or a retry's copy: a done ID then is not a duplicate the producer sent."""
+    return bool(delivery.redelivered) or attempt_of(delivery) > 1
+
+
 @dataclass(frozen=True, slots=True)
 class ConsumerLimits:
     max_message_bytes: int
@@ -171,7 +176,7 @@ class MessageConsumer:
         self, parsed: list[tuple[AbstractIncomingMessage, ChatMessage]]
     ) -> None:
         """Claim the pass's IDs in one round trip, then work on each claimed message concurrently."""
-        claims = await self._claim_all([(m.message_id, bool(d.redelivered)) for d, m in parsed])
+        claims = await self._claim_all([(m.message_id, seen_before(d)) for d, m in parsed])
         if claims is None:
             for delivery, _ in parsed:
                 self._settle(delivery, Outcome.REQUEUE)
@@ -319,7 +324,7 @@ class MessageConsumer:
     ) -> Outcome:
         with bound_contextvars(message_id=message.message_id):
             if claim.status is ClaimStatus.BUSY:
-                resolved = await self._claim(message, bool(delivery.redelivered))
+                resolved = await self._claim(message, seen_before(delivery))
                 if resolved is None:
                     return Outcome.REQUEUE
                 claim = resolved
@@ -360,9 +365,10 @@ class MessageConsumer:
         claim: ClaimResult,
     ) -> Outcome:
         if claim.status is ClaimStatus.DONE:
-            counter = Counter.REDELIVERED_DONE if delivery.redelivered else Counter.DUPLICATES
+            again = seen_before(delivery)
+            counter = Counter.REDELIVERED_DONE if again else Counter.DUPLICATES
             self._counters.record(counter, in_redis=claim.in_redis)
-            log.debug("duplicate_skipped", redelivered=delivery.redelivered)
+            log.debug("duplicate_skipped", redelivered=again)
             return Outcome.ACK
         if claim.status is ClaimStatus.EXHAUSTED:
             return await self._exhausted(delivery, claim.attempt)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import orjson
@@ -368,3 +370,36 @@ def random_bodies() -> st.SearchStrategy[bytes]:
         truncated,
         flipped,
     )
+
+
+# --- Closing a replica's broker connections from the broker's side (rabbitmqctl) ----------------
+
+
+def rabbitmqctl_usable() -> bool:
+    """Whether this test run can manage the broker it talks to with rabbitmqctl (a local one)."""
+    host = urlsplit(RABBITMQ_URL).hostname
+    return shutil.which("rabbitmqctl") is not None and host in {"127.0.0.1", "localhost"}
+
+
+def broker_connections(name_prefix: str) -> list[str]:
+    """Broker-side process IDs of the open connections whose client name starts with ``name_prefix``."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "list_connections", "pid", "client_properties", "-q", "--no-table-headers"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    wanted = f'{{"connection_name","{name_prefix}'
+    return [line.split("\t", 1)[0] for line in listed.splitlines() if wanted in line]
+
+
+def close_broker_connections(connection_pids: list[str]) -> None:
+    """Have the broker close these connections (CONNECTION_FORCED), as an operator or a failover would."""
+    for pid in connection_pids:
+        subprocess.run(
+            ["rabbitmqctl", "close_connection", pid, "closed by a reliability test"],
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )

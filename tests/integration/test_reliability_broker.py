@@ -1,0 +1,149 @@
+"""RabbitMQ going away mid-run: replicas report it, reconnect, and the claims keep the deliveries
+redelivered meanwhile from being processed twice."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import RABBITMQ_URL, Names
+from tests.integration.proxy import CuttableProxy
+from tests.integration.support import (
+    Replica,
+    Replicas,
+    ResultSink,
+    body,
+    broker_connections,
+    close_broker_connections,
+    cluster_counters,
+    publish_bodies,
+    rabbitmqctl_usable,
+)
+from worker.broker import CONNECTION_NAME
+from worker.keys import Counter
+
+pytestmark = pytest.mark.integration
+
+UNCONFIRMED = "publish of a result failed"
+
+
+def ready_status(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=5) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return 0
+
+
+async def wait_ready(replicas: list[Replica], status: int, timeout_s: float) -> None:
+    ports = [replica.stats_port for replica in replicas]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen = [await asyncio.to_thread(ready_status, port) for port in ports]
+        if all(s == status for s in seen):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"readiness did not become {status} within {timeout_s}s")
+
+
+def unconfirmed_results(replicas: list[Replica]) -> set[str]:
+    """IDs whose result publish was in flight, unconfirmed, when a connection dropped."""
+    return {
+        str(event["message_id"])
+        for replica in replicas
+        for event in replica.events()
+        if UNCONFIRMED in str(event.get("error", "")) and "message_id" in event
+    }
+
+
+async def test_broker_outage_reconnects_and_processes_nothing_twice(
+    names: Names, redis_client: aioredis.Redis, amqp: object, tmp_path: Path
+) -> None:
+    """Two replicas cut off from the broker for five seconds mid-run report not ready, come back
+    on their own, and every message gets a result; the deliveries they held were redelivered and
+    recognised by their claims, so each message is counted once, and a result is published twice
+    only where its publish was in flight, unconfirmed, at the cut."""
+    messages = [body(f"b-{i}", f"Оплата заказа номер {i}") for i in range(400)]
+    upstream = urlsplit(RABBITMQ_URL)
+    replicas = Replicas(tmp_path)
+    async with (
+        CuttableProxy(upstream.hostname or "127.0.0.1", upstream.port or 5672) as proxy,
+        ResultSink(names) as sink,
+    ):
+        try:
+            via_proxy = RABBITMQ_URL.replace(
+                upstream.netloc.split("@")[-1], f"127.0.0.1:{proxy.port}"
+            )
+            env = names.env(RABBITMQ_URL=via_proxy, CLASSIFIER_DELAY_MS="200", PREFETCH="20")
+            both = [replicas.start(env), replicas.start(env)]
+            for replica in both:
+                await replica.started()
+            await publish_bodies(names, messages)
+            while sink.total < 60:
+                await asyncio.sleep(0.02)
+
+            proxy.cut()
+            cut_at = time.monotonic()
+            await wait_ready(both, 503, timeout_s=10)
+            await asyncio.sleep(max(0.0, 5.0 - (time.monotonic() - cut_at)))
+            proxy.restore()
+            await wait_ready(both, 200, timeout_s=30)
+
+            await sink.wait_for_ids({m["message_id"] for m in messages}, timeout_s=60)
+            await sink.settle(quiet_s=1.5)
+            counters = await cluster_counters(redis_client, names)
+            assert counters[Counter.PROCESSED] == len(messages)
+            assert counters[Counter.REDELIVERED_DONE] + counters[Counter.RETRIED] >= 1
+            twice = {i for i, results in sink.by_id.items() if len(results) > 1}
+            print(f"broker outage: {counters}, published twice: {sorted(twice)}")
+            assert twice <= unconfirmed_results(both)
+            assert all(replica.process and replica.process.poll() is None for replica in both)
+        finally:
+            replicas.close()
+
+
+@pytest.mark.skipif(not rabbitmqctl_usable(), reason="needs rabbitmqctl for the local broker")
+async def test_connection_closed_by_the_broker_is_restored(
+    names: Names, redis_client: aioredis.Redis, amqp: object, tmp_path: Path
+) -> None:
+    """The broker closing a replica's connection mid-run (rabbitmqctl close_connection, found by
+    the replica's connection name): the replica opens a new one within seconds and every message
+    gets its result, counted once."""
+    replica_id = f"closed-{names.tag}"
+    messages = [body(f"c-{i}", f"Доставка {i}") for i in range(300)]
+    replicas = Replicas(tmp_path)
+    try:
+        async with ResultSink(names) as sink:
+            replica = replicas.start(
+                names.env(REPLICA_ID=replica_id, CLASSIFIER_DELAY_MS="100", PREFETCH="20")
+            )
+            await replica.started()
+            await publish_bodies(names, messages)
+            while sink.total < 50:
+                await asyncio.sleep(0.02)
+            name = f"{CONNECTION_NAME}/{replica_id}"
+            (before,) = await asyncio.to_thread(broker_connections, name)
+            await asyncio.to_thread(close_broker_connections, [before])
+
+            await sink.wait_for_ids({m["message_id"] for m in messages}, timeout_s=60)
+            await sink.settle(quiet_s=1.0)
+            (after,) = await asyncio.to_thread(broker_connections, name)
+            assert after != before
+            counters = await cluster_counters(redis_client, names)
+            assert counters[Counter.PROCESSED] == len(messages)
+            twice = {i for i, results in sink.by_id.items() if len(results) > 1}
+            print(f"closed by the broker: {counters}, published twice: {sorted(twice)}")
+            assert twice <= unconfirmed_results([replica])
+            assert replica.process is not None
+            assert replica.process.poll() is None
+    finally:
+        replicas.close()
