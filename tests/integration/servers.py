@@ -70,3 +70,60 @@ class SpareRedis:
             self.process.terminate()
             self.process.wait(timeout=10)
         self.process = None
+
+
+def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    ca_key, ca, key, request, cert = (
+        directory / name for name in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
+    )
+    extensions = directory / "server.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request],
+        [
+            *("x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"),
+            *("-out", cert, "-extfile", extensions),
+        ],
+    ):
+        subject = ["-subj", "/CN=neiromatrius-test"] if args[0] == "req" else []
+        subprocess.run(
+            ["openssl", *map(str, args), *subject, "-days", "2"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    return ca, cert, key
+
+
+class TlsRedis(SpareRedis):
+    """``redis-server`` answering only TLS on 127.0.0.1:``port`` (certificates from ``make_tls_files``)."""
+
+    def __init__(self, directory: Path, *, password: str = "") -> None:
+        super().__init__(directory, password=password)
+        self.ca, self.cert, self.key = make_tls_files(directory)
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca}"
+
+    def start(self) -> TlsRedis:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed"
+        args = [binary, "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(self.port)]
+        args += ["--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key)]
+        args += ["--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "no"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        raise AssertionError(f"redis-server (TLS) did not start on port {self.port}")
