@@ -208,6 +208,7 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
             broker_connected=lambda: live.broker is not None and live.broker.connected,
             consuming=lambda: live.consuming and not _waiting_for_redis(settings, link, live),
             queue_names=QueueNames(settings.input_queue, settings.dead_letter_queue),
+            classifier_tallies=cached_classifier.snapshot,
             connection=lambda: live.broker.connection if live.broker else None,
         )
         await stack.enter_async_context(

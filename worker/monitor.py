@@ -62,6 +62,9 @@ COUNTER_HELP: dict[str, str] = {
 }
 
 
+GAUGE_TALLIES = frozenset({"cache_local_entries"})
+
+
 @dataclass(slots=True)
 class ReplicaView:
     """What the endpoints report about this replica; the callables read live state."""
@@ -75,6 +78,7 @@ class ReplicaView:
     consuming: Callable[[], bool]
     queue_names: QueueNames | None = None
     connection: Callable[[], AbstractConnection | None] = lambda: None
+    classifier_tallies: Callable[[], dict[str, int]] = dict
 
     def cache_status(self) -> dict[str, str]:
         if self.link is None:
@@ -89,6 +93,7 @@ class ReplicaView:
             "started_at": self.identity.started_at,
             "in_flight": self.in_flight(),
             "counters": self.counters.snapshot(),
+            "classifier": self.classifier_tallies(),
             "throughput": {f"{w}s": round(self.counters.throughput(w), 2) for w in WINDOWS_S},
         }
 
@@ -171,6 +176,16 @@ class ReplicaCollector(Collector):
             "neiromatrius_processing_seconds",
             "Time from delivery to completion of a processed message, in seconds.",
         )
+        for name, value in sorted(view.classifier_tallies().items()):
+            # Tallies of the cache tiers, single flights, rate limiter and LLM client.
+            if name in GAUGE_TALLIES:
+                yield _gauge(f"neiromatrius_{name}", f"Classifier state: {name}.", value)
+            else:
+                family = CounterMetricFamily(
+                    f"neiromatrius_{name}", f"Classifier events counted as {name} by this replica."
+                )
+                family.add_metric([], float(value))
+                yield family
         yield _gauge("neiromatrius_in_flight", "Deliveries being handled now.", view.in_flight())
         yield _gauge(
             "neiromatrius_redis_configured",

@@ -28,6 +28,13 @@ def exposition() -> str:
         in_flight=lambda: 2,
         broker_connected=lambda: True,
         consuming=lambda: True,
+        classifier_tallies=lambda: {
+            "llm_requests": 5,
+            "llm_errors_timeout": 1,
+            "rate_limit_waits": 2,
+            "single_flight_cluster_waits": 3,
+            "cache_local_entries": 4,
+        },
     )
     collector = ReplicaCollector(view)
     collector.queue_depths = {
@@ -79,3 +86,14 @@ def test_names_follow_prometheus_conventions() -> None:
     assert 'neiromatrius_processing_seconds_bucket{le="0.005"} 1.0' in text
     assert 'neiromatrius_processing_seconds_bucket{le="+Inf"} 3.0' in text
     assert "neiromatrius_processing_seconds_count 3.0" in text
+
+
+def test_classifier_tallies_are_exported() -> None:
+    """LLM calls, errors by kind, rate-limit and single-flight waits reach /metrics as counters,
+    and the local cache size as a gauge."""
+    text = exposition()
+    assert "neiromatrius_llm_requests_total 5.0" in text
+    assert "neiromatrius_llm_errors_timeout_total 1.0" in text
+    assert "neiromatrius_rate_limit_waits_total 2.0" in text
+    assert "neiromatrius_single_flight_cluster_waits_total 3.0" in text
+    assert re.search(r"^# TYPE neiromatrius_cache_local_entries gauge$", text, re.MULTILINE)

@@ -165,6 +165,7 @@ async def endpoints() -> AsyncIterator[Endpoints]:
         in_flight=lambda: 4,
         broker_connected=lambda: facts.broker,
         consuming=lambda: facts.consuming,
+        classifier_tallies=lambda: {"llm_requests": 3, "rate_limit_waits": 1},
     )
     async with TestClient(TestServer(build_app(view))) as http:
         yield Endpoints(http, counters, facts)
@@ -207,3 +208,5 @@ async def test_without_redis_the_stats_are_this_replicas(endpoints: Endpoints) -
     assert own["processed"] == 6
     assert own["started_at"] <= own["last_seen"] <= time.time()
     assert stats["redis"] is None
+    # The classifier's own tallies (LLM calls, errors, waits) are part of this replica's view.
+    assert stats["replica"]["classifier"] == {"llm_requests": 3, "rate_limit_waits": 1}
