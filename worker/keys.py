@@ -2,8 +2,12 @@
 
 {p}done:{message_id}          "1"         processed marker, TTL = DEDUP_TTL_S
 {p}claim:{message_id}         token       lease of the replica working on it, TTL = lease
-{p}attempts:{message_id}      integer     attempts started (raised at claim time), TTL = DEDUP_TTL_S
+{p}attempts:{message_id}      integer     attempts started (raised at claim time), TTL = DEDUP_TTL_S,
+                                          deleted when the message is done
 {p}cache:{classifier}:{hash}  JSON        classification of a normalised text, TTL = CACHE_TTL_S
+{p}lock:{classifier}:{hash}   token       single-flight lock of the replica classifying that text
+{p}llm:rate                   timestamp   GCRA pacing of LLM calls for the whole cluster
+{p}llm:cooldown               timestamp   set by a 429: every replica waits until then
 {p}stats                      hash        cluster counters (field names: ``Counter``)
 {p}tp:{epoch_second}          integer     messages processed in that second, TTL 15 min
 {p}replica:{replica_id}       JSON        heartbeat of a live replica, TTL 3 heartbeats
