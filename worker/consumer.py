@@ -11,18 +11,19 @@ too), and the rare requeue after a failure nobody expected waits ``REQUEUE_PAUSE
 the claim store must wait for Redis (strict mode, or the first seconds of an outage) a pass holds
 its deliveries unacknowledged and the consumer reports itself ``paused``.
 
-Redeliveries are suspects: a replica may have died working on them, perhaps because of one of
-them. They go through a lane of their own, one at a time and alone: before a suspect is claimed,
-no new claim is made and the messages in work finish. So a message that kills its replica takes
-only itself down from then on, and only its own attempts run out; the innocent messages that were
-in flight with it the first time are processed.
+A message two of whose attempts vanished (started, never ended: their replicas died) is a
+suspect: it may be what kills them, or it may have been in flight with what does. The claim
+script reports it instead of claiming it (the attempt header says how many attempts ended), and
+suspects are then worked on one at a time and alone: before one is claimed, no new claim is made
+and the messages in work finish. A message that kills its replica then takes only itself down,
+and only its own attempts run out; the innocent messages caught with it twice are processed.
+After a single crash, redeliveries are processed as usual, in parallel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ from worker.acks import Acker, Outcome
 from worker.broker import DETAIL_HEADER, Broker, attempt_of
 from worker.classify import CachedClassifier
 from worker.counters import Counters
-from worker.dedup import ClaimResult, ClaimStatus, ClaimStore, CompleteStatus
+from worker.dedup import ClaimAsk, ClaimResult, ClaimStatus, ClaimStore, CompleteStatus
 from worker.errors import (
     InvalidMessage,
     PermanentError,
@@ -62,6 +63,12 @@ EXPECTED_FAILURES = (TransientError, PermanentError, TimeoutError)
 def seen_before(delivery: AbstractIncomingMessage) -> bool:
     """A redelivery, or a retry's copy: a done ID then is not a duplicate the producer sent."""
     return bool(delivery.redelivered) or attempt_of(delivery) > 1
+
+
+def suspect_at(delivery: AbstractIncomingMessage) -> int:
+    """Attempts started from which the message is a suspect: two more than the header records
+    as ended (``attempt - 1`` failed and were retried), so two vanished with their replica."""
+    return attempt_of(delivery) + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +114,7 @@ class MessageConsumer:
         self._waiters: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._holding = 0
-        self._suspects: deque[tuple[AbstractIncomingMessage, ChatMessage]] = deque()
-        self._lane: asyncio.Task[None] | None = None
+        self._alone = asyncio.Lock()  # suspects are worked on one at a time
         self._open = asyncio.Event()  # cleared while a suspect is claimed and worked on alone
         self._open.set()
         self._claiming = 0  # claim calls in flight outside passes (busy waiters)
@@ -164,10 +170,7 @@ class MessageConsumer:
             except InvalidMessage as exc:
                 work.append(self._guarded(delivery, self._reject(delivery, exc)))
             else:
-                if delivery.redelivered:
-                    self._suspect(delivery, message)
-                else:
-                    parsed.append((delivery, message))
+                parsed.append((delivery, message))
         if parsed:
             work.append(self._claim_and_work(parsed))
         await asyncio.gather(*work)
@@ -176,7 +179,9 @@ class MessageConsumer:
         self, parsed: list[tuple[AbstractIncomingMessage, ChatMessage]]
     ) -> None:
         """Claim the pass's IDs in one round trip, then work on each claimed message concurrently."""
-        claims = await self._claim_all([(m.message_id, seen_before(d)) for d, m in parsed])
+        claims = await self._claim_all(
+            [ClaimAsk(m.message_id, seen_before(d), suspect_at(d)) for d, m in parsed]
+        )
         if claims is None:
             for delivery, _ in parsed:
                 self._settle(delivery, Outcome.REQUEUE)
@@ -184,7 +189,7 @@ class MessageConsumer:
         work = []
         for (delivery, message), claim in zip(parsed, claims, strict=True):
             coroutine = self._after_claim(delivery, message, claim)
-            if claim.status is ClaimStatus.BUSY:
+            if claim.status in (ClaimStatus.BUSY, ClaimStatus.SUSPECT):
                 waiter = asyncio.get_running_loop().create_task(self._guarded(delivery, coroutine))
                 self._waiters.add(waiter)
                 waiter.add_done_callback(self._waiters.discard)
@@ -192,7 +197,7 @@ class MessageConsumer:
                 work.append(self._guarded(delivery, coroutine))
         await asyncio.gather(*work)
 
-    async def _claim_all(self, requests: list[tuple[str, bool]]) -> list[ClaimResult] | None:
+    async def _claim_all(self, requests: list[ClaimAsk]) -> list[ClaimResult] | None:
         """Claim ``requests``; while the store waits for Redis, hold them. ``None``: requeue them."""
         delay_s = STORE_POLL_MIN_S
         holding = False
@@ -233,48 +238,39 @@ class MessageConsumer:
             return False
         return True
 
-    def _suspect(self, delivery: AbstractIncomingMessage, message: ChatMessage) -> None:
-        self._suspects.append((delivery, message))
-        if self._lane is None:
-            self._lane = asyncio.get_running_loop().create_task(self._run_suspects())
-
-    async def _run_suspects(self) -> None:
-        """Work through the suspects in arrival order, each alone."""
-        try:
-            while self._suspects and not self.stopping.is_set():
-                delivery, message = self._suspects.popleft()
-                await self._guarded(delivery, self._alone(delivery, message))
-        finally:
-            self._reopen()
-            self._lane = None
-
-    async def _alone(self, delivery: AbstractIncomingMessage, message: ChatMessage) -> Outcome:
-        """Claim and process one suspect with nothing else claimed or in work in this replica."""
-        with bound_contextvars(message_id=message.message_id, suspect=True):
-            delay_s = BUSY_POLL_MIN_S
+    async def _work_alone(self, delivery: AbstractIncomingMessage, message: ChatMessage) -> Outcome:
+        """Claim and process a suspect with nothing else claimed or in work in this replica."""
+        async with self._alone:
             try:
-                while True:
-                    if not await self._isolate():
-                        return Outcome.REQUEUE
-                    try:
-                        claim = await self._claims.claim(message.message_id, True)
-                    except StoreUnavailable:
-                        claim = ClaimResult(ClaimStatus.BUSY, retry_after_s=STORE_POLL_MAX_S)
-                    if claim.status is not ClaimStatus.BUSY:
-                        break
-                    # Another replica holds it (maybe a dead one, until its lease lapses): let
-                    # the other messages flow meanwhile.
-                    self._reopen()
-                    if await self._pause(delay_s):
-                        return Outcome.REQUEUE
-                    delay_s = min(
-                        delay_s * 2, BUSY_POLL_MAX_S, max(claim.retry_after_s, BUSY_POLL_MIN_S)
-                    )
+                claim = await self._claim_alone(delivery, message)
+                if claim is None:
+                    return Outcome.REQUEUE
                 attempt = max(attempt_of(delivery), claim.attempt)
-                with bound_contextvars(attempt=attempt):
+                with bound_contextvars(attempt=attempt, alone=True):
                     return await self._process(delivery, message, attempt, claim)
             finally:
                 self._reopen()
+
+    async def _claim_alone(
+        self, delivery: AbstractIncomingMessage, message: ChatMessage
+    ) -> ClaimResult | None:
+        """Claim once nothing else is claimed or in work here; ``None`` if we stop meanwhile."""
+        delay_s = BUSY_POLL_MIN_S
+        while True:
+            if not await self._isolate():
+                return None
+            try:
+                claim = await self._claims.claim(message.message_id, seen_before(delivery))
+            except StoreUnavailable:
+                claim = ClaimResult(ClaimStatus.BUSY, retry_after_s=STORE_POLL_MAX_S)
+            if claim.status is not ClaimStatus.BUSY:
+                return claim
+            # Another replica holds it (maybe a dead one, until its lease lapses): let the other
+            # messages flow meanwhile.
+            self._reopen()
+            if await self._pause(delay_s):
+                return None
+            delay_s = min(delay_s * 2, BUSY_POLL_MAX_S, max(claim.retry_after_s, BUSY_POLL_MIN_S))
 
     async def _isolate(self) -> bool:
         """Stop new claims and wait until nothing is being claimed or worked on; ``False`` if
@@ -324,16 +320,21 @@ class MessageConsumer:
     ) -> Outcome:
         with bound_contextvars(message_id=message.message_id):
             if claim.status is ClaimStatus.BUSY:
-                resolved = await self._claim(message, seen_before(delivery))
+                resolved = await self._claim(message, seen_before(delivery), suspect_at(delivery))
                 if resolved is None:
                     return Outcome.REQUEUE
                 claim = resolved
+            if claim.status is ClaimStatus.SUSPECT:
+                log.info("suspect_isolated", attempts_started=claim.attempt)
+                return await self._work_alone(delivery, message)
             # The store counts attempts at claim time; the header survives a Redis outage.
             attempt = max(attempt_of(delivery), claim.attempt)
             with bound_contextvars(attempt=attempt):
                 return await self._process(delivery, message, attempt, claim)
 
-    async def _claim(self, message: ChatMessage, redelivered: bool) -> ClaimResult | None:
+    async def _claim(
+        self, message: ChatMessage, redelivered: bool, suspect_from: int
+    ) -> ClaimResult | None:
         """Wait while another replica holds the ID, then claim; ``None`` if we stop meanwhile.
 
         The owner may die; then its copy is redelivered and ours must not be lost, so we hold the
@@ -347,7 +348,7 @@ class MessageConsumer:
                 continue
             self._claiming += 1
             try:
-                claim = await self._claims.claim(message.message_id, redelivered)
+                claim = await self._claims.claim(message.message_id, redelivered, suspect_from)
             except StoreUnavailable:
                 delay_s = min(delay_s * 2, BUSY_POLL_MAX_S)
                 continue
@@ -478,9 +479,9 @@ class MessageConsumer:
         self.stopping.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self._inbox or self._passes or self._waiters or self._lane:
+        while self._inbox or self._passes or self._waiters:
             self._start_passes()
-            pending = self._passes | self._waiters | ({self._lane} if self._lane else set())
+            pending = self._passes | self._waiters
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -488,15 +489,14 @@ class MessageConsumer:
                 await asyncio.wait(pending, timeout=remaining)
             else:
                 await asyncio.sleep(0)
-        abandoned = self._passes | self._waiters | ({self._lane} if self._lane else set())
+        abandoned = self._passes | self._waiters
         for task in abandoned:
             task.cancel()
         if abandoned:
             await asyncio.wait(abandoned, timeout=1.0)
-        for delivery in [*self._inbox, *(d for d, _ in self._suspects)]:
+        for delivery in self._inbox:
             self._settle(delivery, Outcome.REQUEUE)
         self._inbox.clear()
-        self._suspects.clear()
         if abandoned:
             log.warning("drain_timeout", abandoned=len(abandoned))
             return False

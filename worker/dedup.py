@@ -7,7 +7,10 @@ Protocol (per message ID):
 - Taking the lease also counts an attempt (``INCR attempts:{id}``), so an attempt is counted
   even when the replica making it is killed before it can say anything. An ID whose attempts
   already reached ``max_attempts`` is not claimed but reported ``EXHAUSTED``: it goes to the
-  dead-letter queue instead of killing one more replica.
+  dead-letter queue instead of killing one more replica. An ID with ``suspect_at`` or more
+  attempts started is not claimed either but reported ``SUSPECT``: the caller knows how many of
+  them ended properly, and the rest vanished with their replica; it claims the ID again when it
+  can work on it alone (``suspect_at`` 0).
 - ``renew``/``release``/``complete`` check the owner token inside Lua, so a replica that lost its
   lease can never extend, delete or finish the new owner's claim.
 - ``complete`` writes the done marker, drops the lease and the attempt count, and adds the message
@@ -33,9 +36,9 @@ from redis.asyncio import Redis
 from worker.batching import MicroBatcher
 from worker.keys import Counter, RedisKeys
 
-# Answers, two numbers per ID: (status, value); status 0 claimed (value: attempts started,
-# this one included), 1 done, 2 busy (value: ms left on the owner's lease), 3 exhausted (value:
-# attempts already made).
+# Per ID, ARGV: token, redelivered ('1'/'0'), suspect_at. Answers, two numbers per ID: (status,
+# value); status 0 claimed (value: attempts started, this one included), 1 done, 2 busy (value: ms
+# left on the owner's lease), 3 exhausted and 4 suspect (value: attempts started before).
 CLAIM_LUA = """
 local lease_ms, max_attempts, attempts_ttl_s = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local out = {}
@@ -43,15 +46,20 @@ local duplicates, redelivered = 0, 0
 local n = (#KEYS - 1) / 3
 for i = 1, n do
   local done_key, claim_key, attempts_key = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
+  local token, again, suspect_at = ARGV[3 * i + 1], ARGV[3 * i + 2], tonumber(ARGV[3 * i + 3])
   if redis.call('EXISTS', done_key) == 1 then
     out[2 * i - 1], out[2 * i] = 1, 0
-    if ARGV[2 * i + 3] == '1' then redelivered = redelivered + 1 else duplicates = duplicates + 1 end
-  elseif redis.call('SET', claim_key, ARGV[2 * i + 2], 'NX', 'PX', lease_ms) then
+    if again == '1' then redelivered = redelivered + 1 else duplicates = duplicates + 1 end
+  elseif redis.call('SET', claim_key, token, 'NX', 'PX', lease_ms) then
     local attempts = redis.call('INCR', attempts_key)
     if max_attempts > 0 and attempts > max_attempts then
       redis.call('DECR', attempts_key)
       redis.call('DEL', claim_key)
       out[2 * i - 1], out[2 * i] = 3, attempts - 1
+    elseif suspect_at > 0 and attempts > suspect_at then
+      redis.call('DECR', attempts_key)
+      redis.call('DEL', claim_key)
+      out[2 * i - 1], out[2 * i] = 4, attempts - 1
     else
       if attempts == 1 then redis.call('EXPIRE', attempts_key, attempts_ttl_s) end
       out[2 * i - 1], out[2 * i] = 0, attempts
@@ -134,6 +142,7 @@ class ClaimStatus(Enum):
     DONE = "done"
     BUSY = "busy"
     EXHAUSTED = "exhausted"
+    SUSPECT = "suspect"
 
 
 class CompleteStatus(Enum):
@@ -150,8 +159,8 @@ class ClaimResult:
     exhausted (no attempt left).
 
     ``attempt`` is the number of attempts started for the ID, this one included, when claimed; the
-    number already made when exhausted. ``in_redis`` says a Redis script already counted what this
-    answer implies (a duplicate).
+    number already started when exhausted or suspect. ``in_redis`` says a Redis script already
+    counted what this answer implies (a duplicate).
     """
 
     status: ClaimStatus
@@ -162,10 +171,22 @@ class ClaimResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimAsk:
+    """One ID to claim. ``redelivered``: a done ID then counts as ``redelivered_done``, not as a
+    duplicate. ``suspect_at``: answer ``SUSPECT`` instead of claiming once this many attempts were
+    started (0: never)."""
+
+    message_id: str
+    redelivered: bool = False
+    suspect_at: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimRequest:
     message_id: str
     token: str
     redelivered: bool
+    suspect_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,10 +207,12 @@ class ClaimStore(Protocol):
 
     lease_s: float
 
-    async def claim(self, message_id: str, redelivered: bool) -> ClaimResult: ...
+    async def claim(
+        self, message_id: str, redelivered: bool, suspect_at: int = 0
+    ) -> ClaimResult: ...
 
-    async def claim_many(self, requests: Sequence[tuple[str, bool]]) -> list[ClaimResult]:
-        """Claim several (message_id, redelivered) at once: one round trip for the batch."""
+    async def claim_many(self, requests: Sequence[ClaimAsk]) -> list[ClaimResult]:
+        """Claim several IDs at once: one round trip for the batch."""
         ...
 
     async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus: ...
@@ -243,11 +266,15 @@ class RedisClaimStore:
         self._completions: MicroBatcher[Completion, bool] = MicroBatcher(self._complete_batch)
         self._releases: MicroBatcher[Lease, bool] = MicroBatcher(self._release_batch)
 
-    async def claim(self, message_id: str, redelivered: bool) -> ClaimResult:
-        return await self._claims.submit(ClaimRequest(message_id, self._tokens.next(), redelivered))
+    async def claim(self, message_id: str, redelivered: bool, suspect_at: int = 0) -> ClaimResult:
+        request = ClaimRequest(message_id, self._tokens.next(), redelivered, suspect_at)
+        return await self._claims.submit(request)
 
-    async def claim_many(self, requests: Sequence[tuple[str, bool]]) -> list[ClaimResult]:
-        batch = [ClaimRequest(m, self._tokens.next(), r) for m, r in requests]
+    async def claim_many(self, requests: Sequence[ClaimAsk]) -> list[ClaimResult]:
+        batch = [
+            ClaimRequest(ask.message_id, self._tokens.next(), ask.redelivered, ask.suspect_at)
+            for ask in requests
+        ]
         results: list[ClaimResult] = []
         for start in range(0, len(batch), MAX_SCRIPT_BATCH):
             results += await self._claim_batch(batch[start : start + MAX_SCRIPT_BATCH])
@@ -277,7 +304,7 @@ class RedisClaimStore:
                 self._keys.claim(message_id),
                 self._keys.attempts(message_id),
             )
-            args += (request.token, "1" if request.redelivered else "0")
+            args += (request.token, "1" if request.redelivered else "0", str(request.suspect_at))
         answers = await self._claim_script(keys=keys, args=args)
         results: list[ClaimResult] = []
         for index, request in enumerate(batch):
@@ -290,8 +317,10 @@ class RedisClaimStore:
                 results.append(ClaimResult(ClaimStatus.DONE, in_redis=True))
             elif status == 2:
                 results.append(ClaimResult(ClaimStatus.BUSY, retry_after_s=value / 1000))
-            else:
+            elif status == 3:
                 results.append(ClaimResult(ClaimStatus.EXHAUSTED, attempt=value))
+            else:
+                results.append(ClaimResult(ClaimStatus.SUSPECT, attempt=value))
         return results
 
     async def _complete_batch(self, batch: list[Completion]) -> list[bool]:
@@ -360,35 +389,42 @@ class MemoryClaimStore:
                 break
             del self._done[oldest]
 
-    async def claim_many(self, requests: Sequence[tuple[str, bool]]) -> list[ClaimResult]:
-        return [await self.claim(m, r) for m, r in requests]
+    async def claim_many(self, requests: Sequence[ClaimAsk]) -> list[ClaimResult]:
+        return [self._claim(ask) for ask in requests]
 
-    async def claim(self, message_id: str, redelivered: bool) -> ClaimResult:
+    async def claim(self, message_id: str, redelivered: bool, suspect_at: int = 0) -> ClaimResult:
+        return self._claim(ClaimAsk(message_id, redelivered, suspect_at))
+
+    def _claim(self, ask: ClaimAsk) -> ClaimResult:
+        message_id = ask.message_id
         if self.is_done(message_id):
             return ClaimResult(ClaimStatus.DONE)
         now = time.monotonic()
         held = self._claims.get(message_id)
         if held is not None and held[1] > now:
             return ClaimResult(ClaimStatus.BUSY, retry_after_s=held[1] - now)
-        attempts = self._count_attempt(message_id, now)
-        if attempts is None:
-            return ClaimResult(ClaimStatus.EXHAUSTED, attempt=self._max_attempts)
+        started = self._started(message_id, now)
+        if 0 < self._max_attempts <= started:
+            return ClaimResult(ClaimStatus.EXHAUSTED, attempt=started)
+        if 0 < ask.suspect_at <= started:
+            return ClaimResult(ClaimStatus.SUSPECT, attempt=started)
+        self._count_attempt(message_id, started, now)
         token = self._tokens.next()
         self._claims[message_id] = (token, now + self.lease_s)
-        return ClaimResult(ClaimStatus.CLAIMED, token, attempt=attempts)
+        return ClaimResult(ClaimStatus.CLAIMED, token, attempt=started + 1)
 
-    def _count_attempt(self, message_id: str, now: float) -> int | None:
-        """Count one more attempt; ``None`` (and nothing counted) when none is left."""
-        attempts, expires = self._attempts.get(message_id, (0, now + self._dedup_ttl_s))
-        if expires <= now:
-            attempts, expires = 0, now + self._dedup_ttl_s
-        if 0 < self._max_attempts <= attempts:
-            return None
-        self._attempts[message_id] = (attempts + 1, expires)
+    def _started(self, message_id: str, now: float) -> int:
+        attempts, expires = self._attempts.get(message_id, (0, 0.0))
+        return attempts if expires > now else 0
+
+    def _count_attempt(self, message_id: str, started: int, now: float) -> None:
+        _, expires = self._attempts.get(message_id, (0, 0.0))
+        if started == 0:
+            expires = now + self._dedup_ttl_s
+        self._attempts[message_id] = (started + 1, expires)
         self._attempts.move_to_end(message_id)
         while len(self._attempts) > self._max_done:
             self._attempts.popitem(last=False)
-        return attempts + 1
 
     def _owns(self, message_id: str, token: str) -> bool:
         held = self._claims.get(message_id)

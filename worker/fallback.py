@@ -21,6 +21,7 @@ import structlog
 
 from worker.counters import Counters
 from worker.dedup import (
+    ClaimAsk,
     ClaimResult,
     ClaimStatus,
     CompleteStatus,
@@ -84,27 +85,27 @@ class FallbackClaimStore:
             self._memory_announced = True
             log.warning("claims_in_memory", outage_s=round(self._link.outage_s, 1))
 
-    async def claim(self, message_id: str, redelivered: bool) -> ClaimResult:
+    async def claim(self, message_id: str, redelivered: bool, suspect_at: int = 0) -> ClaimResult:
         if self._memory.is_done(message_id):
             return ClaimResult(ClaimStatus.DONE)
         if self._link.available:
             try:
-                return await self._redis.claim(message_id, redelivered)  # micro-batched
+                return await self._redis.claim(message_id, redelivered, suspect_at)  # batched
             except REDIS_UNAVAILABLE as exc:
                 self._link.report_failure(exc)
         self._fall_back()
         self._counters.record(Counter.DEGRADED)
-        return await self._memory.claim(message_id, redelivered)
+        return await self._memory.claim(message_id, redelivered, suspect_at)
 
-    async def claim_many(self, requests: Sequence[tuple[str, bool]]) -> list[ClaimResult]:
-        done_here = [self._memory.is_done(m) for m, _ in requests]
+    async def claim_many(self, requests: Sequence[ClaimAsk]) -> list[ClaimResult]:
+        done_here = [self._memory.is_done(ask.message_id) for ask in requests]
         if not any(done_here):
             return await self._claim(requests)
         pending = [request for request, done in zip(requests, done_here, strict=True) if not done]
         answers = iter(await self._claim(pending) if pending else [])
         return [ClaimResult(ClaimStatus.DONE) if done else next(answers) for done in done_here]
 
-    async def _claim(self, requests: Sequence[tuple[str, bool]]) -> list[ClaimResult]:
+    async def _claim(self, requests: Sequence[ClaimAsk]) -> list[ClaimResult]:
         if self._link.available:
             try:
                 return await self._redis.claim_many(requests)

@@ -7,6 +7,7 @@ import pytest
 
 from worker.broker import Topology
 from worker.dedup import (
+    ClaimAsk,
     ClaimStatus,
     CompleteStatus,
     MemoryClaimStore,
@@ -83,8 +84,16 @@ async def test_a_batch_answers_each_id_with_its_own_count(redis: fakeredis.FakeA
     await redis.set(KEYS.attempts("spent"), MAX_ATTEMPTS)
     await redis.set(KEYS.claim("busy"), "someone-else", px=5_000)
     await redis.set(KEYS.done("done"), "1")
+    await redis.set(KEYS.attempts("crashed-twice"), 2)
     results = await store.claim_many(
-        [("new", False), ("retried", False), ("spent", True), ("busy", False), ("done", False)]
+        [
+            ClaimAsk("new", suspect_at=2),
+            ClaimAsk("retried", suspect_at=3),
+            ClaimAsk("spent", redelivered=True, suspect_at=2),
+            ClaimAsk("busy", suspect_at=2),
+            ClaimAsk("done", suspect_at=2),
+            ClaimAsk("crashed-twice", redelivered=True, suspect_at=2),
+        ]
     )
     assert [(r.status, r.attempt) for r in results] == [
         (ClaimStatus.CLAIMED, 1),
@@ -92,8 +101,27 @@ async def test_a_batch_answers_each_id_with_its_own_count(redis: fakeredis.FakeA
         (ClaimStatus.EXHAUSTED, MAX_ATTEMPTS),
         (ClaimStatus.BUSY, 0),
         (ClaimStatus.DONE, 0),
+        (ClaimStatus.SUSPECT, 2),
     ]
     assert 0 < results[3].retry_after_s <= 5
+    assert not await redis.exists(KEYS.claim("crashed-twice"))
+    assert int(await redis.get(KEYS.attempts("crashed-twice"))) == 2
+
+
+async def test_a_suspect_is_reported_not_claimed_until_asked_without_the_threshold(
+    redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    """With two attempts started and none recorded as ended, a claim with suspect_at=2 answers
+    SUSPECT and counts nothing; the claim made to work on it alone (no threshold) counts the third."""
+    store = redis_store(redis)
+    for _ in range(2):
+        claim = await store.claim("x", redelivered=True, suspect_at=2)
+        assert claim.status is ClaimStatus.CLAIMED
+        await redis.delete(KEYS.claim("x"))  # its replica died
+    suspect = await store.claim("x", redelivered=True, suspect_at=2)
+    assert (suspect.status, suspect.attempt) == (ClaimStatus.SUSPECT, 2)
+    alone = await store.claim("x", redelivered=True)
+    assert (alone.status, alone.attempt) == (ClaimStatus.CLAIMED, 3)
 
 
 async def test_unlimited_store_counts_without_refusing(redis: fakeredis.FakeAsyncRedis) -> None:
@@ -106,8 +134,8 @@ async def test_unlimited_store_counts_without_refusing(redis: fakeredis.FakeAsyn
 
 
 async def test_memory_store_has_the_same_semantics() -> None:
-    """In memory: claims count, busy claims do not, the attempt after the last is refused, and
-    completing forgets the count."""
+    """In memory: claims count, busy claims do not, the attempt after the last is refused, a
+    suspect is reported past its threshold, and completing forgets the count."""
     store = memory_store()
     for expected in range(1, MAX_ATTEMPTS + 1):
         claim = await store.claim("poison", redelivered=False)
@@ -116,6 +144,11 @@ async def test_memory_store_has_the_same_semantics() -> None:
         assert await store.release("poison", claim.token)
     exhausted = await store.claim("poison", redelivered=True)
     assert (exhausted.status, exhausted.attempt) == (ClaimStatus.EXHAUSTED, MAX_ATTEMPTS)
+
+    claim = await store.claim("suspect", redelivered=True, suspect_at=1)
+    assert await store.release("suspect", claim.token)
+    assert (await store.claim("suspect", True, suspect_at=1)).status is ClaimStatus.SUSPECT
+    assert (await store.claim("suspect", True)).attempt == 2
 
     claim = await store.claim("fine", redelivered=False)
     assert await store.complete("fine", claim.token, cache_hit=False) is CompleteStatus.IN_MEMORY
