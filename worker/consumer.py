@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import ChannelInvalidStateError
 from structlog.contextvars import bound_contextvars
 
 from worker.acks import Acker, Outcome
@@ -157,7 +158,11 @@ class MessageConsumer:
 
     def _settle(self, delivery: AbstractIncomingMessage, outcome: Outcome) -> None:
         self._in_flight -= 1
-        self._acker.settle(delivery.channel, delivery.delivery_tag or 0, outcome)
+        try:
+            channel = delivery.channel
+        except ChannelInvalidStateError:
+            return  # its channel closed (broker connection lost): the broker redelivers it
+        self._acker.settle(channel, delivery.delivery_tag or 0, outcome)
 
     async def _run_pass(self, deliveries: list[AbstractIncomingMessage]) -> None:
         parsed: list[tuple[AbstractIncomingMessage, ChatMessage]] = []
