@@ -39,6 +39,7 @@ from typing import Final, Protocol, TypeVar
 import structlog
 
 from worker.batching import MicroBatcher
+from worker.dedup import RENEW_LUA  # owner-checked batch renewal, the same script as for claims
 from worker.errors import ClassifierUnavailable
 from worker.redis_link import REDIS_UNAVAILABLE, RedisLink
 
@@ -86,19 +87,6 @@ for i = 1, #KEYS / 2 do
   if token ~= '' and redis.call('GET', KEYS[2 * i]) == token then
     redis.call('DEL', KEYS[2 * i])
     out[i] = 1
-  end
-end
-return out
-"""
-
-RENEW_LUA: Final = """
-local out = {}
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
-    redis.call('PEXPIRE', KEYS[i], ARGV[1])
-    out[i] = 1
-  else
-    out[i] = 0
   end
 end
 return out

@@ -102,7 +102,15 @@ async def test_broker_outage_reconnects_and_processes_nothing_twice(
             await sink.settle(quiet_s=1.5)
             counters = await cluster_counters(redis_client, names)
             assert counters[Counter.PROCESSED] == len(messages)
-            assert counters[Counter.REDELIVERED_DONE] + counters[Counter.RETRIED] >= 1
+            # The cut interrupted held deliveries: each was either finished and redelivered
+            # (redelivered_done), or its publish failed (failed; then retried, or requeued by the
+            # broker and claimed again). Which of them, depends on the instant of the cut.
+            interrupted = (
+                counters[Counter.REDELIVERED_DONE]
+                + counters[Counter.RETRIED]
+                + counters[Counter.FAILED]
+            )
+            assert interrupted >= 1
             twice = {i for i, results in sink.by_id.items() if len(results) > 1}
             print(f"broker outage: {counters}, published twice: {sorted(twice)}")
             assert twice <= unconfirmed_results(both)
