@@ -120,7 +120,14 @@ async def test_cluster_stats_are_the_sum_of_the_replicas(
                     name: sum(v["replica"]["counters"][name] for v in views)
                     for name in views[0]["counters"]
                 }
-                if all(v["counters"] == summed for v in views) or time.monotonic() > deadline:
+                # Heartbeats (the live replicas' entries) are written every 0.5 s: wait for fresh ones.
+                settled = (
+                    all(r["in_flight"] == 0 for r in views[0]["replicas"])
+                    and sum(r["processed"] for r in views[0]["replicas"]) == plan.unique_ids
+                )
+                if all(v["counters"] == summed for v in views) and settled:
+                    break
+                if time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.2)
 
