@@ -310,9 +310,15 @@ class MessageConsumer:
             self._settle(delivery, outcome)
 
     async def _reject(self, delivery: AbstractIncomingMessage, exc: InvalidMessage) -> Outcome:
-        log.warning("message_dead_lettered", reason=exc.reason, detail=exc.detail)
+        return await self._dead_letter(delivery, exc.reason, exc.detail, attempt_of(delivery))
+
+    async def _dead_letter(
+        self, delivery: AbstractIncomingMessage, reason: str, detail: str, attempts: int
+    ) -> Outcome:
+        """Publish to the dead-letter queue, then ack; if that publish fails, requeue after a pause."""
+        log.warning("message_dead_lettered", reason=reason, detail=detail, attempts=attempts)
         try:
-            await self._broker.dead_letter(delivery, exc.reason, exc.detail, attempt_of(delivery))
+            await self._broker.dead_letter(delivery, reason, detail, attempts)
         except PublishFailed as publish_exc:
             log.warning("dead_letter_publish_failed", error=str(publish_exc))
             await self._pause(REQUEUE_PAUSE_S)
@@ -433,15 +439,7 @@ class MessageConsumer:
             detail += f"; last error reported: {last_error}"
         else:
             detail += "; the replicas working on it stopped (crashed or lost the claim)"
-        log.warning("message_dead_lettered", reason="retries_exhausted", attempts=attempts)
-        try:
-            await self._broker.dead_letter(delivery, "retries_exhausted", detail, attempts)
-        except PublishFailed as publish_exc:
-            log.warning("dead_letter_publish_failed", error=str(publish_exc))
-            await self._pause(REQUEUE_PAUSE_S)
-            return Outcome.REQUEUE
-        self._counters.record(Counter.DEAD_LETTERED)
-        return Outcome.ACK
+        return await self._dead_letter(delivery, "retries_exhausted", detail, attempts)
 
     async def _retry_or_dead_letter(
         self, delivery: AbstractIncomingMessage, attempt: int, exc: BaseException
@@ -453,22 +451,17 @@ class MessageConsumer:
         else:  # its text may hold anything; the type is what an operator can act on
             error = f"unexpected {type(exc).__name__}"
         self._counters.record(Counter.FAILED)
+        if isinstance(exc, PermanentError) or attempt >= self._limits.max_attempts:
+            reason = "permanent_error" if isinstance(exc, PermanentError) else "retries_exhausted"
+            return await self._dead_letter(delivery, reason, error, attempt)
         try:
-            if isinstance(exc, PermanentError) or attempt >= self._limits.max_attempts:
-                reason = (
-                    "permanent_error" if isinstance(exc, PermanentError) else "retries_exhausted"
-                )
-                log.warning("message_dead_lettered", reason=reason, error=error)
-                await self._broker.dead_letter(delivery, reason, error, attempt)
-                self._counters.record(Counter.DEAD_LETTERED)
-            else:
-                log.warning(
-                    "message_retry_scheduled",
-                    error=error,
-                    delay_ms=self._broker.topology.retry_delay_ms(attempt),
-                )
-                await self._broker.schedule_retry(delivery, attempt, error)
-                self._counters.record(Counter.RETRIED)
+            log.warning(
+                "message_retry_scheduled",
+                error=error,
+                delay_ms=self._broker.topology.retry_delay_ms(attempt),
+            )
+            await self._broker.schedule_retry(delivery, attempt, error)
+            self._counters.record(Counter.RETRIED)
         except PublishFailed as publish_exc:
             log.warning("retry_publish_failed", error=str(publish_exc))
             await self._pause(REQUEUE_PAUSE_S)
