@@ -9,6 +9,20 @@ import time
 from pathlib import Path
 
 
+def launch(args: list[str], port: int, what: str) -> subprocess.Popen[bytes]:
+    """Start a server process and wait (10 s at most) until it accepts connections on ``port``."""
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return process
+        except OSError:
+            time.sleep(0.02)
+    process.kill()
+    raise AssertionError(f"{what} did not start on port {port}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -55,15 +69,8 @@ class SpareRedis:
         ]
         if self.password:
             args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.02)
-        raise AssertionError(f"redis-server did not start on port {self.port}")
+        self.process = launch(args, self.port, "redis-server")
+        return self
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -118,12 +125,5 @@ class TlsRedis(SpareRedis):
         args += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
         if self.password:
             args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.02)
-        raise AssertionError(f"redis-server (TLS) did not start on port {self.port}")
+        self.process = launch(args, self.port, "redis-server (TLS)")
+        return self

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,21 @@ class Replicas:
             replica.stop_now()
 
 
+async def bind_results(
+    connection: aio_pika.abc.AbstractRobustConnection,
+    names: Names,
+    on_result: Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]],
+) -> None:
+    """Consume every result of the test's results exchange (declared here if need be)."""
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange(
+        names.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(exchange, routing_key="#")
+    await queue.consume(on_result, no_ack=True)
+
+
 class ResultSink:
     """Collects every result published on the test's results exchange, by message ID."""
 
@@ -136,13 +152,7 @@ class ResultSink:
 
     async def __aenter__(self) -> ResultSink:
         self._connection = await aio_pika.connect_robust(RABBITMQ_URL)
-        channel = await self._connection.channel()
-        exchange = await channel.declare_exchange(
-            self._names.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange, routing_key="#")
-        await queue.consume(self._on_result, no_ack=True)
+        await bind_results(self._connection, self._names, self._on_result)
         return self
 
     async def _on_result(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:

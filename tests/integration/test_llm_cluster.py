@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import RABBITMQ_URL, Names
 from tests.integration.llm_server import FakeLLM, replica_env
-from tests.integration.support import Replicas, ResultSink, body, publish_bodies
+from tests.integration.support import Replicas, ResultSink, bind_results, body, publish_bodies
 
 pytestmark = pytest.mark.integration
 
@@ -32,13 +32,7 @@ class Timed:
 
     async def open(self) -> None:
         self._connection = await aio_pika.connect_robust(RABBITMQ_URL)
-        channel = await self._connection.channel()
-        exchange = await channel.declare_exchange(
-            self._names.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange, routing_key="#")
-        await queue.consume(self._on_result, no_ack=True)
+        await bind_results(self._connection, self._names, self._on_result)
         self._publisher = await self._connection.channel(publisher_confirms=False)
 
     async def _on_result(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
-import fakeredis
-import pytest
 
 from worker.cache import (
     KEY_FORMAT_VERSION,
@@ -76,19 +72,6 @@ class Replica:
         await self.cache.aclose()
 
 
-@pytest.fixture
-async def server_links() -> AsyncIterator[list[RedisLink]]:
-    server = fakeredis.FakeServer()
-    made = [
-        RedisLink(fakeredis.FakeAsyncRedis(server=server), "redis://fake:6379/0") for _ in range(3)
-    ]
-    for link in made:
-        assert await link.connect()
-    yield made
-    for link in made:
-        await link.aclose()
-
-
 def test_key_covers_the_format_version() -> None:
     """The classifier part of a key hashes the key-format version with the identity."""
     assert KEY_FORMAT_VERSION >= 2
@@ -99,14 +82,10 @@ def test_key_covers_the_format_version() -> None:
     assert cache.lock_key(text_hash("hi")) == f"unit:lock:{classifier_key('x')}:{text_hash('hi')}"
 
 
-async def test_hits_are_counted_per_tier(server_links: list[RedisLink]) -> None:
+async def test_hits_are_counted_per_tier(links: list[RedisLink]) -> None:
     """A lookup is a local hit, a Redis hit (then copied to the LRU) or a miss, and is counted so."""
-    writer = ClassificationCache(
-        LocalCache(10), link=server_links[0], keys=KEYS, identity="x", ttl_s=60
-    )
-    reader = ClassificationCache(
-        LocalCache(10), link=server_links[1], keys=KEYS, identity="x", ttl_s=60
-    )
+    writer = ClassificationCache(LocalCache(10), link=links[0], keys=KEYS, identity="x", ttl_s=60)
+    reader = ClassificationCache(LocalCache(10), link=links[1], keys=KEYS, identity="x", ttl_s=60)
     try:
         assert await reader.get("h1") is None
         await writer.put("h1", Classification("spam", 0.9, "x"))
@@ -124,12 +103,12 @@ async def test_hits_are_counted_per_tier(server_links: list[RedisLink]) -> None:
 
 
 async def test_same_text_on_three_replicas_is_classified_once(
-    server_links: list[RedisLink],
+    links: list[RedisLink],
 ) -> None:
     """Thirty concurrent requests for one text, ten per replica, make one classifier call; the
     others are served as cache hits, from another replica's computation or their own."""
     classifier = CountingClassifier()
-    replicas = [Replica(link, classifier) for link in server_links]
+    replicas = [Replica(link, classifier) for link in links]
     try:
         text = "Где мой заказ?"
         results = await asyncio.gather(
@@ -151,17 +130,17 @@ async def test_same_text_on_three_replicas_is_classified_once(
             await replica.aclose()
 
 
-async def test_a_failed_classification_is_not_cached(server_links: list[RedisLink]) -> None:
+async def test_a_failed_classification_is_not_cached(links: list[RedisLink]) -> None:
     """When the classifier fails, every waiter sees the failure and the next request computes."""
     classifier = CountingClassifier()
     classifier.failures_left = 1
-    replica = Replica(server_links[0], classifier)
+    replica = Replica(links[0], classifier)
     try:
         outcomes = await asyncio.gather(
             *(replica.cached.classify("hello") for _ in range(3)), return_exceptions=True
         )
         assert all(isinstance(o, ClassifierUnavailable) for o in outcomes)
-        assert await server_links[0].client.keys("unit:cache:*") == []
+        assert await links[0].client.keys("unit:cache:*") == []
         assert await replica.cached.classify("hello") == (
             Classification("question", 0.8, "counting"),
             False,
@@ -171,10 +150,10 @@ async def test_a_failed_classification_is_not_cached(server_links: list[RedisLin
         await replica.aclose()
 
 
-async def test_changing_the_identity_misses(server_links: list[RedisLink]) -> None:
+async def test_changing_the_identity_misses(links: list[RedisLink]) -> None:
     """A classifier with another identity (say, another model) does not see earlier entries."""
     old, new = CountingClassifier("llm:v1:model-a:p"), CountingClassifier("llm:v1:model-b:p")
-    first, second = Replica(server_links[0], old), Replica(server_links[1], new)
+    first, second = Replica(links[0], old), Replica(links[1], new)
     try:
         assert (await first.cached.classify("hi"))[1] is False
         assert (await second.cached.classify("hi"))[1] is False

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import fakeredis
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,20 +23,6 @@ def max_in_window(times: list[float], window_s: float = 1.0) -> int:
             start += 1
         best = max(best, end - start + 1)
     return best
-
-
-@pytest.fixture
-async def links() -> AsyncIterator[list[RedisLink]]:
-    """Three replicas' links to one (fake) Redis server."""
-    server = fakeredis.FakeServer()
-    made = [
-        RedisLink(fakeredis.FakeAsyncRedis(server=server), "redis://fake:6379/0") for _ in range(3)
-    ]
-    for link in made:
-        assert await link.connect()
-    yield made
-    for link in made:
-        await link.aclose()
 
 
 def test_window_limit_is_the_rate_plus_a_tenth() -> None:

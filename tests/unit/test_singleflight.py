@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import fakeredis
 import pytest
 
 from worker.errors import ClassifierUnavailable
@@ -13,20 +11,6 @@ from worker.redis_link import RedisLink, make_redis
 from worker.singleflight import ClusterFlight, ClusterLocks, Entry, LockState, WaitOutcome
 
 ENTRY = Entry("unit:value", "unit:lock")
-
-
-@pytest.fixture
-async def links() -> AsyncIterator[list[RedisLink]]:
-    """Three replicas' links to one (fake) Redis server."""
-    server = fakeredis.FakeServer()
-    made = [
-        RedisLink(fakeredis.FakeAsyncRedis(server=server), "redis://fake:6379/0") for _ in range(3)
-    ]
-    for link in made:
-        assert await link.connect()
-    yield made
-    for link in made:
-        await link.aclose()
 
 
 class TextStore:
