@@ -53,7 +53,6 @@ class Acker:
         self._windows: dict[int, _Window] = {}
         self._flush_scheduled = False
         self._flushing: asyncio.Task[None] | None = None
-        self.frames_sent = 0
 
     def track(self, channel: AckChannel, delivery_tag: int) -> None:
         """Register a delivery as it arrives (call in arrival order)."""
@@ -128,11 +127,9 @@ class Acker:
                 await self._send_nack(window.channel, tag)
 
     async def _send_ack(self, channel: AckChannel, tag: int, *, multiple: bool) -> None:
-        self.frames_sent += 1
         await channel.basic_ack(tag, multiple=multiple)
 
     async def _send_nack(self, channel: AckChannel, tag: int) -> None:
-        self.frames_sent += 1
         await channel.basic_nack(tag, multiple=False, requeue=True)
 
     async def drain(self) -> None:
