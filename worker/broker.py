@@ -34,11 +34,11 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from pamqp.commands import Basic
 
 from worker.classifiers.base import Classification
 from worker.errors import PermanentError, PublishFailed
 from worker.models import ChatMessage
+from worker.result_out import ResultOut
 
 ATTEMPT_HEADER = "x-neiromatrius-attempt"
 REASON_HEADER = "x-death-reason"
@@ -140,6 +140,7 @@ class Broker:
         self._app_id = app_id or None  # on every result: which replica published it
         self._channel: AbstractChannel | None = None
         self._results: AbstractExchange | None = None
+        self._results_out: ResultOut | None = None
 
     async def declare(self) -> None:
         channel = await self.connection.channel(publisher_confirms=True)
@@ -160,6 +161,13 @@ class Broker:
             t.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         self._channel = channel
+        self._results_out = ResultOut(self._underlay, t.results_exchange, app_id=self._app_id)
+
+    async def _underlay(self) -> aiormq.Channel:
+        assert self._channel is not None, "declare() first"
+        channel = await self._channel.get_underlay_channel()
+        assert isinstance(channel, aiormq.Channel)
+        return channel
 
     async def consumer_queue(self, prefetch: int) -> AbstractQueue:
         """A channel of its own for consuming, so publishes never wait behind deliveries."""
@@ -180,13 +188,9 @@ class Broker:
     async def publish_result(
         self, message: ChatMessage, classification: Classification, cached: bool
     ) -> None:
-        """Publish the result and wait for the broker's confirm.
-
-        The hot path talks to the underlying aiormq channel directly: building an aio-pika
-        ``Message`` per result cost more than the rest of the publish.
-        """
-        assert self._channel is not None, "declare() first"
-        assert self._results is not None, "declare() first"
+        """Publish the result and wait for the broker's confirm (results published in the same
+        loop turn leave together: see ``worker.result_out``)."""
+        assert self._results_out is not None, "declare() first"
         body = dict(message.body)
         body["classification"] = {
             "label": classification.label,
@@ -198,22 +202,9 @@ class Broker:
             encoded = orjson.dumps(body)
         except orjson.JSONEncodeError as exc:
             raise PermanentError(f"the result cannot be encoded: {exc}") from exc
-        properties = Basic.Properties(
-            message_id=message.message_id,
-            content_type="application/json",
-            delivery_mode=2,
-            app_id=self._app_id,
-        )
         try:
-            channel = await self._channel.get_underlay_channel()
             # Not mandatory: with nobody bound to the results exchange, results are discarded.
-            await channel.basic_publish(
-                encoded,
-                exchange=self._results.name,
-                routing_key=classification.label,
-                properties=properties,
-                mandatory=False,
-            )
+            await self._results_out.publish(encoded, classification.label, message.message_id)
         except PUBLISH_ERRORS as exc:
             raise PublishFailed(f"publish of a result failed: {type(exc).__name__}") from exc
 
