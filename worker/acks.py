@@ -31,10 +31,12 @@ class AckChannel(Protocol):
     @property
     def is_closed(self) -> bool: ...
 
-    def basic_ack(self, delivery_tag: int, multiple: bool = False) -> Awaitable[None]: ...
+    def basic_ack(
+        self, delivery_tag: int, multiple: bool = False, wait: bool = True
+    ) -> Awaitable[None]: ...
 
     def basic_nack(
-        self, delivery_tag: int, multiple: bool = False, requeue: bool = True
+        self, delivery_tag: int, multiple: bool = False, requeue: bool = True, wait: bool = True
     ) -> Awaitable[None]: ...
 
 
@@ -126,11 +128,13 @@ class Acker:
             else:
                 await self._send_nack(window.channel, tag)
 
+    # Frames are queued for the connection's writer without waiting for each to be written: the
+    # queue keeps them in order, and one lost with the connection is redelivered by the broker.
     async def _send_ack(self, channel: AckChannel, tag: int, *, multiple: bool) -> None:
-        await channel.basic_ack(tag, multiple=multiple)
+        await channel.basic_ack(tag, multiple=multiple, wait=False)
 
     async def _send_nack(self, channel: AckChannel, tag: int) -> None:
-        await channel.basic_nack(tag, multiple=False, requeue=True)
+        await channel.basic_nack(tag, multiple=False, requeue=True, wait=False)
 
     async def drain(self) -> None:
         """Flush until nothing settled is left (used at shutdown)."""

@@ -64,6 +64,11 @@ PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def publish_failed(exc: BaseException) -> PublishFailed:
+    """What a failed publish of a result is reported as (its type only: the text may hold data)."""
+    return PublishFailed(f"publish of a result failed: {type(exc).__name__}")
+
+
 @dataclass(frozen=True, slots=True)
 class Topology:
     input_queue: str
@@ -188,8 +193,19 @@ class Broker:
     async def publish_result(
         self, message: ChatMessage, classification: Classification, cached: bool
     ) -> None:
-        """Publish the result and wait for the broker's confirm (results published in the same
-        loop turn leave together: see ``worker.result_out``)."""
+        """Publish the result and wait for the broker's confirm."""
+        try:
+            await self.queue_result(message, classification, cached)
+        except PUBLISH_ERRORS as exc:
+            raise publish_failed(exc) from exc
+
+    def queue_result(
+        self, message: ChatMessage, classification: Classification, cached: bool
+    ) -> asyncio.Future[None]:
+        """Queue the result to leave with the others of this loop turn (``worker.result_out``);
+        the future resolves on the broker's confirm, or fails with one of ``PUBLISH_ERRORS``
+        (``publish_failed`` names it) or ``PermanentError``. ``PermanentError`` at once when the
+        result cannot be encoded."""
         assert self._results_out is not None, "declare() first"
         body = dict(message.body)
         body["classification"] = {
@@ -202,11 +218,8 @@ class Broker:
             encoded = orjson.dumps(body)
         except orjson.JSONEncodeError as exc:
             raise PermanentError(f"the result cannot be encoded: {exc}") from exc
-        try:
-            # Not mandatory: with nobody bound to the results exchange, results are discarded.
-            await self._results_out.publish(encoded, classification.label, message.message_id)
-        except PUBLISH_ERRORS as exc:
-            raise PublishFailed(f"publish of a result failed: {type(exc).__name__}") from exc
+        # Not mandatory: with nobody bound to the results exchange, results are discarded.
+        return self._results_out.publish(encoded, classification.label, message.message_id)
 
     def _copy(
         self, delivery: AbstractIncomingMessage, headers: Mapping[str, Any], *, keep: bool = True

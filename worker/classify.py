@@ -4,14 +4,17 @@ Redis, once for the whole cluster (see ``singleflight``)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from worker.cache import ClassificationCache, text_hash
-from worker.classifiers.base import Classification, Classifier
+from worker.classifiers.base import Classification, Classifier, Immediate
 from worker.counters import Counters
 from worker.errors import ClassifierUnavailable, PermanentError, TransientError
 from worker.keys import Counter
 from worker.singleflight import ClusterFlight, Entry
+
+Classified = tuple[Classification, bool]  # (classification, served_from_cache)
 
 
 @runtime_checkable
@@ -90,6 +93,132 @@ class CachedClassifier:
         result = await self._call(text)
         await self._cache.put(key, result)
         return result, True
+
+    async def classify_many(self, texts: Sequence[str]) -> list[Classified | Exception]:
+        """``classify`` for each of ``texts``, with the same answers and tallies, but one Redis
+        round trip per step for all of them (``ClusterFlight.run_many``) and no task per text.
+        Each answer is ``(classification, served_from_cache)`` or that text's exception."""
+        out: list[Classified | Exception | None] = [None] * len(texts)
+        keys = [text_hash(text) for text in texts]
+        leaders: dict[str, int] = {}  # the first index of each text this call looks up
+        followers: list[int] = []  # a text already led in this call: shares its answer
+        elsewhere: list[int] = []  # in flight in another task: waits through ``classify``
+        shared = self._flight is not None and self._cache.shared
+        for index, key in enumerate(keys):
+            if key in leaders:
+                followers.append(index)
+            elif key in self._inflight:
+                elsewhere.append(index)
+            elif shared and (found := self._cache.get_local(key)) is not None:
+                out[index] = (found, True)
+            else:
+                leaders[key] = index
+        if leaders:
+            loop = asyncio.get_running_loop()
+            futures = {key: loop.create_future() for key in leaders}
+            self._inflight.update(futures)
+            try:
+                answers = await self._lead(texts, leaders, shared)
+            except BaseException:
+                for future in futures.values():
+                    future.set_exception(
+                        ClassifierUnavailable(
+                            "the classification this message waited for was cancelled"
+                        )
+                    )
+                    future.exception()
+                raise
+            finally:
+                for key in leaders:
+                    del self._inflight[key]
+            for (key, index), answer in zip(leaders.items(), answers, strict=True):
+                out[index] = answer
+                if isinstance(answer, Exception):
+                    futures[key].set_exception(answer)
+                    futures[key].exception()  # mark retrieved: waiters may be gone
+                else:
+                    futures[key].set_result(answer[0])
+        for index in followers:
+            led = out[leaders[keys[index]]]
+            assert led is not None
+            if isinstance(led, Exception):
+                out[index] = led
+            else:
+                self.local_waits += 1
+                out[index] = (led[0], True)
+        if elsewhere:
+            waited = await asyncio.gather(
+                *(self.classify(texts[i]) for i in elsewhere), return_exceptions=True
+            )
+            for index, result in zip(elsewhere, waited, strict=True):
+                if isinstance(result, BaseException) and not isinstance(result, Exception):
+                    raise result
+                out[index] = result
+        answered = [answer for answer in out if answer is not None]
+        assert len(answered) == len(texts), "every text was answered"
+        return answered
+
+    async def _lead(
+        self, texts: Sequence[str], leaders: dict[str, int], shared: bool
+    ) -> list[Classified | Exception]:
+        """Look up, compute and store the texts at ``leaders`` (one per distinct text)."""
+        indices = list(leaders.values())
+        hashes = list(leaders)
+        if shared and self._flight is not None:
+            entries = [Entry(self._cache.redis_key(k), self._cache.lock_key(k)) for k in hashes]
+
+            async def compute_many(owned: list[int]) -> list[Classification | Exception]:
+                return await self._call_many([texts[indices[i]] for i in owned])
+
+            async def compute(position: int) -> Classification:
+                return await self._call(texts[indices[position]])
+
+            answers = await self._flight.run_many(entries, compute_many, compute, self._cache)
+            out: list[Classified | Exception] = []
+            for key, answer in zip(hashes, answers, strict=True):
+                if isinstance(answer, Exception):
+                    out.append(answer)
+                else:
+                    self._cache.remember(key, answer[0], shared=not answer[1])
+                    out.append((answer[0], not answer[1]))
+            return out
+        found = [await self._cache.get(key) for key in hashes]  # no Redis: nothing suspends
+        missing = [i for i, f in enumerate(found) if f is None]
+        computed = iter(await self._call_many([texts[indices[i]] for i in missing]))
+        out = []
+        for key, hit in zip(hashes, found, strict=True):
+            if hit is not None:
+                out.append((hit, True))
+                continue
+            result = next(computed)
+            if not isinstance(result, Exception):
+                await self._cache.put(key, result)
+                result_out: Classified | Exception = (result, False)
+            else:
+                result_out = result
+            out.append(result_out)
+        return out
+
+    async def _call_many(self, texts: list[str]) -> list[Classification | Exception]:
+        """Ask the classifier about each text: inline when it answers without awaiting."""
+        if isinstance(self.classifier, Immediate) and self.classifier.immediate:
+            results: list[Classification | Exception] = []
+            for text in texts:
+                self._counters.record(Counter.CLASSIFIER_CALLS)
+                try:
+                    results.append(self.classifier.classify_sync(text))
+                except (TransientError, PermanentError) as exc:
+                    results.append(exc)
+                except (OSError, ValueError) as exc:
+                    results.append(ClassifierUnavailable(f"{type(exc).__name__}: {exc}"))
+            return results
+        answers = await asyncio.gather(
+            *(self._call(text) for text in texts), return_exceptions=True
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+                raise answer
+        return [a for a in answers if not isinstance(a, BaseException) or isinstance(a, Exception)]
 
     async def _call(self, text: str) -> Classification:
         self._counters.record(Counter.CLASSIFIER_CALLS)

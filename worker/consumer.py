@@ -26,6 +26,7 @@ import asyncio
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import structlog
@@ -34,11 +35,20 @@ from aiormq.exceptions import ChannelInvalidStateError
 from structlog.contextvars import bound_contextvars
 
 from worker.acks import Acker, Outcome
-from worker.broker import DETAIL_HEADER, Broker, attempt_of
-from worker.classify import CachedClassifier
+from worker.broker import DETAIL_HEADER, PUBLISH_ERRORS, Broker, attempt_of, publish_failed
+from worker.classify import CachedClassifier, Classified
 from worker.counters import Counters
-from worker.dedup import ClaimAsk, ClaimResult, ClaimStatus, ClaimStore, CompleteStatus
+from worker.dedup import (
+    ClaimAsk,
+    ClaimResult,
+    ClaimStatus,
+    ClaimStore,
+    CompleteStatus,
+    Completion,
+    Lease,
+)
 from worker.errors import (
+    ClassifierUnavailable,
     InvalidMessage,
     PermanentError,
     PublishFailed,
@@ -59,6 +69,19 @@ STORE_POLL_MIN_S = 0.05
 STORE_POLL_MAX_S = 0.5
 REQUEUE_PAUSE_S = 1.0
 EXPECTED_FAILURES = (TransientError, PermanentError, TimeoutError)
+# A message of a batch whose work has not reached its end (its lease deadline passed before).
+UNFINISHED: BaseException = TimeoutError("the work did not finish")
+
+Claimed = tuple[AbstractIncomingMessage, ChatMessage, ClaimResult]
+
+
+def _confirmed(future: asyncio.Future[None]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def seen_before(delivery: AbstractIncomingMessage) -> bool:
@@ -110,6 +133,8 @@ class MessageConsumer:
         self._faults = faults
         self._max_passes = max_passes
         self._inbox: list[AbstractIncomingMessage] = []
+        # IDs in a pass of this replica: a copy that arrives meanwhile waits for it (see _run_pass)
+        self._local_work: dict[str, asyncio.Future[None]] = {}
         self._pass_scheduled = False
         self._passes: set[asyncio.Task[None]] = set()
         self._waiters: set[asyncio.Task[None]] = set()
@@ -136,7 +161,11 @@ class MessageConsumer:
         self._acker.track(delivery.channel, delivery.delivery_tag or 0)
         self._inbox.append(delivery)
         self._in_flight += 1
-        if not self._pass_scheduled:
+        self._wake()
+
+    def _wake(self) -> None:
+        """Make sure a pass will look at the inbox soon."""
+        if self._inbox and not self._pass_scheduled:
             self._pass_scheduled = True
             asyncio.get_running_loop().call_soon(self._start_passes)
 
@@ -152,9 +181,7 @@ class MessageConsumer:
         self._passes.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("pass_failed", error=repr(task.exception()))
-        if self._inbox and not self._pass_scheduled:
-            self._pass_scheduled = True
-            asyncio.get_running_loop().call_soon(self._start_passes)
+        self._wake()
 
     def _settle(self, delivery: AbstractIncomingMessage, outcome: Outcome) -> None:
         self._in_flight -= 1
@@ -176,9 +203,30 @@ class MessageConsumer:
                 work.append(self._guarded(delivery, self._reject(delivery, exc)))
             else:
                 parsed.append((delivery, message))
-        if parsed:
-            work.append(self._claim_and_work(parsed))
-        await asyncio.gather(*work)
+        firsts: list[tuple[AbstractIncomingMessage, ChatMessage]] = []
+        for delivery, message in parsed:
+            earlier = self._local_work.get(message.message_id)
+            if earlier is None:
+                self._local_work[message.message_id] = asyncio.get_running_loop().create_future()
+                firsts.append((delivery, message))
+            else:
+                earlier.add_done_callback(partial(self._back_to_inbox, delivery))
+        try:
+            if firsts:
+                work.append(self._claim_and_work(firsts))
+            if len(work) == 1:
+                await work[0]  # the usual case: no task of its own
+            elif work:
+                await asyncio.gather(*work)
+        finally:
+            for _, message in firsts:
+                self._local_work.pop(message.message_id).set_result(None)
+
+    def _back_to_inbox(self, delivery: AbstractIncomingMessage, _: object) -> None:
+        """A copy of an ID that was in work here when it came: claim it now that the work ended
+        (it is a duplicate then, or the retry of a failed attempt) rather than poll a busy claim."""
+        self._inbox.append(delivery)
+        self._wake()
 
     async def _claim_and_work(
         self, parsed: list[tuple[AbstractIncomingMessage, ChatMessage]]
@@ -191,16 +239,28 @@ class MessageConsumer:
             for delivery, _ in parsed:
                 self._settle(delivery, Outcome.REQUEUE)
             return
-        work = []
+        work: list[Coroutine[Any, Any, None]] = []
+        together: list[Claimed] = []
         for (delivery, message), claim in zip(parsed, claims, strict=True):
-            coroutine = self._after_claim(delivery, message, claim)
-            if claim.status in (ClaimStatus.BUSY, ClaimStatus.SUSPECT):
+            if claim.status is ClaimStatus.DONE:
+                self._settle(delivery, self._skip_done(delivery, message.message_id, claim))
+            elif claim.status is ClaimStatus.CLAIMED and (
+                max(attempt_of(delivery), claim.attempt) <= self._limits.max_attempts
+            ):
+                together.append((delivery, message, claim))
+            elif claim.status in (ClaimStatus.BUSY, ClaimStatus.SUSPECT):
+                coroutine = self._after_claim(delivery, message, claim)
                 waiter = asyncio.get_running_loop().create_task(self._guarded(delivery, coroutine))
                 self._waiters.add(waiter)
                 waiter.add_done_callback(self._waiters.discard)
             else:
-                work.append(self._guarded(delivery, coroutine))
-        await asyncio.gather(*work)
+                work.append(self._guarded(delivery, self._after_claim(delivery, message, claim)))
+        if together:
+            work.append(self._work_batch(together))
+        if len(work) == 1:
+            await work[0]  # the usual case: no task of its own
+        elif work:
+            await asyncio.gather(*work)
 
     async def _claim_all(self, requests: list[ClaimAsk]) -> list[ClaimResult] | None:
         """Claim ``requests``; while the store waits for Redis, hold them. ``None``: requeue them."""
@@ -290,9 +350,7 @@ class MessageConsumer:
         if self._open.is_set():
             return
         self._open.set()
-        if self._inbox and not self._pass_scheduled:
-            self._pass_scheduled = True
-            asyncio.get_running_loop().call_soon(self._start_passes)
+        self._wake()
 
     async def _guarded(
         self, delivery: AbstractIncomingMessage, step: Coroutine[Any, Any, Outcome]
@@ -369,6 +427,16 @@ class MessageConsumer:
                 return claim
             delay_s = min(delay_s * 2, BUSY_POLL_MAX_S, max(claim.retry_after_s, BUSY_POLL_MIN_S))
 
+    def _skip_done(
+        self, delivery: AbstractIncomingMessage, message_id: str, claim: ClaimResult
+    ) -> Outcome:
+        """An ID already processed: count it (a duplicate, or a redelivery of a done one), ack."""
+        again = seen_before(delivery)
+        counter = Counter.REDELIVERED_DONE if again else Counter.DUPLICATES
+        self._counters.record(counter, in_redis=claim.in_redis)
+        log.debug("duplicate_skipped", message_id=message_id, redelivered=again)
+        return Outcome.ACK
+
     async def _process(
         self,
         delivery: AbstractIncomingMessage,
@@ -377,11 +445,7 @@ class MessageConsumer:
         claim: ClaimResult,
     ) -> Outcome:
         if claim.status is ClaimStatus.DONE:
-            again = seen_before(delivery)
-            counter = Counter.REDELIVERED_DONE if again else Counter.DUPLICATES
-            self._counters.record(counter, in_redis=claim.in_redis)
-            log.debug("duplicate_skipped", redelivered=again)
-            return Outcome.ACK
+            return self._skip_done(delivery, message.message_id, claim)
         if claim.status is ClaimStatus.EXHAUSTED:
             return await self._exhausted(delivery, claim.attempt)
         if attempt > self._limits.max_attempts:  # by the header: MAX_ATTEMPTS was lowered
@@ -400,6 +464,7 @@ class MessageConsumer:
         attempt: int,
         claim: ClaimResult,
     ) -> Outcome:
+        """One message on its own (a suspect, or after waiting for a busy claim)."""
         started = time.perf_counter()
         self._faults.hit("kill_after_claim", message.message_id)
         try:
@@ -408,25 +473,123 @@ class MessageConsumer:
                 classification, cached = await self._classifier.classify(message.text)
                 await self._broker.publish_result(message, classification, cached)
         except Exception as exc:
-            if not isinstance(exc, EXPECTED_FAILURES):
-                log.exception("message_work_failed")
-            await self._claims.release(message.message_id, claim.token)
-            return await self._retry_or_dead_letter(delivery, attempt, exc)
+            return await self._failed((delivery, message, claim), attempt, exc)
         self._faults.hit("kill_after_publish", message.message_id)
         status = await self._claims.complete(message.message_id, claim.token, cached)
         self._faults.hit("kill_after_complete", message.message_id)
+        return self._completed(message.message_id, status, cached, started)
+
+    async def _work_batch(self, batch: list[Claimed]) -> None:
+        """The usual case: a pass's claimed messages worked on together, under one lease
+        deadline, with one classification call, one socket write of results and one completion
+        script for all of them. A message that fails on the way is released and retried (or
+        dead-lettered) on its own; every delivery is settled exactly once, whatever happens."""
+        started = time.perf_counter()
+        outcomes = [Outcome.REQUEUE] * len(batch)
+        self._working += len(batch)
+        try:
+            for _, message, _ in batch:
+                self._faults.hit("kill_after_claim", message.message_id)
+            produced = await self._produce(batch)
+            done = [(i, p) for i, p in enumerate(produced) if not isinstance(p, BaseException)]
+            for i, _ in done:
+                self._faults.hit("kill_after_publish", batch[i][1].message_id)
+            statuses = await self._claims.complete_many(
+                [Completion(batch[i][1].message_id, batch[i][2].token, p[1]) for i, p in done]
+            )
+            for (i, (_, cached)), status in zip(done, statuses, strict=True):
+                self._faults.hit("kill_after_complete", batch[i][1].message_id)
+                outcomes[i] = self._completed(batch[i][1].message_id, status, cached, started)
+            failed = [(i, p) for i, p in enumerate(produced) if isinstance(p, BaseException)]
+            if failed:
+                handled = await asyncio.gather(
+                    *(self._failed_alone(batch[i], exc) for i, exc in failed),
+                    return_exceptions=True,
+                )
+                for (i, _), outcome in zip(failed, handled, strict=True):
+                    if isinstance(outcome, Outcome):
+                        outcomes[i] = outcome
+                    else:
+                        log.error("message_handling_failed", exc_info=outcome)
+        except Exception:
+            log.exception("message_handling_failed")
+            await self._pause(REQUEUE_PAUSE_S)  # requeued at once, they could come straight back
+        finally:
+            self._working -= len(batch)
+            for (delivery, _, _), outcome in zip(batch, outcomes, strict=True):
+                self._settle(delivery, outcome)
+
+    async def _produce(self, batch: list[Claimed]) -> list[Classified | BaseException]:
+        """Classify and publish the batch's results under its leases: per message, the
+        classification once the broker confirmed its result, or why it did not get there."""
+        produced: list[Classified | BaseException] = [UNFINISHED] * len(batch)
+        confirms: dict[int, asyncio.Future[None]] = {}
+        try:
+            async with self._leases.working_many(
+                [Lease(m.message_id, c.token) for _, m, c in batch]
+            ):
+                asked: list[int] = []
+                for i, (_, message, _) in enumerate(batch):
+                    try:
+                        self._faults.hit("fail_classify", message.message_id)
+                    except ClassifierUnavailable as exc:
+                        produced[i] = exc
+                    else:
+                        asked.append(i)
+                answers = await self._classifier.classify_many([batch[i][1].text for i in asked])
+                for i, answer in zip(asked, answers, strict=True):
+                    if isinstance(answer, BaseException):
+                        produced[i] = answer
+                        continue
+                    try:
+                        confirms[i] = self._broker.queue_result(batch[i][1], *answer)
+                    except PermanentError as exc:
+                        produced[i] = exc
+                    else:
+                        produced[i] = answer
+                if confirms:
+                    await asyncio.wait(confirms.values())
+        except TimeoutError as exc:  # the lease deadline: what is not confirmed by now fails
+            for i, so_far in enumerate(produced):
+                if so_far is UNFINISHED or (i in confirms and not _confirmed(confirms[i])):
+                    produced[i] = exc
+                    if i in confirms:  # its confirm may still come (or fail): nobody reads it
+                        confirms.pop(i).add_done_callback(_retrieve)
+        for i, confirm in confirms.items():
+            if confirm.done() and not confirm.cancelled() and (error := confirm.exception()):
+                produced[i] = publish_failed(error) if isinstance(error, PUBLISH_ERRORS) else error
+        return produced
+
+    async def _failed_alone(self, item: Claimed, exc: BaseException) -> Outcome:
+        delivery, message, claim = item
+        attempt = max(attempt_of(delivery), claim.attempt)
+        with bound_contextvars(message_id=message.message_id, attempt=attempt):
+            return await self._failed(item, attempt, exc)
+
+    async def _failed(self, item: Claimed, attempt: int, exc: BaseException) -> Outcome:
+        """Release the claim of a message whose work failed, then retry or dead-letter it."""
+        delivery, message, claim = item
+        if not isinstance(exc, EXPECTED_FAILURES):
+            log.error("message_work_failed", exc_info=exc)
+        await self._claims.release(message.message_id, claim.token)
+        return await self._retry_or_dead_letter(delivery, attempt, exc)
+
+    def _completed(
+        self, message_id: str, status: CompleteStatus, cached: bool, started: float
+    ) -> Outcome:
+        """Count a message whose result is published and whose completion ran; ack it."""
         if status is CompleteStatus.LOST:
             # Our lease lapsed and another replica owns the ID now: it finishes and counts it.
             self._counters.record(Counter.CLAIMS_LOST)
-            log.warning("claim_lost_before_completion")
+            log.warning("claim_lost_before_completion", message_id=message_id)
             return Outcome.ACK
-        in_redis = status is CompleteStatus.IN_REDIS
+        in_redis = status in (CompleteStatus.IN_REDIS, CompleteStatus.DEFERRED)
         self._counters.record(Counter.PROCESSED, in_redis=in_redis)
         self._counters.record(
             Counter.CACHE_HITS if cached else Counter.CACHE_MISSES, in_redis=in_redis
         )
         self._counters.latency.observe(time.perf_counter() - started)
-        log.debug("message_processed", label=classification.label, cached=cached)
+        log.debug("message_processed", message_id=message_id, cached=cached)
         return Outcome.ACK
 
     async def _exhausted(self, delivery: AbstractIncomingMessage, attempts: int) -> Outcome:

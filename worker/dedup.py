@@ -107,6 +107,39 @@ return out
     .replace("@MISSES@", Counter.CACHE_MISSES)
 )
 
+# The write-back of completions made while Redis was unreachable. KEYS[1]: the counters hash;
+# then per ID: its done marker and attempt counter. ARGV[1]: done TTL; ARGV[2]: bucket TTL; per ID:
+# '0' (claimed in memory, counted already), '1' (a cache miss to count) or '2' (a hit to count);
+# last: the throughput bucket prefix. A completion is counted only if its done marker was not
+# there yet: a completion script whose answer was lost with the connection may have counted it.
+WRITE_BACK_LUA = (
+    """
+local ttl_s, bucket_ttl_s = ARGV[1], ARGV[2]
+local processed, hits = 0, 0
+local n = (#KEYS - 1) / 2
+for i = 1, n do
+  local fresh = redis.call('SET', KEYS[2 * i], '1', 'NX', 'EX', ttl_s)
+  redis.call('DEL', KEYS[2 * i + 1])
+  local kind = ARGV[i + 2]
+  if fresh and kind ~= '0' then
+    processed = processed + 1
+    if kind == '2' then hits = hits + 1 end
+  end
+end
+if processed > 0 then
+  redis.call('HINCRBY', KEYS[1], '@PROCESSED@', processed)
+  if hits > 0 then redis.call('HINCRBY', KEYS[1], '@HITS@', hits) end
+  if processed > hits then redis.call('HINCRBY', KEYS[1], '@MISSES@', processed - hits) end
+  local bucket = ARGV[#ARGV] .. redis.call('TIME')[1]
+  redis.call('INCRBY', bucket, processed)
+  redis.call('EXPIRE', bucket, bucket_ttl_s)
+end
+return processed
+""".replace("@PROCESSED@", Counter.PROCESSED)
+    .replace("@HITS@", Counter.CACHE_HITS)
+    .replace("@MISSES@", Counter.CACHE_MISSES)
+)
+
 RENEW_LUA = """
 local out = {}
 for i = 1, #KEYS do
@@ -150,6 +183,9 @@ class CompleteStatus(Enum):
 
     IN_REDIS = "in_redis"
     IN_MEMORY = "in_memory"
+    # A Redis claim finished while Redis was unreachable: the write-back records and counts it
+    # (unless Redis already had it, see WRITE_BACK_LUA), so it is not counted anywhere else.
+    DEFERRED = "deferred"
     LOST = "lost"
 
 
@@ -217,6 +253,10 @@ class ClaimStore(Protocol):
 
     async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus: ...
 
+    async def complete_many(self, items: Sequence[Completion]) -> list[CompleteStatus]:
+        """Complete several claims at once: one round trip for the batch."""
+        ...
+
     async def release(self, message_id: str, token: str) -> bool: ...
 
     async def renew(self, leases: Sequence[Lease]) -> list[bool]: ...
@@ -283,6 +323,12 @@ class RedisClaimStore:
     async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus:
         done = await self._completions.submit(Completion(message_id, token, cache_hit))
         return CompleteStatus.IN_REDIS if done else CompleteStatus.LOST
+
+    async def complete_many(self, items: Sequence[Completion]) -> list[CompleteStatus]:
+        done: list[bool] = []
+        for start in range(0, len(items), MAX_SCRIPT_BATCH):
+            done += await self._complete_batch(list(items[start : start + MAX_SCRIPT_BATCH]))
+        return [CompleteStatus.IN_REDIS if d else CompleteStatus.LOST for d in done]
 
     async def release(self, message_id: str, token: str) -> bool:
         return await self._releases.submit(Lease(message_id, token))
@@ -435,6 +481,9 @@ class MemoryClaimStore:
             return CompleteStatus.LOST
         self.mark_done(message_id)
         return CompleteStatus.IN_MEMORY
+
+    async def complete_many(self, items: Sequence[Completion]) -> list[CompleteStatus]:
+        return [await self.complete(i.message_id, i.token, i.cache_hit) for i in items]
 
     async def release(self, message_id: str, token: str) -> bool:
         if not self._owns(message_id, token):

@@ -21,10 +21,13 @@ import structlog
 
 from worker.counters import Counters
 from worker.dedup import (
+    MAX_SCRIPT_BATCH,
+    WRITE_BACK_LUA,
     ClaimAsk,
     ClaimResult,
     ClaimStatus,
     CompleteStatus,
+    Completion,
     Lease,
     MemoryClaimStore,
     RedisClaimStore,
@@ -69,7 +72,8 @@ class FallbackClaimStore:
         self._strict = strict
         self._fallback_after_s = fallback_after_s
         self._memory_announced = False
-        self._finished_offline: list[str] = []
+        # (message ID, what the write-back counts: see WRITE_BACK_LUA)
+        self._finished_offline: list[tuple[str, str]] = []
         link.on_recovery(self.write_back)
 
     def _in_memory(self, token: str) -> bool:
@@ -126,10 +130,22 @@ class FallbackClaimStore:
                     self._link.report_failure(exc)
             # The lease was ours when Redis went away; finish here and tell Redis later.
             self._memory.mark_done(message_id)
-        elif await self._memory.complete(message_id, token, cache_hit) is CompleteStatus.LOST:
+            self._finished_offline.append((message_id, "2" if cache_hit else "1"))
+            return CompleteStatus.DEFERRED
+        if await self._memory.complete(message_id, token, cache_hit) is CompleteStatus.LOST:
             return CompleteStatus.LOST
-        self._finished_offline.append(message_id)
+        self._finished_offline.append((message_id, "0"))
         return CompleteStatus.IN_MEMORY
+
+    async def complete_many(self, items: Sequence[Completion]) -> list[CompleteStatus]:
+        """One script call when every claim is in Redis and Redis is there; otherwise each
+        completion on its own, as ``complete`` does it."""
+        if self._link.available and not any(self._in_memory(i.token) for i in items):
+            try:
+                return await self._redis.complete_many(items)
+            except REDIS_UNAVAILABLE as exc:
+                self._link.report_failure(exc)
+        return [await self.complete(i.message_id, i.token, i.cache_hit) for i in items]
 
     async def _complete_in_redis(
         self, message_id: str, token: str, cache_hit: bool
@@ -169,21 +185,28 @@ class FallbackClaimStore:
         return [renewed[lease] for lease in leases]
 
     async def write_back(self) -> None:
-        """Record in Redis the IDs finished while it was unreachable."""
+        """Record in Redis the IDs finished while it was unreachable (and count those claimed in
+        Redis, unless their completion reached Redis after all: see ``WRITE_BACK_LUA``)."""
         self._memory_announced = False
         finished, self._finished_offline = self._finished_offline, []
         if not finished:
             return
+        total = len(finished)
+        script = self._link.client.register_script(WRITE_BACK_LUA)
         try:
-            pipe = self._link.client.pipeline(transaction=False)
-            for message_id in finished:
-                pipe.set(self._keys.done(message_id), "1", ex=self._dedup_ttl_s)
-                pipe.delete(self._keys.attempts(message_id))
-            await pipe.execute()
+            while finished:
+                chunk = finished[:MAX_SCRIPT_BATCH]
+                keys = [self._keys.stats]
+                for message_id, _ in chunk:
+                    keys += (self._keys.done(message_id), self._keys.attempts(message_id))
+                args = [str(self._dedup_ttl_s), "900", *(kind for _, kind in chunk)]
+                args.append(self._keys.throughput(0)[:-1])  # the bucket prefix
+                await script(keys=keys, args=args)
+                del finished[: len(chunk)]
         except REDIS_UNAVAILABLE:
             self._finished_offline = finished + self._finished_offline
             raise
-        log.info("done_markers_written_back", count=len(finished))
+        log.info("done_markers_written_back", count=total)
 
     async def aclose(self) -> None:
         await self._redis.aclose()

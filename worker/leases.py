@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import structlog
 
@@ -24,9 +24,9 @@ SAFETY = 0.8  # share of a lease the work may use before a renewal must have suc
 
 
 class HeldLease:
-    """One claim being worked on."""
+    """One claim being worked on, alone or in a batch that shares one timeout (``group``)."""
 
-    __slots__ = ("hard_deadline", "lease", "lost", "renewed_at", "timeout")
+    __slots__ = ("group", "hard_deadline", "lease", "lost", "renewed_at", "timeout")
 
     def __init__(self, lease: Lease, now: float, hard_deadline: float) -> None:
         self.lease = lease
@@ -34,6 +34,7 @@ class HeldLease:
         self.hard_deadline = hard_deadline
         self.lost = False
         self.timeout: asyncio.Timeout | None = None
+        self.group: list[HeldLease] = [self]
 
     def deadline(self, lease_s: float) -> float:
         return min(self.renewed_at + lease_s * SAFETY, self.hard_deadline)
@@ -52,16 +53,31 @@ class LeaseKeeper:
     @contextlib.asynccontextmanager
     async def working(self, message_id: str, token: str) -> AsyncIterator[HeldLease]:
         """Run the body under the lease's deadline; ``TimeoutError`` when it can no longer hold."""
+        async with self.working_many([Lease(message_id, token)]) as group:
+            yield group[0]
+
+    @contextlib.asynccontextmanager
+    async def working_many(self, leases: Sequence[Lease]) -> AsyncIterator[list[HeldLease]]:
+        """Run the body under the earliest deadline of ``leases``: the work of a batch stops as
+        a whole when any one of its leases can no longer hold."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        held = HeldLease(Lease(message_id, token), now, now + self._work_timeout_s)
-        self._held[held.lease] = held
+        group = [HeldLease(lease, now, now + self._work_timeout_s) for lease in leases]
+        for held in group:
+            held.group = group
+            self._held[held.lease] = held
         try:
-            async with asyncio.timeout_at(held.deadline(self._lease_s)) as timeout:
-                held.timeout = timeout
-                yield held
+            async with asyncio.timeout_at(self._deadline(group, now)) as timeout:
+                for held in group:
+                    held.timeout = timeout
+                yield group
         finally:
-            self._held.pop(held.lease, None)
+            for held in group:
+                if self._held.get(held.lease) is held:
+                    del self._held[held.lease]
+
+    def _deadline(self, group: list[HeldLease], now: float) -> float:
+        return min(now if held.lost else held.deadline(self._lease_s) for held in group)
 
     async def renew_due(self) -> None:
         """Renew, in one batch, the leases last renewed a third of a lease ago or more."""
@@ -71,14 +87,19 @@ class LeaseKeeper:
         if not due:
             return
         results = await self._claims.renew([h.lease for h in due])
+        groups: dict[int, list[HeldLease]] = {}
         for held, renewed in zip(due, results, strict=True):
             if renewed:
                 held.renewed_at = started
             else:
                 held.lost = True
                 log.warning("lease_lost", message_id=held.lease.message_id)
-            if held.timeout is not None and not held.timeout.expired():
-                held.timeout.reschedule(held.deadline(self._lease_s) if renewed else loop.time())
+            groups[id(held.group)] = held.group
+        now = loop.time()
+        for group in groups.values():
+            timeout = group[0].timeout
+            if timeout is not None and not timeout.expired():
+                timeout.reschedule(self._deadline(group, now))
 
     async def _run(self) -> None:
         interval_s = self._lease_s / 6

@@ -34,12 +34,16 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from typing import Final, Protocol, TypeVar
 
 import structlog
 
 from worker.batching import MicroBatcher
-from worker.dedup import RENEW_LUA  # owner-checked batch renewal, the same script as for claims
+from worker.dedup import (  # owner-checked batch renewal, the same script as for claims
+    MAX_SCRIPT_BATCH,
+    RENEW_LUA,
+)
 from worker.errors import ClassifierUnavailable
 from worker.redis_link import REDIS_UNAVAILABLE, RedisLink
 
@@ -173,12 +177,41 @@ class ClusterLocks:
         """``(FOUND, "", value)``, ``(ACQUIRED, token, None)``, ``(HELD | UNAVAILABLE, "", None)``."""
         if not self._link.available:
             return LockState.UNAVAILABLE, "", None
-        token = f"{self._token_prefix}:{next(self._sequence)}"
+        token = self._new_token()
         try:
             answer = await self._lookups.submit((entry, token))
         except REDIS_UNAVAILABLE as exc:
             self._link.report_failure(exc)
             return LockState.UNAVAILABLE, "", None
+        return self._lookup_answer(entry, token, answer)
+
+    async def lookup_or_lock_many(
+        self, entries: Sequence[Entry]
+    ) -> list[tuple[LockState, str, bytes | None]]:
+        """``lookup_or_lock`` for several entries, in one script call per ``MAX_SCRIPT_BATCH``."""
+        unavailable: list[tuple[LockState, str, bytes | None]]
+        unavailable = [(LockState.UNAVAILABLE, "", None)] * len(entries)
+        if not self._link.available:
+            return unavailable
+        asks = [(entry, self._new_token()) for entry in entries]
+        answers: list[bytes | int] = []
+        try:
+            for start in range(0, len(asks), MAX_SCRIPT_BATCH):
+                answers += await self._lookup_batch(asks[start : start + MAX_SCRIPT_BATCH])
+        except REDIS_UNAVAILABLE as exc:
+            self._link.report_failure(exc)  # locks taken by an earlier chunk lapse by themselves
+            return unavailable
+        return [
+            self._lookup_answer(entry, token, answer)
+            for (entry, token), answer in zip(asks, answers, strict=True)
+        ]
+
+    def _new_token(self) -> str:
+        return f"{self._token_prefix}:{next(self._sequence)}"
+
+    def _lookup_answer(
+        self, entry: Entry, token: str, answer: bytes | int
+    ) -> tuple[LockState, str, bytes | None]:
         if isinstance(answer, bytes):
             return LockState.FOUND, "", answer
         if not answer:
@@ -199,6 +232,21 @@ class ClusterLocks:
             return
         try:
             await self._writes.submit(_Write(entry, token, value or b"", ttl_s))
+        except REDIS_UNAVAILABLE as exc:
+            self._link.report_failure(exc)
+
+    async def store_many(self, writes: Sequence[tuple[Entry, str, bytes]], ttl_s: int) -> None:
+        """``store_and_release`` for several ``(entry, token, value)``, in one script call per
+        ``MAX_SCRIPT_BATCH``."""
+        for entry, token, _ in writes:
+            if token and self._held.get(entry.lock_key) == token:
+                del self._held[entry.lock_key]
+        if not self._link.available:
+            return
+        batch = [_Write(entry, token, value, ttl_s) for entry, token, value in writes]
+        try:
+            for start in range(0, len(batch), MAX_SCRIPT_BATCH):
+                await self._write_batch(batch[start : start + MAX_SCRIPT_BATCH])
         except REDIS_UNAVAILABLE as exc:
             self._link.report_failure(exc)
 
@@ -335,6 +383,69 @@ class ClusterFlight:
                 log.warning("single_flight_wait_timed_out", wait_s=self._wait_s)
                 return await self._compute_and_store(entry, compute, store), True
             self.takeovers += 1  # the owner went away without a value: try to be the owner
+
+    async def run_many(
+        self,
+        entries: Sequence[Entry],
+        compute_many: Callable[[list[int]], Awaitable[list[T | Exception]]],
+        compute: Callable[[int], Awaitable[T]],
+        store: Store[T],
+    ) -> list[tuple[T, bool] | Exception]:
+        """``run`` for several entries at once: one look-up script for all of them; those whose
+        lock we took are computed together (``compute_many`` gets their indices) and stored in one
+        script. An entry found locked, or unreadable, goes through ``run`` alone (``compute(i)``).
+        Each answer is ``(value, computed_here)`` or that entry's exception."""
+        out: list[tuple[T, bool] | Exception | None] = [None] * len(entries)
+        owned: list[tuple[int, str]] = []
+        alone: list[int] = []
+        answers = await self._locks.lookup_or_lock_many(entries)
+        for index, (state, token, raw) in enumerate(answers):
+            found = store.decode(raw) if state is LockState.FOUND and raw is not None else None
+            if found is not None:
+                out[index] = (found, False)
+            elif state is LockState.ACQUIRED:
+                owned.append((index, token))
+            else:
+                alone.append(index)
+        if owned:
+            await self._own_many(entries, owned, compute_many, store, out)
+        if alone:
+            results = await asyncio.gather(
+                *(self.run(entries[i], partial(compute, i), store) for i in alone),
+                return_exceptions=True,
+            )
+            for index, result in zip(alone, results, strict=True):
+                if isinstance(result, BaseException) and not isinstance(result, Exception):
+                    raise result
+                out[index] = result
+        answered = [answer for answer in out if answer is not None]
+        assert len(answered) == len(entries), "every entry was answered"
+        return answered
+
+    async def _own_many(
+        self,
+        entries: Sequence[Entry],
+        owned: list[tuple[int, str]],
+        compute_many: Callable[[list[int]], Awaitable[list[T | Exception]]],
+        store: Store[T],
+        out: list[tuple[T, bool] | Exception | None],
+    ) -> None:
+        try:
+            values = await compute_many([index for index, _ in owned])
+        except BaseException:
+            releases = [(entries[i], token, b"") for i, token in owned]
+            await asyncio.shield(self._locks.store_many(releases, store.ttl_s))
+            raise
+        writes: list[tuple[Entry, str, bytes]] = []
+        for (index, token), value in zip(owned, values, strict=True):
+            if isinstance(value, Exception):
+                await asyncio.shield(self._locks.mark_failed(entries[index], token))
+                out[index] = value
+            else:
+                writes.append((entries[index], token, store.encode(value)))
+                out[index] = (value, True)
+        if writes:
+            await asyncio.shield(self._locks.store_many(writes, store.ttl_s))
 
     async def _own(
         self, entry: Entry, token: str, compute: Callable[[], Awaitable[T]], store: Store[T]

@@ -14,11 +14,11 @@ class RecordingChannel:
         self.is_closed = False
         self.frames: list[tuple[str, int, bool]] = []
 
-    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
         self.frames.append(("ack", delivery_tag, multiple))
 
     async def basic_nack(
-        self, delivery_tag: int, multiple: bool = False, requeue: bool = True
+        self, delivery_tag: int, multiple: bool = False, requeue: bool = True, wait: bool = True
     ) -> None:
         self.frames.append(("nack", delivery_tag, multiple))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,3 +32,15 @@ class Classifier(Protocol):
     async def classify(self, text: str) -> Classification: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Immediate(Protocol):
+    """A classifier that can also answer without awaiting: no I/O, no simulated latency. When
+    ``immediate`` is true, ``classify_sync`` is called inline for a batch of texts instead of one
+    task per text."""
+
+    @property
+    def immediate(self) -> bool: ...
+
+    def classify_sync(self, text: str) -> Classification: ...

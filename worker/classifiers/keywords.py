@@ -376,6 +376,11 @@ class KeywordClassifier:
         """The rules this classifier was compiled from."""
         return self._rules
 
+    @property
+    def immediate(self) -> bool:
+        """True unless a latency is simulated: then every answer must await it."""
+        return self._delay_s <= 0
+
     async def classify(self, text: str) -> Classification:
         """Classify ``text``, after sleeping ``delay_s`` when a latency is simulated."""
         if self._delay_s > 0:
