@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any, cast
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
 from worker.acks import Acker
 from worker.broker import CONNECTION_NAME, Broker, Topology, connect
@@ -252,9 +250,8 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
             faults=faults,
         )
         queue = await broker.consumer_queue(settings.prefetch)
-        # A plain function is called directly by aio-pika (tools.create_task), sparing a task per delivery.
-        callback = cast(Callable[[AbstractIncomingMessage], Awaitable[Any]], consumer.on_delivery)
-        consumer_tag = await queue.consume(callback)
+        # aiormq's deliveries go straight to a plain function (see worker.delivery).
+        consumer_tag = await queue.consume(consumer.on_delivery, raw=True)
         live.consuming = True
         summaries = asyncio.get_running_loop().create_task(_summaries(counters, live))
         log.info(

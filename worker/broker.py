@@ -30,12 +30,11 @@ import orjson
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
 
 from worker.classifiers.base import Classification
+from worker.delivery import Delivery, DirectChannel, DirectQueue
 from worker.errors import PermanentError, PublishFailed
 from worker.models import ChatMessage
 from worker.result_out import ResultOut
@@ -86,7 +85,7 @@ class Topology:
         return f"{self.input_queue}.retry.{self.retry_delay_ms(attempt)}ms"
 
 
-def attempt_of(message: AbstractIncomingMessage) -> int:
+def attempt_of(message: Delivery) -> int:
     """Which attempt this delivery is by its header (1 for a message never retried)."""
     value = (message.headers or {}).get(ATTEMPT_HEADER, 1)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -102,6 +101,7 @@ class BackoffRobustConnection(aio_pika.RobustConnection):
     ``RECONNECT_MAX_S``), so attempts come at roughly 1.5 times the previous delay.
     """
 
+    CHANNEL_CLASS = DirectChannel  # its queues can hand deliveries over raw (worker.delivery)
     _min_interval_s: float = RECONNECT_MIN_S
     _lost_at: float | None = None
 
@@ -174,11 +174,13 @@ class Broker:
         assert isinstance(channel, aiormq.Channel)
         return channel
 
-    async def consumer_queue(self, prefetch: int) -> AbstractQueue:
+    async def consumer_queue(self, prefetch: int) -> DirectQueue:
         """A channel of its own for consuming, so publishes never wait behind deliveries."""
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
-        return await channel.declare_queue(self.topology.input_queue, durable=True)
+        queue = await channel.declare_queue(self.topology.input_queue, durable=True)
+        assert isinstance(queue, DirectQueue), "connect() makes DirectChannels"
+        return queue
 
     async def _publish(
         self, exchange: AbstractExchange, message: aio_pika.Message, key: str, *, mandatory: bool
@@ -222,8 +224,9 @@ class Broker:
         return self._results_out.publish(encoded, classification.label, message.message_id)
 
     def _copy(
-        self, delivery: AbstractIncomingMessage, headers: Mapping[str, Any], *, keep: bool = True
+        self, received: Delivery, headers: Mapping[str, Any], *, keep: bool = True
     ) -> aio_pika.Message:
+        delivery = received.incoming
         return aio_pika.Message(
             delivery.body,
             headers={**(delivery.headers or {}), **headers} if keep else dict(headers),
@@ -237,9 +240,7 @@ class Broker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
 
-    async def _publish_copy(
-        self, delivery: AbstractIncomingMessage, headers: dict[str, Any], queue: str
-    ) -> None:
+    async def _publish_copy(self, delivery: Delivery, headers: dict[str, Any], queue: str) -> None:
         """Publish a copy of ``delivery`` with ``headers`` added to its own, confirmed.
 
         A header the producer sent may not survive re-encoding (pamqp reads values it cannot
@@ -256,14 +257,12 @@ class Broker:
             )
 
     async def dead_letter(
-        self, delivery: AbstractIncomingMessage, reason: str, detail: str, attempts: int
+        self, delivery: Delivery, reason: str, detail: str, attempts: int
     ) -> None:
         headers = {REASON_HEADER: reason, DETAIL_HEADER: detail[:500], ATTEMPT_HEADER: attempts}
         await self._publish_copy(delivery, headers, self.topology.dead_letter_queue)
 
-    async def schedule_retry(
-        self, delivery: AbstractIncomingMessage, attempt: int, error: str
-    ) -> None:
+    async def schedule_retry(self, delivery: Delivery, attempt: int, error: str) -> None:
         """Park a copy for the delay of ``attempt``; it comes back as attempt ``attempt + 1``."""
         headers = {ATTEMPT_HEADER: attempt + 1, DETAIL_HEADER: error[:500]}
         await self._publish_copy(delivery, headers, self.topology.retry_queue(attempt))

@@ -30,7 +30,7 @@ from functools import partial
 from typing import Any
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError
 from structlog.contextvars import bound_contextvars
 
@@ -47,6 +47,7 @@ from worker.dedup import (
     Completion,
     Lease,
 )
+from worker.delivery import Delivery
 from worker.errors import (
     ClassifierUnavailable,
     InvalidMessage,
@@ -72,7 +73,7 @@ EXPECTED_FAILURES = (TransientError, PermanentError, TimeoutError)
 # A message of a batch whose work has not reached its end (its lease deadline passed before).
 UNFINISHED: BaseException = TimeoutError("the work did not finish")
 
-Claimed = tuple[AbstractIncomingMessage, ChatMessage, ClaimResult]
+Claimed = tuple[Delivery, ChatMessage, ClaimResult]
 
 
 def _confirmed(future: asyncio.Future[None]) -> bool:
@@ -84,12 +85,12 @@ def _retrieve(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
-def seen_before(delivery: AbstractIncomingMessage) -> bool:
+def seen_before(delivery: Delivery) -> bool:
     """A redelivery, or a retry's copy: a done ID then is not a duplicate the producer sent."""
     return bool(delivery.redelivered) or attempt_of(delivery) > 1
 
 
-def suspect_at(delivery: AbstractIncomingMessage) -> int:
+def suspect_at(delivery: Delivery) -> int:
     """Attempts started from which the message is a suspect: two more than the header records
     as ended (``attempt - 1`` failed and were retried), so two vanished with their replica."""
     return attempt_of(delivery) + 1
@@ -132,7 +133,7 @@ class MessageConsumer:
         self._counters = counters
         self._faults = faults
         self._max_passes = max_passes
-        self._inbox: list[AbstractIncomingMessage] = []
+        self._inbox: list[Delivery] = []
         # IDs in a pass of this replica: a copy that arrives meanwhile waits for it (see _run_pass)
         self._local_work: dict[str, asyncio.Future[None]] = {}
         self._pass_scheduled = False
@@ -156,9 +157,10 @@ class MessageConsumer:
         """True while deliveries wait for the claim store (Redis) before they can be claimed."""
         return self._holding > 0
 
-    def on_delivery(self, delivery: AbstractIncomingMessage) -> None:
+    def on_delivery(self, raw: DeliveredMessage) -> None:
         """Take a delivery (in arrival order) and make sure a pass will pick it up."""
-        self._acker.track(delivery.channel, delivery.delivery_tag or 0)
+        delivery = Delivery(raw)
+        self._acker.track(delivery.channel, delivery.delivery_tag)
         self._inbox.append(delivery)
         self._in_flight += 1
         self._wake()
@@ -183,16 +185,16 @@ class MessageConsumer:
             log.error("pass_failed", error=repr(task.exception()))
         self._wake()
 
-    def _settle(self, delivery: AbstractIncomingMessage, outcome: Outcome) -> None:
+    def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
         self._in_flight -= 1
         try:
             channel = delivery.channel
         except ChannelInvalidStateError:
             return  # its channel closed (broker connection lost): the broker redelivers it
-        self._acker.settle(channel, delivery.delivery_tag or 0, outcome)
+        self._acker.settle(channel, delivery.delivery_tag, outcome)
 
-    async def _run_pass(self, deliveries: list[AbstractIncomingMessage]) -> None:
-        parsed: list[tuple[AbstractIncomingMessage, ChatMessage]] = []
+    async def _run_pass(self, deliveries: list[Delivery]) -> None:
+        parsed: list[tuple[Delivery, ChatMessage]] = []
         work: list[Coroutine[Any, Any, None]] = []
         for delivery in deliveries:
             try:
@@ -203,7 +205,7 @@ class MessageConsumer:
                 work.append(self._guarded(delivery, self._reject(delivery, exc)))
             else:
                 parsed.append((delivery, message))
-        firsts: list[tuple[AbstractIncomingMessage, ChatMessage]] = []
+        firsts: list[tuple[Delivery, ChatMessage]] = []
         for delivery, message in parsed:
             earlier = self._local_work.get(message.message_id)
             if earlier is None:
@@ -222,15 +224,13 @@ class MessageConsumer:
             for _, message in firsts:
                 self._local_work.pop(message.message_id).set_result(None)
 
-    def _back_to_inbox(self, delivery: AbstractIncomingMessage, _: object) -> None:
+    def _back_to_inbox(self, delivery: Delivery, _: object) -> None:
         """A copy of an ID that was in work here when it came: claim it now that the work ended
         (it is a duplicate then, or the retry of a failed attempt) rather than poll a busy claim."""
         self._inbox.append(delivery)
         self._wake()
 
-    async def _claim_and_work(
-        self, parsed: list[tuple[AbstractIncomingMessage, ChatMessage]]
-    ) -> None:
+    async def _claim_and_work(self, parsed: list[tuple[Delivery, ChatMessage]]) -> None:
         """Claim the pass's IDs in one round trip, then work on each claimed message concurrently."""
         claims = await self._claim_all(
             [ClaimAsk(m.message_id, seen_before(d), suspect_at(d)) for d, m in parsed]
@@ -303,7 +303,7 @@ class MessageConsumer:
             return False
         return True
 
-    async def _work_alone(self, delivery: AbstractIncomingMessage, message: ChatMessage) -> Outcome:
+    async def _work_alone(self, delivery: Delivery, message: ChatMessage) -> Outcome:
         """Claim and process a suspect with nothing else claimed or in work in this replica."""
         async with self._alone:
             try:
@@ -316,9 +316,7 @@ class MessageConsumer:
             finally:
                 self._reopen()
 
-    async def _claim_alone(
-        self, delivery: AbstractIncomingMessage, message: ChatMessage
-    ) -> ClaimResult | None:
+    async def _claim_alone(self, delivery: Delivery, message: ChatMessage) -> ClaimResult | None:
         """Claim once nothing else is claimed or in work here; ``None`` if we stop meanwhile."""
         delay_s = BUSY_POLL_MIN_S
         while True:
@@ -352,9 +350,7 @@ class MessageConsumer:
         self._open.set()
         self._wake()
 
-    async def _guarded(
-        self, delivery: AbstractIncomingMessage, step: Coroutine[Any, Any, Outcome]
-    ) -> None:
+    async def _guarded(self, delivery: Delivery, step: Coroutine[Any, Any, Outcome]) -> None:
         """Run one delivery's remaining work and settle it exactly once, whatever happens."""
         outcome = Outcome.REQUEUE
         try:
@@ -367,11 +363,11 @@ class MessageConsumer:
         finally:
             self._settle(delivery, outcome)
 
-    async def _reject(self, delivery: AbstractIncomingMessage, exc: InvalidMessage) -> Outcome:
+    async def _reject(self, delivery: Delivery, exc: InvalidMessage) -> Outcome:
         return await self._dead_letter(delivery, exc.reason, exc.detail, attempt_of(delivery))
 
     async def _dead_letter(
-        self, delivery: AbstractIncomingMessage, reason: str, detail: str, attempts: int
+        self, delivery: Delivery, reason: str, detail: str, attempts: int
     ) -> Outcome:
         """Publish to the dead-letter queue, then ack; if that publish fails, requeue after a pause."""
         log.warning("message_dead_lettered", reason=reason, detail=detail, attempts=attempts)
@@ -385,7 +381,7 @@ class MessageConsumer:
         return Outcome.ACK
 
     async def _after_claim(
-        self, delivery: AbstractIncomingMessage, message: ChatMessage, claim: ClaimResult
+        self, delivery: Delivery, message: ChatMessage, claim: ClaimResult
     ) -> Outcome:
         with bound_contextvars(message_id=message.message_id):
             if claim.status is ClaimStatus.BUSY:
@@ -427,9 +423,7 @@ class MessageConsumer:
                 return claim
             delay_s = min(delay_s * 2, BUSY_POLL_MAX_S, max(claim.retry_after_s, BUSY_POLL_MIN_S))
 
-    def _skip_done(
-        self, delivery: AbstractIncomingMessage, message_id: str, claim: ClaimResult
-    ) -> Outcome:
+    def _skip_done(self, delivery: Delivery, message_id: str, claim: ClaimResult) -> Outcome:
         """An ID already processed: count it (a duplicate, or a redelivery of a done one), ack."""
         again = seen_before(delivery)
         counter = Counter.REDELIVERED_DONE if again else Counter.DUPLICATES
@@ -439,7 +433,7 @@ class MessageConsumer:
 
     async def _process(
         self,
-        delivery: AbstractIncomingMessage,
+        delivery: Delivery,
         message: ChatMessage,
         attempt: int,
         claim: ClaimResult,
@@ -459,7 +453,7 @@ class MessageConsumer:
 
     async def _work(
         self,
-        delivery: AbstractIncomingMessage,
+        delivery: Delivery,
         message: ChatMessage,
         attempt: int,
         claim: ClaimResult,
@@ -592,7 +586,7 @@ class MessageConsumer:
         log.debug("message_processed", message_id=message_id, cached=cached)
         return Outcome.ACK
 
-    async def _exhausted(self, delivery: AbstractIncomingMessage, attempts: int) -> Outcome:
+    async def _exhausted(self, delivery: Delivery, attempts: int) -> Outcome:
         """Dead-letter a message whose attempts were all used up without one finishing."""
         detail = (
             f"{attempts} attempts started, none finished (MAX_ATTEMPTS={self._limits.max_attempts})"
@@ -605,7 +599,7 @@ class MessageConsumer:
         return await self._dead_letter(delivery, "retries_exhausted", detail, attempts)
 
     async def _retry_or_dead_letter(
-        self, delivery: AbstractIncomingMessage, attempt: int, exc: BaseException
+        self, delivery: Delivery, attempt: int, exc: BaseException
     ) -> Outcome:
         if isinstance(exc, TimeoutError):
             error = "work timed out or its lease could not be renewed"
