@@ -35,7 +35,7 @@ from aiormq.exceptions import ChannelInvalidStateError
 from structlog.contextvars import bound_contextvars
 
 from worker.acks import Acker, Outcome
-from worker.broker import DETAIL_HEADER, PUBLISH_ERRORS, Broker, attempt_of, publish_failed
+from worker.broker import DETAIL_HEADER, Broker, attempt_of, publish_failed
 from worker.classify import CachedClassifier, Classified
 from worker.counters import Counters
 from worker.dedup import (
@@ -550,8 +550,15 @@ class MessageConsumer:
                     if i in confirms:  # its confirm may still come (or fail): nobody reads it
                         confirms.pop(i).add_done_callback(_retrieve)
         for i, confirm in confirms.items():
-            if confirm.done() and not confirm.cancelled() and (error := confirm.exception()):
-                produced[i] = publish_failed(error) if isinstance(error, PUBLISH_ERRORS) else error
+            if _confirmed(confirm):
+                continue
+            # Whatever ended it (a nack, the channel closing under it, with an exception of any
+            # type, or a cancellation), the result is not known to be published.
+            error = None if confirm.cancelled() else confirm.exception()
+            if isinstance(error, PermanentError):
+                produced[i] = error
+            else:
+                produced[i] = publish_failed(error or asyncio.CancelledError())
         return produced
 
     async def _failed_alone(self, item: Claimed, exc: BaseException) -> Outcome:
