@@ -4,11 +4,15 @@
 
 Cases: (a) baseline, a bare aio-pika consumer acknowledging each message and doing nothing else;
 (b) the worker, one replica, Redis, keywords classifier, all-unique traffic; (c) 50 % duplicates;
-(d) 90 % repeated texts (cache hits); (e) in-memory mode; (f) two replicas. Every case consumes the
-same number of messages published beforehand, so it measures consumption alone; then a paced
-phase (half the baseline rate, a few seconds) measures the time from publish to result. Prints
-messages/s, the ratio to (a), p50/p99 latency, each replica's peak RSS, and Redis memory per
-remembered message ID. Absolute numbers drift on a shared machine; the ratios are the result.
+(d) 90 % repeated texts (cache hits); (e) in-memory mode; (f) two replicas; (g) the floor of the
+worker's broker traffic: a bare consumer that publishes one confirmed result per message and
+acknowledges, nothing else (``bench/publishing_consumer.py``). Every case consumes the same number
+of messages published beforehand, so it measures consumption alone; then each worker case gets a
+paced phase (``--latency-rate`` messages/s, 1,000 by default, or half the case's own rate if that
+is lower, for four seconds) that measures the time from publish to result at the same load for
+every case. Prints messages/s, the ratio to (a), p50/p99 latency, each replica's peak RSS, and
+Redis memory per remembered message ID. Absolute numbers drift on a shared machine; the ratios
+are the result.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Case:
     key: str
     title: str
     bare: bool = False
+    publishing: bool = False
     redis: bool = True
     duplicates: float = 0.0
     repeated_texts: float = 0.0
@@ -59,6 +64,7 @@ CASES = [
     Case("d", "worker, Redis, 90% repeated texts", repeated_texts=0.9),
     Case("e", "worker, in-memory mode", redis=False),
     Case("f", "worker, Redis, two replicas", replicas=2),
+    Case("g", "bare consumer + one confirmed publish each", bare=True, publishing=True),
 ]
 
 
@@ -184,15 +190,21 @@ async def result_latencies(names: Names, rate: float, seconds: float) -> list[fl
     return latencies
 
 
-async def run_bare(names: Names, count: int, prefetch: int) -> Outcome:
+async def run_bare(names: Names, case: Case, count: int, prefetch: int) -> Outcome:
     await prefill(names, bodies(count, CASES[1], seed=1))
+    if case.publishing:
+        script = "publishing_consumer.py"
+        extra = [names.results]
+    else:
+        script, extra = "bare_consumer.py", []
     done = await asyncio.to_thread(
         subprocess.run,
         [
             sys.executable,
-            str(ROOT / "bench" / "bare_consumer.py"),
+            str(ROOT / "bench" / script),
             RABBITMQ_URL,
             names.queue,
+            *extra,
             str(count),
             str(prefetch),
         ],
@@ -200,10 +212,11 @@ async def run_bare(names: Names, count: int, prefetch: int) -> Outcome:
         text=True,
         check=True,
         timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     report = json.loads(done.stdout)
     return Outcome(
-        CASES[0],
+        case,
         per_second=count / report["seconds"],
         peak_rss_mb=[round(report["peak_rss_mb"], 1)],
     )
@@ -305,6 +318,12 @@ def render(outcomes: list[Outcome], memory: dict[str, Any], count: int) -> str:
             f" {p99:>7} {rss:>12}"
         )
     lines.append("")
+    by_key = {o.case.key: o for o in outcomes}
+    if "b" in by_key and "g" in by_key:
+        lines.append(
+            f"(b) against the floor of its broker traffic (g): "
+            f"{by_key['b'].per_second / by_key['g'].per_second:.2f}"
+        )
     lines.append(
         f"Redis memory per remembered message ID: {memory['bytes_per_id']} bytes "
         f"({memory['ids']:,} UUID IDs, prefix {memory['key_prefix']!r})"
@@ -315,24 +334,25 @@ def render(outcomes: list[Outcome], memory: dict[str, Any], count: int) -> str:
 async def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark the worker against a bare consumer.")
     parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--cases", default="abcdef")
+    parser.add_argument("--cases", default="abcdefg")
     parser.add_argument("--prefetch", type=int, default=256, help="the baseline's prefetch")
     parser.add_argument("--memory-ids", type=int, default=100_000)
+    parser.add_argument(
+        "--latency-rate", type=float, default=1000.0, help="messages/s of the latency phase"
+    )
     args = parser.parse_args()
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "neiromatrius-bench"
     tmp.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
-    baseline_rate = 1000.0
     for case in CASES:
         if case.key not in args.cases:
             continue
         names = Names()
         try:
             if case.bare:
-                outcome = await run_bare(names, args.messages, args.prefetch)
-                baseline_rate = outcome.per_second
+                outcome = await run_bare(names, case, args.messages, args.prefetch)
             else:
-                outcome = await run_worker(names, case, args.messages, baseline_rate / 2, tmp)
+                outcome = await run_worker(names, case, args.messages, args.latency_rate, tmp)
         finally:
             await cleanup(names)
         outcomes.append(outcome)
