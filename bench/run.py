@@ -301,7 +301,7 @@ async def cleanup(names: Names) -> None:
 
 
 def render(outcomes: list[Outcome], memory: dict[str, Any], count: int) -> str:
-    base = outcomes[0].per_second if outcomes and outcomes[0].case.bare else None
+    base = outcomes[0].per_second if outcomes and outcomes[0].case.key == "a" else None
     lines = [
         f"{count} messages per case; ratios against (a) measured in this run",
         "",
