@@ -223,12 +223,13 @@ async def run_bare(names: Names, case: Case, count: int, prefetch: int) -> Outco
 
 
 async def run_worker(
-    names: Names, case: Case, count: int, latency_rate: float, tmp: Path
+    names: Names, case: Case, count: int, latency_rate: float, tmp: Path, prefetch: int
 ) -> Outcome:
     messages = bodies(count, case, seed=2)
     await prefill(names, messages)
     processes: list[tuple[subprocess.Popen[bytes], Path]] = []
     env = replica_env(names, case)
+    env["PREFETCH"] = str(prefetch)
     for index in range(case.replicas):
         log = tmp / f"{names.queue}-{index}.log"
         # The consumer starts the moment the replica is up: its queue is already full.
@@ -335,7 +336,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark the worker against a bare consumer.")
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--cases", default="abcdefg")
-    parser.add_argument("--prefetch", type=int, default=256, help="the baseline's prefetch")
+    parser.add_argument(
+        "--prefetch", type=int, default=1024, help="prefetch of every case (the worker's default)"
+    )
     parser.add_argument("--memory-ids", type=int, default=100_000)
     parser.add_argument(
         "--latency-rate", type=float, default=1000.0, help="messages/s of the latency phase"
@@ -352,7 +355,9 @@ async def main() -> None:
             if case.bare:
                 outcome = await run_bare(names, case, args.messages, args.prefetch)
             else:
-                outcome = await run_worker(names, case, args.messages, args.latency_rate, tmp)
+                outcome = await run_worker(
+                    names, case, args.messages, args.latency_rate, tmp, args.prefetch
+                )
         finally:
             await cleanup(names)
         outcomes.append(outcome)

@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     llm_max_retries: int = Field(default=3, ge=0, le=20)
     llm_max_rps: float = Field(default=0.0, ge=0, le=100_000)
     single_flight_wait_s: float = Field(default=30.0, gt=0, le=3_600)
-    prefetch: int = Field(default=256, ge=1, le=65_535)
+    prefetch: int = Field(default=1024, ge=1, le=65_535)
     stats_host: str = "0.0.0.0"
     stats_port: int = Field(default=8080, ge=0, le=65_535)
     log_format: Literal["console", "json", "auto"] = "auto"
