@@ -2,9 +2,11 @@
 
 Deliveries are tracked in the order they arrive (delivery tags grow per channel). When messages
 settle, one flush sends a single ``basic.ack(multiple=True)`` for the longest settled run at the
-front of the channel's window; a settled delivery stuck behind one still in flight is acknowledged
-on its own, so a slow message never holds the prefetch window of the others. Deliveries of a
-channel that has closed are forgotten: the broker redelivers them.
+front of the channel's window. A settled delivery stuck behind one still in flight waits
+``hold_s`` (0.1 s) for the run in front of it to settle, and is then acknowledged on its own: a
+slow message never holds the prefetch window of the others for longer than that, and the usual
+case (a duplicate acknowledged while the rest of its pass is still being worked on) costs no frame
+of its own. Deliveries of a channel that has closed are forgotten: the broker redelivers them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Protocol
 import structlog
 
 log = structlog.get_logger("worker.acks")
+
+HOLD_S = 0.1  # how long a settled delivery waits for those in front of it before going alone
 
 
 class Outcome(Enum):
@@ -41,20 +45,23 @@ class AckChannel(Protocol):
 
 
 class _Window:
-    __slots__ = ("channel", "tags")
+    __slots__ = ("channel", "settled_at", "tags")
 
     def __init__(self, channel: AckChannel) -> None:
         self.channel = channel
         self.tags: OrderedDict[int, Outcome | None] = OrderedDict()
+        self.settled_at: dict[int, float] = {}  # of settled deliveries still waiting
 
 
 class Acker:
     """Collects settlements and sends them in as few frames as the in-flight set allows."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, hold_s: float = HOLD_S) -> None:
+        self._hold_s = hold_s
         self._windows: dict[int, _Window] = {}
         self._flush_scheduled = False
         self._flushing: asyncio.Task[None] | None = None
+        self._recheck: asyncio.TimerHandle | None = None
 
     def track(self, channel: AckChannel, delivery_tag: int) -> None:
         """Register a delivery as it arrives (call in arrival order)."""
@@ -68,6 +75,7 @@ class Acker:
         if window is None or delivery_tag not in window.tags:
             return
         window.tags[delivery_tag] = outcome
+        window.settled_at[delivery_tag] = asyncio.get_running_loop().time()
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._start_flush)
@@ -89,14 +97,14 @@ class Acker:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._start_flush)
 
-    async def flush(self) -> None:
-        """Send what is settled now."""
+    async def flush(self, *, hold: bool = True) -> None:
+        """Send what is settled now (all of it when not ``hold``)."""
         for key, window in list(self._windows.items()):
             if window.channel.is_closed:
                 del self._windows[key]
                 continue
             try:
-                await self._flush_window(window)
+                await self._flush_window(window, self._hold_s if hold else 0.0)
             except Exception as exc:  # the channel died under us: the broker redelivers
                 log.warning("ack_flush_failed", error=type(exc).__name__)
                 del self._windows[key]
@@ -104,7 +112,7 @@ class Acker:
             if not window.tags and window.channel.is_closed:
                 del self._windows[key]
 
-    async def _flush_window(self, window: _Window) -> None:
+    async def _flush_window(self, window: _Window, hold_s: float) -> None:
         tags = window.tags
         ack_upto: int | None = None
         while tags:
@@ -112,6 +120,7 @@ class Acker:
             if outcome is None:
                 break
             del tags[tag]
+            window.settled_at.pop(tag, None)
             if outcome is Outcome.ACK:
                 ack_upto = tag
                 continue
@@ -121,12 +130,25 @@ class Acker:
             await self._send_nack(window.channel, tag)
         if ack_upto is not None:
             await self._send_ack(window.channel, ack_upto, multiple=True)
-        for tag, outcome in [(t, o) for t, o in tags.items() if o is not None]:
-            del tags[tag]
+        if not window.settled_at:
+            return
+        # Settled, behind a delivery still in flight: alone, once they have waited long enough.
+        due = asyncio.get_running_loop().time() - hold_s
+        for tag, settled_at in list(window.settled_at.items()):
+            if settled_at > due:
+                continue
+            del window.settled_at[tag]
+            outcome = tags.pop(tag)
             if outcome is Outcome.ACK:
                 await self._send_ack(window.channel, tag, multiple=False)
             else:
                 await self._send_nack(window.channel, tag)
+        if window.settled_at and self._recheck is None:
+            self._recheck = asyncio.get_running_loop().call_later(self._hold_s, self._rechecked)
+
+    def _rechecked(self) -> None:
+        self._recheck = None
+        self._reschedule()
 
     # Frames are queued for the connection's writer without waiting for each to be written: the
     # queue keeps them in order, and one lost with the connection is redelivered by the broker.
@@ -138,6 +160,9 @@ class Acker:
 
     async def drain(self) -> None:
         """Flush until nothing settled is left (used at shutdown)."""
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         if self._flushing is not None:
             await asyncio.gather(self._flushing, return_exceptions=True)
-        await self.flush()
+        await self.flush(hold=False)

@@ -52,12 +52,16 @@ async def test_contiguous_settlements_become_one_multiple_ack() -> None:
 
 
 async def test_in_flight_delivery_is_never_covered_by_a_multiple_ack() -> None:
-    """With delivery 3 still in flight, 1-2 are acked together and 4-5 one by one, never 3."""
-    channel, acker = RecordingChannel(), Acker()
+    """With delivery 3 still in flight, 1-2 are acked together and, after the hold, 4-5 one by
+    one, never 3."""
+    channel, acker = RecordingChannel(), Acker(hold_s=0.05)
     for tag in range(1, 6):
         acker.track(channel, tag)
     for tag in (1, 2, 4, 5):
         acker.settle(channel, tag, Outcome.ACK)
+    await settle_all()
+    assert channel.frames == [("ack", 2, True)]  # 4 and 5 wait for 3 a little
+    await asyncio.sleep(0.08)
     await settle_all()
     assert 3 not in acked_tags(channel.frames, [1, 2, 3, 4, 5])
     assert acked_tags(channel.frames, [1, 2, 3, 4, 5]) == {1, 2, 4, 5}
@@ -88,3 +92,31 @@ async def test_deliveries_of_a_closed_channel_are_dropped() -> None:
     await settle_all()
     assert channel.frames == []
     assert acker.unsettled == 0
+
+
+async def test_deliveries_settled_behind_one_in_flight_join_its_multiple_ack() -> None:
+    """When the delivery in front settles within the hold, those behind it cost no frame of their
+    own: one multiple ack covers them all."""
+    channel, acker = RecordingChannel(), Acker(hold_s=0.2)
+    for tag in range(1, 6):
+        acker.track(channel, tag)
+    for tag in (2, 3, 4, 5):
+        acker.settle(channel, tag, Outcome.ACK)
+    await settle_all()
+    assert channel.frames == []
+    acker.settle(channel, 1, Outcome.ACK)
+    await settle_all()
+    assert channel.frames == [("ack", 5, True)]
+    await asyncio.sleep(0.25)
+    assert channel.frames == [("ack", 5, True)]  # nothing left for the timer
+
+
+async def test_shutdown_sends_what_is_held_at_once() -> None:
+    """``drain`` does not hold: a settled delivery behind one in flight is acked alone at once."""
+    channel, acker = RecordingChannel(), Acker(hold_s=10)
+    for tag in (1, 2):
+        acker.track(channel, tag)
+    acker.settle(channel, 2, Outcome.ACK)
+    await settle_all()
+    await acker.drain()
+    assert channel.frames == [("ack", 2, False)]
