@@ -11,6 +11,7 @@ from worker.cache import ClassificationCache, text_hash
 from worker.classifiers.base import Classification, Classifier, Immediate
 from worker.counters import Counters
 from worker.errors import ClassifierUnavailable, PermanentError, TransientError
+from worker.gathering import answered, gather_into
 from worker.keys import Counter
 from worker.singleflight import ClusterFlight, Entry
 
@@ -147,16 +148,8 @@ class CachedClassifier:
                 self.local_waits += 1
                 out[index] = (led[0], True)
         if elsewhere:
-            waited = await asyncio.gather(
-                *(self.classify(texts[i]) for i in elsewhere), return_exceptions=True
-            )
-            for index, result in zip(elsewhere, waited, strict=True):
-                if isinstance(result, BaseException) and not isinstance(result, Exception):
-                    raise result
-                out[index] = result
-        answered = [answer for answer in out if answer is not None]
-        assert len(answered) == len(texts), "every text was answered"
-        return answered
+            await gather_into(out, elsewhere, (self.classify(texts[i]) for i in elsewhere))
+        return answered(out, len(texts))
 
     async def _lead(
         self, texts: Sequence[str], leaders: dict[str, int], shared: bool

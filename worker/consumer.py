@@ -57,6 +57,7 @@ from worker.errors import (
     TransientError,
 )
 from worker.faults import Faults
+from worker.gathering import run_all
 from worker.keys import Counter
 from worker.leases import LeaseKeeper
 from worker.models import ChatMessage, parse_message
@@ -216,10 +217,7 @@ class MessageConsumer:
         try:
             if firsts:
                 work.append(self._claim_and_work(firsts))
-            if len(work) == 1:
-                await work[0]  # the usual case: no task of its own
-            elif work:
-                await asyncio.gather(*work)
+            await run_all(work)
         finally:
             for _, message in firsts:
                 self._local_work.pop(message.message_id).set_result(None)
@@ -257,10 +255,7 @@ class MessageConsumer:
                 work.append(self._guarded(delivery, self._after_claim(delivery, message, claim)))
         if together:
             work.append(self._work_batch(together))
-        if len(work) == 1:
-            await work[0]  # the usual case: no task of its own
-        elif work:
-            await asyncio.gather(*work)
+        await run_all(work)
 
     async def _claim_all(self, requests: list[ClaimAsk]) -> list[ClaimResult] | None:
         """Claim ``requests``; while the store waits for Redis, hold them. ``None``: requeue them."""

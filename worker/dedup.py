@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Final, Protocol
 
 from redis.asyncio import Redis
 
@@ -75,6 +75,23 @@ if redelivered > 0 then redis.call('HINCRBY', KEYS[1], '@REDELIVERED@', redelive
 return out
 """.replace("@DUPLICATES@", Counter.DUPLICATES).replace("@REDELIVERED@", Counter.REDELIVERED_DONE)
 
+# The end of a script that finished ``processed`` messages, ``hits`` of them cache hits: adds them
+# to the counters hash (KEYS[1]) and to this second's throughput bucket (prefix: the last ARGV).
+COUNT_COMPLETIONS_LUA: Final = (
+    """
+if processed > 0 then
+  redis.call('HINCRBY', KEYS[1], '@PROCESSED@', processed)
+  if hits > 0 then redis.call('HINCRBY', KEYS[1], '@HITS@', hits) end
+  if processed > hits then redis.call('HINCRBY', KEYS[1], '@MISSES@', processed - hits) end
+  local bucket = ARGV[#ARGV] .. redis.call('TIME')[1]
+  redis.call('INCRBY', bucket, processed)
+  redis.call('EXPIRE', bucket, bucket_ttl_s)
+end
+""".replace("@PROCESSED@", Counter.PROCESSED)
+    .replace("@HITS@", Counter.CACHE_HITS)
+    .replace("@MISSES@", Counter.CACHE_MISSES)
+)
+
 COMPLETE_LUA = (
     """
 local ttl_s, bucket_ttl_s = ARGV[1], ARGV[2]
@@ -93,18 +110,9 @@ for i = 1, n do
     out[i] = 0
   end
 end
-if processed > 0 then
-  redis.call('HINCRBY', KEYS[1], '@PROCESSED@', processed)
-  if hits > 0 then redis.call('HINCRBY', KEYS[1], '@HITS@', hits) end
-  if processed > hits then redis.call('HINCRBY', KEYS[1], '@MISSES@', processed - hits) end
-  local bucket = ARGV[#ARGV] .. redis.call('TIME')[1]
-  redis.call('INCRBY', bucket, processed)
-  redis.call('EXPIRE', bucket, bucket_ttl_s)
-end
-return out
-""".replace("@PROCESSED@", Counter.PROCESSED)
-    .replace("@HITS@", Counter.CACHE_HITS)
-    .replace("@MISSES@", Counter.CACHE_MISSES)
+"""
+    + COUNT_COMPLETIONS_LUA
+    + "return out\n"
 )
 
 # The write-back of completions made while Redis was unreachable. KEYS[1]: the counters hash;
@@ -126,18 +134,9 @@ for i = 1, n do
     if kind == '2' then hits = hits + 1 end
   end
 end
-if processed > 0 then
-  redis.call('HINCRBY', KEYS[1], '@PROCESSED@', processed)
-  if hits > 0 then redis.call('HINCRBY', KEYS[1], '@HITS@', hits) end
-  if processed > hits then redis.call('HINCRBY', KEYS[1], '@MISSES@', processed - hits) end
-  local bucket = ARGV[#ARGV] .. redis.call('TIME')[1]
-  redis.call('INCRBY', bucket, processed)
-  redis.call('EXPIRE', bucket, bucket_ttl_s)
-end
-return processed
-""".replace("@PROCESSED@", Counter.PROCESSED)
-    .replace("@HITS@", Counter.CACHE_HITS)
-    .replace("@MISSES@", Counter.CACHE_MISSES)
+"""
+    + COUNT_COMPLETIONS_LUA
+    + "return processed\n"
 )
 
 RENEW_LUA = """

@@ -45,6 +45,7 @@ from worker.dedup import (  # owner-checked batch renewal, the same script as fo
     RENEW_LUA,
 )
 from worker.errors import ClassifierUnavailable
+from worker.gathering import answered, gather_into
 from worker.redis_link import REDIS_UNAVAILABLE, RedisLink
 
 log = structlog.get_logger("worker.singleflight")
@@ -410,17 +411,9 @@ class ClusterFlight:
         if owned:
             await self._own_many(entries, owned, compute_many, store, out)
         if alone:
-            results = await asyncio.gather(
-                *(self.run(entries[i], partial(compute, i), store) for i in alone),
-                return_exceptions=True,
-            )
-            for index, result in zip(alone, results, strict=True):
-                if isinstance(result, BaseException) and not isinstance(result, Exception):
-                    raise result
-                out[index] = result
-        answered = [answer for answer in out if answer is not None]
-        assert len(answered) == len(entries), "every entry was answered"
-        return answered
+            calls = (self.run(entries[i], partial(compute, i), store) for i in alone)
+            await gather_into(out, alone, calls)
+        return answered(out, len(entries))
 
     async def _own_many(
         self,
