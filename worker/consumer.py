@@ -5,9 +5,13 @@ parked for a retry) or requeued (shutdown while it waited). Nothing is acknowled
 stands for is durable: a result is confirmed by the broker before the done marker is written, and
 the done marker is written before the acknowledgement.
 
-Failures never turn into a hot loop: a failed attempt is retried through a delay queue and counted
-(``MAX_ATTEMPTS``, counted per message ID at claim time, so a replica killed by a message counts
-too), and the rare requeue after a failure nobody expected waits ``REQUEUE_PAUSE_S`` first. While
+The claimed messages of a pass are worked on together (``_work_batch``): one lease deadline, one
+classification call, one write of results, one completion script. Busy IDs, suspects, and copies
+of an ID already in work here take the per-message path.
+
+Failures never turn into a hot loop: a failed attempt is retried through a delay queue
+(``worker.failures``) and counted (``MAX_ATTEMPTS``, counted per message ID at claim time, so a
+replica killed by a message counts too), and the rare requeue after a failure nobody expected waits ``REQUEUE_PAUSE_S`` first. While
 the claim store must wait for Redis (strict mode, or the first seconds of an outage) a pass holds
 its deliveries unacknowledged and the consumer reports itself ``paused``.
 
@@ -35,7 +39,7 @@ from aiormq.exceptions import ChannelInvalidStateError
 from structlog.contextvars import bound_contextvars
 
 from worker.acks import Acker, Outcome
-from worker.broker import DETAIL_HEADER, Broker, attempt_of, publish_failed
+from worker.broker import Broker, attempt_of, publish_failed
 from worker.classify import CachedClassifier, Classified
 from worker.counters import Counters
 from worker.dedup import (
@@ -52,10 +56,9 @@ from worker.errors import (
     ClassifierUnavailable,
     InvalidMessage,
     PermanentError,
-    PublishFailed,
     StoreUnavailable,
-    TransientError,
 )
+from worker.failures import REQUEUE_PAUSE_S, Claimed, Failures
 from worker.faults import Faults
 from worker.gathering import run_all
 from worker.keys import Counter
@@ -69,12 +72,8 @@ BUSY_POLL_MAX_S = 0.5
 ISOLATION_POLL_S = 0.005
 STORE_POLL_MIN_S = 0.05
 STORE_POLL_MAX_S = 0.5
-REQUEUE_PAUSE_S = 1.0
-EXPECTED_FAILURES = (TransientError, PermanentError, TimeoutError)
 # A message of a batch whose work has not reached its end (its lease deadline passed before).
 UNFINISHED: BaseException = TimeoutError("the work did not finish")
-
-Claimed = tuple[Delivery, ChatMessage, ClaimResult]
 
 
 def _confirmed(future: asyncio.Future[None]) -> bool:
@@ -134,6 +133,13 @@ class MessageConsumer:
         self._counters = counters
         self._faults = faults
         self._max_passes = max_passes
+        self._failures = Failures(
+            broker=broker,
+            claims=claims,
+            counters=counters,
+            max_attempts=limits.max_attempts,
+            pause=self._pause,
+        )
         self._inbox: list[Delivery] = []
         # IDs in a pass of this replica: a copy that arrives meanwhile waits for it (see _run_pass)
         self._local_work: dict[str, asyncio.Future[None]] = {}
@@ -203,7 +209,7 @@ class MessageConsumer:
                     delivery.body, delivery.message_id, self._limits.max_message_bytes
                 )
             except InvalidMessage as exc:
-                work.append(self._guarded(delivery, self._reject(delivery, exc)))
+                work.append(self._guarded(delivery, self._failures.reject(delivery, exc)))
             else:
                 parsed.append((delivery, message))
         firsts: list[tuple[Delivery, ChatMessage]] = []
@@ -358,23 +364,6 @@ class MessageConsumer:
         finally:
             self._settle(delivery, outcome)
 
-    async def _reject(self, delivery: Delivery, exc: InvalidMessage) -> Outcome:
-        return await self._dead_letter(delivery, exc.reason, exc.detail, attempt_of(delivery))
-
-    async def _dead_letter(
-        self, delivery: Delivery, reason: str, detail: str, attempts: int
-    ) -> Outcome:
-        """Publish to the dead-letter queue, then ack; if that publish fails, requeue after a pause."""
-        log.warning("message_dead_lettered", reason=reason, detail=detail, attempts=attempts)
-        try:
-            await self._broker.dead_letter(delivery, reason, detail, attempts)
-        except PublishFailed as publish_exc:
-            log.warning("dead_letter_publish_failed", error=str(publish_exc))
-            await self._pause(REQUEUE_PAUSE_S)
-            return Outcome.REQUEUE
-        self._counters.record(Counter.DEAD_LETTERED)
-        return Outcome.ACK
-
     async def _after_claim(
         self, delivery: Delivery, message: ChatMessage, claim: ClaimResult
     ) -> Outcome:
@@ -436,10 +425,10 @@ class MessageConsumer:
         if claim.status is ClaimStatus.DONE:
             return self._skip_done(delivery, message.message_id, claim)
         if claim.status is ClaimStatus.EXHAUSTED:
-            return await self._exhausted(delivery, claim.attempt)
+            return await self._failures.exhausted(delivery, claim.attempt)
         if attempt > self._limits.max_attempts:  # by the header: MAX_ATTEMPTS was lowered
             await self._claims.release(message.message_id, claim.token)
-            return await self._exhausted(delivery, attempt - 1)
+            return await self._failures.exhausted(delivery, attempt - 1)
         self._working += 1
         try:
             return await self._work(delivery, message, attempt, claim)
@@ -462,7 +451,7 @@ class MessageConsumer:
                 classification, cached = await self._classifier.classify(message.text)
                 await self._broker.publish_result(message, classification, cached)
         except Exception as exc:
-            return await self._failed((delivery, message, claim), attempt, exc)
+            return await self._failures.failed((delivery, message, claim), attempt, exc)
         self._faults.hit("kill_after_publish", message.message_id)
         status = await self._claims.complete(message.message_id, claim.token, cached)
         self._faults.hit("kill_after_complete", message.message_id)
@@ -560,15 +549,7 @@ class MessageConsumer:
         delivery, message, claim = item
         attempt = max(attempt_of(delivery), claim.attempt)
         with bound_contextvars(message_id=message.message_id, attempt=attempt):
-            return await self._failed(item, attempt, exc)
-
-    async def _failed(self, item: Claimed, attempt: int, exc: BaseException) -> Outcome:
-        """Release the claim of a message whose work failed, then retry or dead-letter it."""
-        delivery, message, claim = item
-        if not isinstance(exc, EXPECTED_FAILURES):
-            log.error("message_work_failed", exc_info=exc)
-        await self._claims.release(message.message_id, claim.token)
-        return await self._retry_or_dead_letter(delivery, attempt, exc)
+            return await self._failures.failed(item, attempt, exc)
 
     def _completed(
         self, message_id: str, status: CompleteStatus, cached: bool, started: float
@@ -586,45 +567,6 @@ class MessageConsumer:
         )
         self._counters.latency.observe(time.perf_counter() - started)
         log.debug("message_processed", message_id=message_id, cached=cached)
-        return Outcome.ACK
-
-    async def _exhausted(self, delivery: Delivery, attempts: int) -> Outcome:
-        """Dead-letter a message whose attempts were all used up without one finishing."""
-        detail = (
-            f"{attempts} attempts started, none finished (MAX_ATTEMPTS={self._limits.max_attempts})"
-        )
-        last_error = (delivery.headers or {}).get(DETAIL_HEADER)
-        if isinstance(last_error, str) and last_error:
-            detail += f"; last error reported: {last_error}"
-        else:
-            detail += "; the replicas working on it stopped (crashed or lost the claim)"
-        return await self._dead_letter(delivery, "retries_exhausted", detail, attempts)
-
-    async def _retry_or_dead_letter(
-        self, delivery: Delivery, attempt: int, exc: BaseException
-    ) -> Outcome:
-        if isinstance(exc, TimeoutError):
-            error = "work timed out or its lease could not be renewed"
-        elif isinstance(exc, TransientError | PermanentError):
-            error = str(exc)
-        else:  # its text may hold anything; the type is what an operator can act on
-            error = f"unexpected {type(exc).__name__}"
-        self._counters.record(Counter.FAILED)
-        if isinstance(exc, PermanentError) or attempt >= self._limits.max_attempts:
-            reason = "permanent_error" if isinstance(exc, PermanentError) else "retries_exhausted"
-            return await self._dead_letter(delivery, reason, error, attempt)
-        try:
-            log.warning(
-                "message_retry_scheduled",
-                error=error,
-                delay_ms=self._broker.topology.retry_delay_ms(attempt),
-            )
-            await self._broker.schedule_retry(delivery, attempt, error)
-            self._counters.record(Counter.RETRIED)
-        except PublishFailed as publish_exc:
-            log.warning("retry_publish_failed", error=str(publish_exc))
-            await self._pause(REQUEUE_PAUSE_S)
-            return Outcome.REQUEUE
         return Outcome.ACK
 
     async def drain(self, timeout_s: float) -> bool:
