@@ -185,10 +185,6 @@ class ResultOut:
                 self._publish_frames[key] = frame
         return frame
 
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            await asyncio.wait({task}, timeout=5.0)
-
 
 def _relay_to(done: asyncio.Future[None]) -> Callable[[asyncio.Future[object]], None]:
     def relay(confirmation: asyncio.Future[object]) -> None:
