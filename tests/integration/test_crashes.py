@@ -43,7 +43,12 @@ async def test_sigkill_while_holding_claims_loses_nothing(
             deadline = time.monotonic() + 10
             held = []
             while time.monotonic() < deadline and not held:
-                held = [k async for k in redis_client.scan_iter(match=f"{names.key_prefix}claim:*")]
+                held = [
+                    k
+                    async for k in redis_client.scan_iter(
+                        match=f"{names.key_prefix}claim:*", count=1000
+                    )
+                ]
                 await asyncio.sleep(0.05)
             assert held, "the victim never held a claim"
             survivors = [replicas.start(names.env(**common)) for _ in range(2)]
@@ -58,7 +63,10 @@ async def test_sigkill_while_holding_claims_loses_nothing(
             # Its claims were taken over once they expired: within about one lease of the kill,
             # plus the time to work through what is left.
             taken_over = [
-                k async for k in redis_client.scan_iter(match=f"{names.key_prefix}claim:*")
+                k
+                async for k in redis_client.scan_iter(
+                    match=f"{names.key_prefix}claim:*", count=1000
+                )
             ]
             assert taken_over == []
             assert time.monotonic() - killed_at < 60

@@ -65,7 +65,9 @@ async def assert_cleaned_up(tag: str) -> None:
         await connection.close()
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
-        assert [k async for k in client.scan_iter(match=f"neiromatrius:demo:{tag}:*")] == []
+        assert [
+            k async for k in client.scan_iter(match=f"neiromatrius:demo:{tag}:*", count=1000)
+        ] == []
     finally:
         await client.aclose()
 

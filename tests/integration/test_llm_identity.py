@@ -44,7 +44,10 @@ async def test_changing_llm_model_makes_cached_texts_miss(
                 m: sink.by_id[m][0]["classification"]["cached"] for m in ("a-1", "b-1", "a-2")
             }
             assert cached == {"a-1": False, "b-1": False, "a-2": True}
-            entries = [key async for key in redis_client.scan_iter(f"{names.key_prefix}cache:*")]
+            entries = [
+                key
+                async for key in redis_client.scan_iter(f"{names.key_prefix}cache:*", count=1000)
+            ]
             assert len(entries) == 2  # one per model, side by side
     finally:
         replicas.close()

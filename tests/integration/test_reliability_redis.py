@@ -52,7 +52,7 @@ async def wait_for_claims(spare: SpareRedis, names: Names, count: int) -> None:
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            held = [k async for k in client.scan_iter(f"{names.key_prefix}claim:*")]
+            held = [k async for k in client.scan_iter(f"{names.key_prefix}claim:*", count=1000)]
             if len(held) >= count:
                 return
             await asyncio.sleep(0.02)
