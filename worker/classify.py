@@ -63,16 +63,7 @@ class CachedClassifier:
             return result, not computed
         except BaseException as exc:
             if not future.done():
-                # Waiters must not inherit our cancellation (a timeout of ours is not theirs).
-                shared_exc = (
-                    exc
-                    if isinstance(exc, Exception)
-                    else ClassifierUnavailable(
-                        "the classification this message waited for was cancelled"
-                    )
-                )
-                future.set_exception(shared_exc)
-                future.exception()  # mark retrieved: waiters may be gone
+                _share_failure(future, exc)
             raise
         finally:
             del self._inflight[key]
@@ -120,14 +111,9 @@ class CachedClassifier:
             self._inflight.update(futures)
             try:
                 answers = await self._lead(texts, leaders, shared)
-            except BaseException:
+            except BaseException as exc:
                 for future in futures.values():
-                    future.set_exception(
-                        ClassifierUnavailable(
-                            "the classification this message waited for was cancelled"
-                        )
-                    )
-                    future.exception()
+                    _share_failure(future, exc)
                 raise
             finally:
                 for key in leaders:
@@ -135,8 +121,7 @@ class CachedClassifier:
             for (key, index), answer in zip(leaders.items(), answers, strict=True):
                 out[index] = answer
                 if isinstance(answer, Exception):
-                    futures[key].set_exception(answer)
-                    futures[key].exception()  # mark retrieved: waiters may be gone
+                    _share_failure(futures[key], answer)
                 else:
                     futures[key].set_result(answer[0])
         for index in followers:
@@ -236,3 +221,12 @@ class CachedClassifier:
         if isinstance(self.classifier, Reporting):
             found.update(self.classifier.snapshot())
         return found
+
+
+def _share_failure(future: asyncio.Future[Classification], exc: BaseException) -> None:
+    """Fail the computation others wait for. Waiters must not inherit a cancellation (a timeout
+    of ours is not theirs); the future is marked retrieved, as the waiters may be gone."""
+    if not isinstance(exc, Exception):
+        exc = ClassifierUnavailable("the classification this message waited for was cancelled")
+    future.set_exception(exc)
+    future.exception()

@@ -11,7 +11,8 @@ of an ID already in work here take the per-message path.
 
 Failures never turn into a hot loop: a failed attempt is retried through a delay queue
 (``worker.failures``) and counted (``MAX_ATTEMPTS``, counted per message ID at claim time, so a
-replica killed by a message counts too), and the rare requeue after a failure nobody expected waits ``REQUEUE_PAUSE_S`` first. While
+replica killed by a message counts too), and the rare requeue after a failure nobody expected
+waits ``REQUEUE_PAUSE_S`` first. While
 the claim store must wait for Redis (strict mode, or the first seconds of an outage) a pass holds
 its deliveries unacknowledged and the consumer reports itself ``paused``.
 

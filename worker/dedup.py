@@ -26,10 +26,10 @@ import itertools
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 from redis.asyncio import Redis
 
@@ -167,6 +167,19 @@ return out
 
 
 MAX_SCRIPT_BATCH = 512  # IDs per script call: bounds how long one call blocks Redis
+
+Item = TypeVar("Item")
+Answer = TypeVar("Answer")
+
+
+async def in_script_batches(
+    run: Callable[[list[Item]], Awaitable[Sequence[Answer]]], items: Sequence[Item]
+) -> list[Answer]:
+    """``run`` over ``items`` in slices of at most ``MAX_SCRIPT_BATCH``, answers in order."""
+    answers: list[Answer] = []
+    for start in range(0, len(items), MAX_SCRIPT_BATCH):
+        answers += await run(list(items[start : start + MAX_SCRIPT_BATCH]))
+    return answers
 
 
 class ClaimStatus(Enum):
@@ -314,19 +327,14 @@ class RedisClaimStore:
             ClaimRequest(ask.message_id, self._tokens.next(), ask.redelivered, ask.suspect_at)
             for ask in requests
         ]
-        results: list[ClaimResult] = []
-        for start in range(0, len(batch), MAX_SCRIPT_BATCH):
-            results += await self._claim_batch(batch[start : start + MAX_SCRIPT_BATCH])
-        return results
+        return await in_script_batches(self._claim_batch, batch)
 
     async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus:
         done = await self._completions.submit(Completion(message_id, token, cache_hit))
         return CompleteStatus.IN_REDIS if done else CompleteStatus.LOST
 
     async def complete_many(self, items: Sequence[Completion]) -> list[CompleteStatus]:
-        done: list[bool] = []
-        for start in range(0, len(items), MAX_SCRIPT_BATCH):
-            done += await self._complete_batch(list(items[start : start + MAX_SCRIPT_BATCH]))
+        done = await in_script_batches(self._complete_batch, items)
         return [CompleteStatus.IN_REDIS if d else CompleteStatus.LOST for d in done]
 
     async def release(self, message_id: str, token: str) -> bool:

@@ -41,8 +41,8 @@ import structlog
 
 from worker.batching import MicroBatcher
 from worker.dedup import (  # owner-checked batch renewal, the same script as for claims
-    MAX_SCRIPT_BATCH,
     RENEW_LUA,
+    in_script_batches,
 )
 from worker.errors import ClassifierUnavailable
 from worker.gathering import answered, gather_into
@@ -195,10 +195,8 @@ class ClusterLocks:
         if not self._link.available:
             return unavailable
         asks = [(entry, self._new_token()) for entry in entries]
-        answers: list[bytes | int] = []
         try:
-            for start in range(0, len(asks), MAX_SCRIPT_BATCH):
-                answers += await self._lookup_batch(asks[start : start + MAX_SCRIPT_BATCH])
+            answers = await in_script_batches(self._lookup_batch, asks)
         except REDIS_UNAVAILABLE as exc:
             self._link.report_failure(exc)  # locks taken by an earlier chunk lapse by themselves
             return unavailable
@@ -246,8 +244,7 @@ class ClusterLocks:
             return
         batch = [_Write(entry, token, value, ttl_s) for entry, token, value in writes]
         try:
-            for start in range(0, len(batch), MAX_SCRIPT_BATCH):
-                await self._write_batch(batch[start : start + MAX_SCRIPT_BATCH])
+            await in_script_batches(self._write_batch, batch)
         except REDIS_UNAVAILABLE as exc:
             self._link.report_failure(exc)
 
