@@ -32,11 +32,13 @@ async def main(url: str, queue_name: str, count: int, prefetch: int) -> None:
     done = asyncio.Event()
     seen = 0
     first = 0.0
+    cpu_first = 0.0
 
     async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        nonlocal seen, first
+        nonlocal seen, first, cpu_first
         if seen == 0:
             first = time.perf_counter()
+            cpu_first = time.process_time()
         await message.ack()
         seen += 1
         if seen >= count:
@@ -45,8 +47,10 @@ async def main(url: str, queue_name: str, count: int, prefetch: int) -> None:
     await queue.consume(on_message)
     await done.wait()
     elapsed = time.perf_counter() - first
+    cpu_seconds = time.process_time() - cpu_first
     peak_kb = peak_rss_kb()
-    print(json.dumps({"messages": seen, "seconds": elapsed, "peak_rss_mb": peak_kb / 1024}))
+    report = {"messages": seen, "seconds": elapsed, "cpu_seconds": cpu_seconds}
+    print(json.dumps({**report, "peak_rss_mb": peak_kb / 1024}))
     await connection.close()
 
 

@@ -38,10 +38,11 @@ async def main(url: str, queue: str, exchange: str, count: int, prefetch: int) -
     done = asyncio.Event()
     seen = 0
     first = 0.0
-    in_order: deque[tuple[int, asyncio.Future[None]]] = deque()  # deliveries, in tag order
+    cpu_first = 0.0
+    in_order: deque[tuple[int, asyncio.Future[object]]] = deque()  # deliveries, in tag order
     acks: set[asyncio.Task[None]] = set()
 
-    def confirmed(_: asyncio.Future[None]) -> None:
+    def confirmed(_: asyncio.Future[object]) -> None:
         nonlocal seen
         highest = 0
         while in_order and in_order[0][1].done():  # the settled front run, as the worker's acker
@@ -55,9 +56,10 @@ async def main(url: str, queue: str, exchange: str, count: int, prefetch: int) -
             done.set()
 
     def on_message(message: DeliveredMessage) -> None:
-        nonlocal first
+        nonlocal first, cpu_first
         if first == 0.0:
             first = time.perf_counter()
+            cpu_first = time.process_time()
         future = out.publish(message.body, "result", message.header.properties.message_id or "-")
         in_order.append((message.delivery_tag or 0, future))
         future.add_done_callback(confirmed)
@@ -65,8 +67,10 @@ async def main(url: str, queue: str, exchange: str, count: int, prefetch: int) -
     await consuming.basic_consume(queue, on_message)  # type: ignore[arg-type]  # aiormq wraps it
     await done.wait()
     elapsed = time.perf_counter() - first
+    cpu_seconds = time.process_time() - cpu_first
     peak_kb = peak_rss_kb()
-    print(json.dumps({"messages": seen, "seconds": elapsed, "peak_rss_mb": peak_kb / 1024}))
+    report = {"messages": seen, "seconds": elapsed, "cpu_seconds": cpu_seconds}
+    print(json.dumps({**report, "peak_rss_mb": peak_kb / 1024}))
     await publishing.exchange_delete(exchange)
     await connection.close()
 

@@ -36,6 +36,7 @@ import aio_pika
 import orjson
 import redis.asyncio as aioredis
 
+from bench.cpu import Services, cpu_seconds
 from bench.redis_memory import measure as measure_redis_memory
 from worker import publish
 from worker.samples import generate_sample
@@ -75,6 +76,18 @@ class Outcome:
     p50_ms: float | None = None
     p99_ms: float | None = None
     peak_rss_mb: list[float] = field(default_factory=list)
+    # CPU µs per message during the measured phase: consumer (all replicas), broker, Redis
+    cpu_us: tuple[float, float, float] | None = None
+
+
+def cpu_per_message(
+    consumer_s: float, services: tuple[float, float], count: int
+) -> tuple[float, float, float]:
+    return (
+        consumer_s / count * 1e6,
+        services[0] / count * 1e6,
+        services[1] / count * 1e6,
+    )
 
 
 class Names:
@@ -190,8 +203,11 @@ async def result_latencies(names: Names, rate: float, seconds: float) -> list[fl
     return latencies
 
 
-async def run_bare(names: Names, case: Case, count: int, prefetch: int) -> Outcome:
+async def run_bare(
+    names: Names, case: Case, count: int, prefetch: int, services: Services
+) -> Outcome:
     await prefill(names, bodies(count, CASES[1], seed=1))
+    before = services.sample()
     if case.publishing:
         script = "publishing_consumer.py"
         extra = [names.results]
@@ -214,16 +230,25 @@ async def run_bare(names: Names, case: Case, count: int, prefetch: int) -> Outco
         timeout=600,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+    after = services.sample()
     report = json.loads(done.stdout)
+    spent = (after[0] - before[0], after[1] - before[1])
     return Outcome(
         case,
         per_second=count / report["seconds"],
         peak_rss_mb=[round(report["peak_rss_mb"], 1)],
+        cpu_us=cpu_per_message(report["cpu_seconds"], spent, count),
     )
 
 
 async def run_worker(
-    names: Names, case: Case, count: int, latency_rate: float, tmp: Path, prefetch: int
+    names: Names,
+    case: Case,
+    count: int,
+    latency_rate: float,
+    tmp: Path,
+    prefetch: int,
+    services: Services,
 ) -> Outcome:
     messages = bodies(count, case, seed=2)
     await prefill(names, messages)
@@ -254,14 +279,24 @@ async def run_worker(
         first: float | None = None
         total = 0
         deadline = time.monotonic() + 600
+        consumer_at_first, services_at_first = 0.0, (0.0, 0.0)
         while total < count and time.monotonic() < deadline:
             total = sum(await asyncio.gather(*(asyncio.to_thread(handled, p) for p in ports)))
             now = time.perf_counter()
             if first is None and total > 0:
                 first = now
+                consumer_at_first = sum(cpu_seconds(p.pid) for p, _ in processes)
+                services_at_first = services.sample()
             await asyncio.sleep(0.02)
         assert first is not None and total >= count, f"case {case.key}: {total}/{count} handled"
         outcome.per_second = count / (time.perf_counter() - first)
+        consumer_s = sum(cpu_seconds(p.pid) for p, _ in processes) - consumer_at_first
+        services_now = services.sample()
+        outcome.cpu_us = cpu_per_message(
+            consumer_s,
+            (services_now[0] - services_at_first[0], services_now[1] - services_at_first[1]),
+            count,
+        )
         latencies = await result_latencies(names, min(latency_rate, outcome.per_second / 2), 4.0)
         if latencies:
             latencies.sort()
@@ -307,16 +342,17 @@ def render(outcomes: list[Outcome], memory: dict[str, Any], count: int) -> str:
         f"{count} messages per case; ratios against (a) measured in this run",
         "",
         f"{'case':<4} {'what':<44} {'msg/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}"
-        f" {'peak RSS MB':>12}",
+        f" {'peak RSS MB':>12}  CPU µs/msg: consumer broker Redis",
     ]
     for o in outcomes:
         ratio = f"{o.per_second / base:.2f}" if base else "-"
         p50 = f"{o.p50_ms:.1f}" if o.p50_ms is not None else "-"
         p99 = f"{o.p99_ms:.1f}" if o.p99_ms is not None else "-"
         rss = "/".join(f"{r:.0f}" for r in o.peak_rss_mb)
+        cpu = "   ".join(f"{us:>6.0f}" for us in o.cpu_us) if o.cpu_us else ""
         lines.append(
             f"({o.case.key}) {o.case.title:<44} {o.per_second:>8,.0f} {ratio:>6} {p50:>7}"
-            f" {p99:>7} {rss:>12}"
+            f" {p99:>7} {rss:>12}             {cpu}"
         )
     lines.append("")
     by_key = {o.case.key: o for o in outcomes}
@@ -347,16 +383,17 @@ async def main() -> None:
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "neiromatrius-bench"
     tmp.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
+    services = Services.find()
     for case in CASES:
         if case.key not in args.cases:
             continue
         names = Names()
         try:
             if case.bare:
-                outcome = await run_bare(names, case, args.messages, args.prefetch)
+                outcome = await run_bare(names, case, args.messages, args.prefetch, services)
             else:
                 outcome = await run_worker(
-                    names, case, args.messages, args.latency_rate, tmp, args.prefetch
+                    names, case, args.messages, args.latency_rate, tmp, args.prefetch, services
                 )
         finally:
             await cleanup(names)

@@ -203,7 +203,7 @@ class Broker:
 
     def queue_result(
         self, message: ChatMessage, classification: Classification, cached: bool
-    ) -> asyncio.Future[None]:
+    ) -> asyncio.Future[object]:
         """Queue the result to leave with the others of this loop turn (``worker.result_out``);
         the future resolves on the broker's confirm, or fails with one of ``PUBLISH_ERRORS``
         (``publish_failed`` names it) or ``PermanentError``. ``PermanentError`` at once when the

@@ -77,11 +77,11 @@ STORE_POLL_MAX_S = 0.5
 UNFINISHED: BaseException = TimeoutError("the work did not finish")
 
 
-def _confirmed(future: asyncio.Future[None]) -> bool:
+def _confirmed(future: asyncio.Future[object]) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
+def _retrieve(future: asyncio.Future[object]) -> None:
     if not future.cancelled():
         future.exception()
 
@@ -502,7 +502,7 @@ class MessageConsumer:
         """Classify and publish the batch's results under its leases: per message, the
         classification once the broker confirmed its result, or why it did not get there."""
         produced: list[Classified | BaseException] = [UNFINISHED] * len(batch)
-        confirms: dict[int, asyncio.Future[None]] = {}
+        confirms: dict[int, asyncio.Future[object]] = {}
         try:
             async with self._leases.working_many(
                 [Lease(m.message_id, c.token) for _, m, c in batch]

@@ -4,7 +4,8 @@ aiormq's ``basic_publish`` takes the channel lock, arms a timeout, writes three 
 for the writer to drain them, once per message; at thousands of results a second that machinery
 cost more than the rest of a message's work. Here results are queued, and one flush per loop turn
 marshals them all into one payload under the channel lock, registering one confirmation future per
-result in the channel's own table (``confirmations``), exactly as ``basic_publish`` does. The broker
+result in the channel's own table (``confirmations``), as ``basic_publish`` does (the caller's own
+future is registered, so no future of aiormq's store is made per result; see ``_Watch``). The broker
 confirms each result (or several at once); each caller still waits for its own confirmation, so a
 result is never taken as published before the broker has it.
 
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 import pamqp.frame
 from aiormq import Channel
@@ -78,15 +81,36 @@ class _Pending:
     body: bytes
     routing_key: str
     message_id: str
-    done: asyncio.Future[None]
+    done: asyncio.Future[object]
 
 
-@dataclass(slots=True)
-class _Sent:
-    tag: int
-    frames: bytes
-    item: _Pending
-    confirmation: asyncio.Future[object]
+class _Watch:
+    """The results in flight on one channel, failed together if the channel closes under them.
+
+    aiormq rejects the futures of its own store when a channel closes; one future of that store
+    per channel (``closed``) stands for all the results in flight on it, instead of one per result.
+    ``in_flight`` is pruned from the front (results are confirmed roughly in order) on each flush.
+    """
+
+    __slots__ = ("closed", "in_flight")
+
+    def __init__(self, channel: Channel) -> None:
+        self.in_flight: deque[asyncio.Future[object]] = deque()
+        self.closed = channel.create_future()
+        self.closed.add_done_callback(self.fail_in_flight)
+
+    def fail_in_flight(self, closed: asyncio.Future[object]) -> None:
+        error = (
+            asyncio.CancelledError() if closed.cancelled() else closed.exception()
+        ) or ConnectionError("the channel closed before the broker confirmed the result")
+        while self.in_flight:
+            done = self.in_flight.popleft()
+            if not done.done():
+                done.set_exception(error)
+
+    def prune(self) -> None:
+        while self.in_flight and self.in_flight[0].done():
+            self.in_flight.popleft()
 
 
 class ResultOut:
@@ -109,12 +133,13 @@ class ResultOut:
         self._pending: list[_Pending] = []
         self._publish_frames: dict[tuple[int, str], bytes] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._watches: dict[Channel, _Watch] = {}
 
-    def publish(self, body: bytes, routing_key: str, message_id: str) -> asyncio.Future[None]:
+    def publish(self, body: bytes, routing_key: str, message_id: str) -> asyncio.Future[object]:
         """Queue one result; the future resolves when the broker confirms it, or raises if the
         broker rejects it or the channel closes first."""
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[object] = loop.create_future()
         if not self._pending:
             task = loop.create_task(self._flush())  # runs after this turn's results are queued
             self._tasks.add(task)
@@ -126,18 +151,21 @@ class ResultOut:
         batch, self._pending = self._pending, []
         try:
             channel = await self._get_channel()
+            watch = self._watch(channel)
             async with channel.lock:  # publishes on this channel keep their delivery-tag order
-                sent = self._frame(channel, batch)
-                payload = b"".join(s.frames for s in sent)
+                payload, tags = self._frame(channel, batch)
                 written = False
                 try:
                     await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
                     written = True
                 finally:
                     if not written:  # the broker never saw them: give their tags back
-                        for s in sent:
-                            channel.confirmations.pop(s.tag, None)
-                        channel.delivery_tag -= len(sent)
+                        for tag in tags:
+                            channel.confirmations.pop(tag, None)
+                        channel.delivery_tag -= len(tags)
+            watch.in_flight.extend(item.done for item in batch)
+            if watch.closed.done():  # it closed while we wrote: nobody will confirm them
+                watch.fail_in_flight(watch.closed)
         except asyncio.CancelledError:
             for item in batch:
                 item.done.cancel()
@@ -146,16 +174,25 @@ class ResultOut:
             for item in batch:
                 if not item.done.done():
                     item.done.set_exception(exc)
-            return
-        for s in sent:
-            s.confirmation.add_done_callback(_relay_to(s.item.done))
 
-    def _frame(self, channel: Channel, batch: list[_Pending]) -> list[_Sent]:
-        """Frames for every result in ``batch``, with a confirmation registered for each one
-        that could be encoded (one that cannot fails alone)."""
-        out: list[_Sent] = []
+    def _watch(self, channel: Channel) -> _Watch:
+        watch = self._watches.get(channel)
+        if watch is None or watch.closed.done():
+            for old in [c for c, w in self._watches.items() if w.closed.done()]:
+                del self._watches[old]
+            watch = self._watches[channel] = _Watch(channel)
+        watch.prune()
+        return watch
+
+    def _frame(self, channel: Channel, batch: list[_Pending]) -> tuple[bytes, list[int]]:
+        """Frames for every result in ``batch``, each one's future registered as its
+        confirmation (the broker's ack resolves it, a nack fails it); one that cannot be encoded
+        fails alone. Returns the payload and the delivery tags used."""
+        parts: list[bytes] = []
+        tags: list[int] = []
         number = channel.number
         max_content = channel.max_content_size
+        confirmations = cast(dict[int, asyncio.Future[object]], channel.confirmations)
         for item in batch:
             try:
                 header = content_header(number, len(item.body), item.message_id, self._app_id)
@@ -164,16 +201,15 @@ class ResultOut:
                     PermanentError(f"the result's message_id cannot be sent over AMQP: {exc}")
                 )
                 continue
-            frames = (
-                self._publish_frame(number, item.routing_key)
-                + header
-                + body_frames(number, item.body, max_content)
+            parts += (
+                self._publish_frame(number, item.routing_key),
+                header,
+                body_frames(number, item.body, max_content),
             )
             channel.delivery_tag += 1
-            confirmation = channel.create_future()
-            channel.confirmations[channel.delivery_tag] = confirmation
-            out.append(_Sent(channel.delivery_tag, frames, item, confirmation))
-        return out
+            confirmations[channel.delivery_tag] = item.done
+            tags.append(channel.delivery_tag)
+        return b"".join(parts), tags
 
     def _publish_frame(self, channel: int, routing_key: str) -> bytes:
         key = (channel, routing_key)
@@ -184,17 +220,3 @@ class ResultOut:
             if len(self._publish_frames) < 1024:  # labels are few; a bound all the same
                 self._publish_frames[key] = frame
         return frame
-
-
-def _relay_to(done: asyncio.Future[None]) -> Callable[[asyncio.Future[object]], None]:
-    def relay(confirmation: asyncio.Future[object]) -> None:
-        if done.done():
-            return
-        if confirmation.cancelled():
-            done.cancel()
-        elif (exc := confirmation.exception()) is not None:
-            done.set_exception(exc)
-        else:
-            done.set_result(None)
-
-    return relay
