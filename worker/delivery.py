@@ -7,20 +7,31 @@ raw=True)`` registers the callback with aiormq directly, and the consumer wraps 
 ``Delivery``: the few fields the hot path reads, taken as they are. The rare path that publishes a
 copy of the message (a retry, a dead letter) still gets aio-pika's full view (``incoming``).
 
+aiormq also runs every consumer callback in a task of its own, one per delivery. The worker's callback
+is synchronous and only queues the delivery, so the task cost more than the callback:
+``deliver_inline`` has the channel's reader call it directly instead (it relies on two aiormq
+internals, ``_on_deliver_frame`` and the content reader; aiormq is pinned, and
+``tests/integration/test_delivery.py`` checks the behaviour).
+
 The queue stays robust: like aio-pika's own consumers, a raw consumer is registered again on the
 new channel after a reconnection (``RobustQueue.restore`` calls ``consume`` with what was kept).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aio_pika
+import structlog
 from aio_pika.abc import AbstractIncomingMessage, ConsumerTag
 from aio_pika.message import IncomingMessage
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError
+
+log = structlog.get_logger("worker.delivery")
+
+Inline = Callable[[DeliveredMessage], None]
 
 
 class Delivery:
@@ -81,9 +92,10 @@ class DirectQueue(aio_pika.RobustQueue):
                 callback, no_ack, exclusive, arguments, consumer_tag, timeout, robust
             )
         channel = await self.channel.get_underlay_channel()
+        deliver_inline(channel)
         answer = await channel.basic_consume(
             queue=self.name,
-            consumer_callback=callback,
+            consumer_callback=inline_callback(callback),
             exclusive=exclusive,
             no_ack=no_ack,
             arguments=arguments,
@@ -103,3 +115,51 @@ class DirectChannel(aio_pika.RobustChannel):
     """A robust channel whose queues are ``DirectQueue``s."""
 
     QUEUE_CLASS = DirectQueue
+
+
+class _InlineCallback:
+    """A synchronous consumer callback that the channel's reader calls directly."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Inline) -> None:
+        self.callback = callback
+
+    def __call__(self, message: DeliveredMessage) -> None:
+        self.callback(message)
+
+
+def deliver_inline(channel: AbstractChannel) -> None:
+    """Have ``channel``'s reader call the consumers registered through ``inline_callback``
+    directly with each delivery, instead of in a new task per delivery (aiormq's way, which every
+    other consumer of the channel keeps). Installed before the consumer is, so that no delivery
+    arriving right after ``basic.consume-ok`` goes the other way."""
+    if getattr(channel, "_delivers_inline", False):
+        return
+    channel._on_deliver_frame = _inline_deliver_frame(channel)  # type: ignore[attr-defined]
+    channel._delivers_inline = True  # type: ignore[attr-defined]
+
+
+def inline_callback(callback: Inline) -> Callable[[DeliveredMessage], Any]:
+    return _InlineCallback(callback)
+
+
+def _inline_deliver_frame(channel: Any) -> Callable[[Any], Awaitable[None]]:
+    own_way = channel._on_deliver_frame
+    read_header = channel._Channel__get_content_header
+    read_content = channel._read_content
+    consumers = channel.consumers
+
+    async def on_deliver_frame(frame: Any) -> None:
+        # aiormq keeps ``awaitable(callback)``, a ``functools.wraps`` wrapper of the callback.
+        callback = getattr(consumers.get(frame.consumer_tag), "__wrapped__", None)
+        if not isinstance(callback, _InlineCallback):
+            await own_way(frame)
+            return
+        message = await read_content(frame, await read_header())
+        try:
+            callback(message)
+        except Exception:  # the channel's reader must go on: this delivery stays unsettled
+            log.exception("consumer_callback_failed")
+
+    return on_deliver_frame

@@ -1,0 +1,123 @@
+"""A raw consumer (``DirectQueue.consume(..., raw=True)``) against the real broker: every delivery
+reaches the synchronous callback, in order, called by the channel's reader itself."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+from aiormq.abc import DeliveredMessage
+
+from tests.conftest import RABBITMQ_URL, Names
+from worker.broker import BackoffRobustConnection
+from worker.delivery import DirectQueue
+
+COUNT = 300
+
+
+async def direct_queue(
+    connection: aio_pika.abc.AbstractRobustConnection, name: str
+) -> tuple[aio_pika.abc.AbstractChannel, DirectQueue]:
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=COUNT)
+    queue = await channel.declare_queue(name, durable=True)
+    assert isinstance(queue, DirectQueue)
+    return channel, queue
+
+
+async def fill(channel: aio_pika.abc.AbstractChannel, queue: str, count: int) -> None:
+    for i in range(count):
+        await channel.default_exchange.publish(aio_pika.Message(str(i).encode()), routing_key=queue)
+
+
+async def test_deliveries_reach_the_callback_in_order_without_a_task_each(names: Names) -> None:
+    connection = await aio_pika.connect_robust(
+        RABBITMQ_URL, connection_class=BackoffRobustConnection
+    )
+    try:
+        channel, queue = await direct_queue(connection, names.input_queue)
+        await fill(channel, names.input_queue, COUNT)
+        bodies: list[bytes] = []
+        callers: set[asyncio.Task[object] | None] = set()
+        all_in = asyncio.Event()
+
+        def on_delivery(message: DeliveredMessage) -> None:
+            bodies.append(message.body)
+            callers.add(asyncio.current_task())
+            if len(bodies) == COUNT:
+                all_in.set()
+
+        await queue.consume(on_delivery, raw=True, no_ack=True)
+        await asyncio.wait_for(all_in.wait(), timeout=30)
+        assert bodies == [str(i).encode() for i in range(COUNT)]
+        # aiormq's own way runs each callback in a task of its own: 300 callers, not one.
+        assert len(callers) == 1
+    finally:
+        channel = await connection.channel()
+        await channel.queue_delete(names.input_queue, if_unused=False, if_empty=False)
+        await connection.close()
+
+
+async def test_a_failing_callback_does_not_stop_the_deliveries_after_it(names: Names) -> None:
+    connection = await aio_pika.connect_robust(
+        RABBITMQ_URL, connection_class=BackoffRobustConnection
+    )
+    try:
+        channel, queue = await direct_queue(connection, names.input_queue)
+        await fill(channel, names.input_queue, 3)
+        seen: list[bytes] = []
+        all_in = asyncio.Event()
+
+        def on_delivery(message: DeliveredMessage) -> None:
+            seen.append(message.body)
+            if len(seen) == 3:
+                all_in.set()
+            if message.body == b"0":
+                raise RuntimeError("a bug in the callback")
+
+        await queue.consume(on_delivery, raw=True, no_ack=True)
+        await asyncio.wait_for(all_in.wait(), timeout=30)
+        assert seen == [b"0", b"1", b"2"]
+        assert not channel.is_closed
+    finally:
+        channel = await connection.channel()
+        await channel.queue_delete(names.input_queue, if_unused=False, if_empty=False)
+        await connection.close()
+
+
+async def test_other_consumers_of_the_channel_keep_aiormqs_own_way(names: Names) -> None:
+    connection = await aio_pika.connect_robust(
+        RABBITMQ_URL, connection_class=BackoffRobustConnection
+    )
+    other = names.dead_letter_queue
+    try:
+        channel, queue = await direct_queue(connection, names.input_queue)
+        plain_queue = await channel.declare_queue(other, durable=True)
+        await fill(channel, names.input_queue, 5)
+        await fill(channel, other, 5)
+        raw_got: list[bytes] = []
+        plain_got: list[bytes] = []
+        all_in = asyncio.Event()
+
+        def check() -> None:
+            if len(raw_got) == len(plain_got) == 5:
+                all_in.set()
+
+        def on_delivery(message: DeliveredMessage) -> None:
+            raw_got.append(message.body)
+            check()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            plain_got.append(message.body)
+            await message.ack()
+            check()
+
+        await queue.consume(on_delivery, raw=True, no_ack=True)
+        await plain_queue.consume(on_message)
+        await asyncio.wait_for(all_in.wait(), timeout=30)
+        assert raw_got == plain_got == [str(i).encode() for i in range(5)]
+    finally:
+        channel = await connection.channel()
+        for name in (names.input_queue, other):
+            await channel.queue_delete(name, if_unused=False, if_empty=False)
+        await connection.close()
