@@ -240,7 +240,9 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
         )
         acker = Acker()
         consumer = live.consumer = MessageConsumer(
-            limits=ConsumerLimits(settings.max_message_bytes, settings.max_attempts),
+            limits=ConsumerLimits(
+                settings.max_message_bytes, settings.max_attempts, settings.prefetch
+            ),
             broker=broker,
             claims=claims,
             leases=leases,
