@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -482,9 +482,12 @@ class MessageConsumer:
             statuses = await self._claims.complete_many(
                 [Completion(batch[i][1].message_id, batch[i][2].token, p[1]) for i, p in done]
             )
+            completed: list[tuple[str, CompleteStatus, bool]] = []
             for (i, (_, cached)), status in zip(done, statuses, strict=True):
                 self._faults.hit("kill_after_complete", batch[i][1].message_id)
-                outcomes[i] = self._completed(batch[i][1].message_id, status, cached, started)
+                completed.append((batch[i][1].message_id, status, cached))
+                outcomes[i] = Outcome.ACK
+            self._count_completed(completed, started)
             failed = [(i, p) for i, p in enumerate(produced) if isinstance(p, BaseException)]
             if failed:
                 handled = await asyncio.gather(
@@ -562,19 +565,36 @@ class MessageConsumer:
         self, message_id: str, status: CompleteStatus, cached: bool, started: float
     ) -> Outcome:
         """Count a message whose result is published and whose completion ran; ack it."""
-        if status is CompleteStatus.LOST:
-            # Our lease lapsed and another replica owns the ID now: it finishes and counts it.
-            self._counters.record(Counter.CLAIMS_LOST)
-            log.warning("claim_lost_before_completion", message_id=message_id)
-            return Outcome.ACK
-        in_redis = status in (CompleteStatus.IN_REDIS, CompleteStatus.DEFERRED)
-        self._counters.record(Counter.PROCESSED, in_redis=in_redis)
-        self._counters.record(
-            Counter.CACHE_HITS if cached else Counter.CACHE_MISSES, in_redis=in_redis
-        )
-        self._counters.latency.observe(time.perf_counter() - started)
-        log.debug("message_processed", message_id=message_id, cached=cached)
+        self._count_completed([(message_id, status, cached)], started)
         return Outcome.ACK
+
+    def _count_completed(
+        self, completed: Sequence[tuple[str, CompleteStatus, bool]], started: float
+    ) -> None:
+        """Count messages whose results are published and whose completions ran (all of them
+        are acked), in one call per counter."""
+        processed = {True: 0, False: 0}  # by in_redis
+        hits = {True: 0, False: 0}
+        for message_id, status, cached in completed:
+            if status is CompleteStatus.LOST:
+                # Our lease lapsed and another replica owns the ID now: it finishes and counts it.
+                self._counters.record(Counter.CLAIMS_LOST)
+                log.warning("claim_lost_before_completion", message_id=message_id)
+                continue
+            in_redis = status is CompleteStatus.IN_REDIS or status is CompleteStatus.DEFERRED
+            processed[in_redis] += 1
+            hits[in_redis] += cached
+            log.debug("message_processed", message_id=message_id, cached=cached)
+        for in_redis in (True, False):
+            if not processed[in_redis]:
+                continue
+            self._counters.record(Counter.PROCESSED, processed[in_redis], in_redis=in_redis)
+            if hits[in_redis]:
+                self._counters.record(Counter.CACHE_HITS, hits[in_redis], in_redis=in_redis)
+            if misses := processed[in_redis] - hits[in_redis]:
+                self._counters.record(Counter.CACHE_MISSES, misses, in_redis=in_redis)
+        if done := processed[True] + processed[False]:
+            self._counters.latency.observe(time.perf_counter() - started, done)
 
     async def drain(self, timeout_s: float) -> bool:
         """Let messages in progress finish; those still waiting on a busy claim give up at once.

@@ -57,9 +57,10 @@ class LatencyHistogram:
         self._counts = [0] * (len(bounds_s) + 1)
         self._sum_s = 0.0
 
-    def observe(self, seconds: float) -> None:
-        self._counts[bisect.bisect_left(self._bounds, seconds)] += 1
-        self._sum_s += seconds
+    def observe(self, seconds: float, n: int = 1) -> None:
+        """Record ``n`` observations of ``seconds`` each."""
+        self._counts[bisect.bisect_left(self._bounds, seconds)] += n
+        self._sum_s += seconds * n
 
     def metric(self, name: str, documentation: str) -> HistogramMetricFamily:
         buckets: list[tuple[str, float]] = []

@@ -27,9 +27,8 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from enum import Enum
-from typing import Final, Protocol, TypeVar
+from typing import Final, NamedTuple, Protocol, TypeVar
 
 from redis.asyncio import Redis
 
@@ -201,8 +200,7 @@ class CompleteStatus(Enum):
     LOST = "lost"
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimResult:
+class ClaimResult(NamedTuple):
     """The answer to a claim: ours (with its token), already done, busy for ``retry_after_s``, or
     exhausted (no attempt left).
 
@@ -218,8 +216,7 @@ class ClaimResult:
     attempt: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimAsk:
+class ClaimAsk(NamedTuple):
     """One ID to claim. ``redelivered``: a done ID then counts as ``redelivered_done``, not as a
     duplicate. ``suspect_at``: answer ``SUSPECT`` instead of claiming once this many attempts were
     started (0: never)."""
@@ -229,23 +226,20 @@ class ClaimAsk:
     suspect_at: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimRequest:
+class ClaimRequest(NamedTuple):
     message_id: str
     token: str
     redelivered: bool
     suspect_at: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Completion:
+class Completion(NamedTuple):
     message_id: str
     token: str
     cache_hit: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
+class Lease(NamedTuple):
     message_id: str
     token: str
 

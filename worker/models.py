@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -42,8 +41,7 @@ _ESCAPED_ASCII = re.compile(rb"\\u00[4-7][0-9a-fA-F]")
 _IDENTITY_KEYS = ("message_id", "text")
 
 
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
+class ChatMessage(NamedTuple):
     """A valid incoming message: its ID, its text, and every field of the body (passed through)."""
 
     message_id: str

@@ -32,10 +32,9 @@ import contextlib
 import itertools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from enum import Enum
 from functools import partial
-from typing import Final, Protocol, TypeVar
+from typing import Final, NamedTuple, Protocol, TypeVar
 
 import structlog
 
@@ -107,8 +106,7 @@ return 0
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """The Redis keys of one cache entry and of its lock."""
 
     value_key: str
@@ -141,8 +139,7 @@ class WaitOutcome(Enum):
     UNAVAILABLE = "unavailable"
 
 
-@dataclass(frozen=True, slots=True)
-class _Write:
+class _Write(NamedTuple):
     entry: Entry
     token: str
     value: bytes
