@@ -147,8 +147,10 @@ class MessageConsumer:
             pause=self._pause,
         )
         self._inbox: list[Delivery] = []
-        # IDs in a pass of this replica: a copy that arrives meanwhile waits for it (see _run_pass)
-        self._local_work: dict[str, asyncio.Future[None]] = {}
+        # IDs in a pass of this replica: a copy that arrives meanwhile waits for it (see _run_pass);
+        # the future says whether the work finished (its done marker is written).
+        self._local_work: dict[str, asyncio.Future[bool]] = {}
+        self._finished_here: set[str] = set()  # IDs of _local_work whose work finished
         self._pass_scheduled = False
         self._passes: set[asyncio.Task[None]] = set()
         self._waiters: set[asyncio.Task[None]] = set()
@@ -226,20 +228,34 @@ class MessageConsumer:
                 self._local_work[message.message_id] = asyncio.get_running_loop().create_future()
                 firsts.append((delivery, message))
             else:
-                earlier.add_done_callback(partial(self._back_to_inbox, delivery))
+                earlier.add_done_callback(partial(self._after_local_work, delivery, message))
         try:
             if firsts:
                 work.append(self._claim_and_work(firsts))
             await run_all(work)
         finally:
             for _, message in firsts:
-                self._local_work.pop(message.message_id).set_result(None)
+                finished = message.message_id in self._finished_here
+                self._finished_here.discard(message.message_id)
+                self._local_work.pop(message.message_id).set_result(finished)
 
-    def _back_to_inbox(self, delivery: Delivery, _: object) -> None:
-        """A copy of an ID that was in work here when it came: claim it now that the work ended
-        (it is a duplicate then, or the retry of a failed attempt) rather than poll a busy claim."""
+    def _after_local_work(
+        self, delivery: Delivery, message: ChatMessage, work: asyncio.Future[bool]
+    ) -> None:
+        """A copy of an ID that was in work here when it came. If that work finished, the copy is
+        a duplicate (its done marker is written): settle it without asking Redis. Otherwise (the
+        attempt failed, or its claim was lost) claim it now, rather than poll a busy claim."""
+        if work.result():
+            done = ClaimResult(ClaimStatus.DONE)
+            self._settle(delivery, self._skip_done(delivery, message.message_id, done))
+            return
         self._inbox.append(delivery)
         self._wake()
+
+    def _finished(self, message_id: str) -> None:
+        """Note that the work on ``message_id`` finished, for copies waiting on it here."""
+        if message_id in self._local_work:
+            self._finished_here.add(message_id)
 
     async def _claim_and_work(self, parsed: list[tuple[Delivery, ChatMessage]]) -> None:
         """Claim the pass's IDs in one round trip, then work on each claimed message concurrently."""
@@ -416,6 +432,7 @@ class MessageConsumer:
 
     def _skip_done(self, delivery: Delivery, message_id: str, claim: ClaimResult) -> Outcome:
         """An ID already processed: count it (a duplicate, or a redelivery of a done one), ack."""
+        self._finished(message_id)
         again = seen_before(delivery)
         counter = Counter.REDELIVERED_DONE if again else Counter.DUPLICATES
         self._counters.record(counter, in_redis=claim.in_redis)
@@ -581,6 +598,7 @@ class MessageConsumer:
                 self._counters.record(Counter.CLAIMS_LOST)
                 log.warning("claim_lost_before_completion", message_id=message_id)
                 continue
+            self._finished(message_id)
             in_redis = status is CompleteStatus.IN_REDIS or status is CompleteStatus.DEFERRED
             processed[in_redis] += 1
             hits[in_redis] += cached
