@@ -26,6 +26,7 @@ from worker.counters import ClusterReporter, Counters, ReplicaIdentity
 from worker.dedup import ClaimStore, MemoryClaimStore, RedisClaimStore, TokenSource
 from worker.fallback import FallbackClaimStore
 from worker.faults import Faults
+from worker.gc_tuning import tune_for_throughput
 from worker.keys import RedisKeys
 from worker.leases import LeaseKeeper
 from worker.monitor import MonitorServer, ReplicaView
@@ -251,6 +252,7 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
             counters=counters,
             faults=faults,
         )
+        tune_for_throughput()  # start-up is done (see worker.gc_tuning)
         queue = await broker.consumer_queue(settings.prefetch)
         # aiormq's deliveries go straight to a plain function (see worker.delivery).
         consumer_tag = await queue.consume(consumer.on_delivery, raw=True)
