@@ -1,6 +1,6 @@
 """The worker against the bare consumer, measured in one run on the local RabbitMQ and Redis.
 
-    python bench/run.py [--messages 20000] [--cases abcdef]
+    python -m bench.run [--messages 20000] [--rounds 3] [--cases abcdefg]
 
 Cases: (a) baseline, a bare aio-pika consumer acknowledging each message and doing nothing else;
 (b) the worker, one replica, Redis, keywords classifier, all-unique traffic; (c) 50 % duplicates;
@@ -11,8 +11,11 @@ of messages published beforehand, so it measures consumption alone; then each wo
 paced phase (``--latency-rate`` messages/s, 1,000 by default, or half the case's own rate if that
 is lower, for four seconds) that measures the time from publish to result at the same load for
 every case. Prints messages/s, the ratio to (a), p50/p99 latency, each replica's peak RSS, and
-Redis memory per remembered message ID. Absolute numbers drift on a shared machine; the ratios
-are the result.
+Redis memory per remembered message ID, and the CPU each case cost per message in the consumer,
+the broker and Redis (they share the machine's cores). Every case runs ``--rounds`` times, the
+rounds one after the other (a, b, ... g, then again); the table shows each case's median, and the
+ratio of each round's case to that round's (a). Absolute numbers drift on a shared machine; the
+ratios are the result, and the rounds show how much they drift.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +82,7 @@ class Outcome:
     peak_rss_mb: list[float] = field(default_factory=list)
     # CPU µs per message during the measured phase: consumer (all replicas), broker, Redis
     cpu_us: tuple[float, float, float] | None = None
+    rounds: list[float] = field(default_factory=list)  # msg/s of each round
 
 
 def cpu_per_message(
@@ -133,6 +138,26 @@ def stats_port(log: Path) -> int | None:
     return None
 
 
+async def consuming_since(logs: list[Path]) -> float:
+    """The wall-clock time the first of these replicas started consuming (its ``replica_started``
+    log line), once every one of them has."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stamps = [started_at(log) for log in logs]
+        if all(stamp is not None for stamp in stamps):
+            return min(stamp for stamp in stamps if stamp is not None)
+        await asyncio.sleep(0.005)
+    raise TimeoutError("the replicas did not start consuming within 30 s")
+
+
+def started_at(log: Path) -> float | None:
+    for line in log.read_text(errors="replace").splitlines():
+        if '"replica_started"' in line:
+            stamp = json.loads(line)["timestamp"].replace("Z", "+00:00")
+            return datetime.fromisoformat(stamp).timestamp()
+    return None
+
+
 def handled(port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/monitoring/stats", timeout=5) as r:
         counters = json.loads(r.read())["replica"]["counters"]
@@ -144,6 +169,29 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def median_of(runs: list[Outcome]) -> Outcome:
+    """One case over its rounds: the median throughput and CPU, the first round's latency (the
+    only one measured), the highest peak RSS of each replica."""
+    cpu = [o.cpu_us for o in runs if o.cpu_us is not None]
+    return Outcome(
+        runs[0].case,
+        per_second=statistics.median(o.per_second for o in runs),
+        p50_ms=runs[0].p50_ms,
+        p99_ms=runs[0].p99_ms,
+        peak_rss_mb=[max(rss) for rss in zip(*(o.peak_rss_mb for o in runs), strict=True)],
+        cpu_us=(
+            (
+                statistics.median(c[0] for c in cpu),
+                statistics.median(c[1] for c in cpu),
+                statistics.median(c[2] for c in cpu),
+            )
+            if cpu
+            else None
+        ),
+        rounds=[o.per_second for o in runs],
+    )
 
 
 async def result_latencies(names: Names, rate: float, seconds: float) -> list[float]:
@@ -276,28 +324,30 @@ async def run_worker(
         while len(ports) < len(processes) and time.monotonic() < deadline:
             ports = [p for p in (stats_port(log) for _, log in processes) if p is not None]
             await asyncio.sleep(0.01)
-        first: float | None = None
+        # The clock starts when a replica starts consuming (its queue is already full), read
+        # from its log line's timestamp: polling its stats endpoint for the first handled message
+        # would wait for its busy event loop, and was late by up to 0.3 s.
+        started_at = await consuming_since([log for _, log in processes])
+        consumer_at_start = sum(cpu_seconds(p.pid) for p, _ in processes)
+        services_at_start = services.sample()
         total = 0
         deadline = time.monotonic() + 600
-        consumer_at_first, services_at_first = 0.0, (0.0, 0.0)
         while total < count and time.monotonic() < deadline:
             total = sum(await asyncio.gather(*(asyncio.to_thread(handled, p) for p in ports)))
-            now = time.perf_counter()
-            if first is None and total > 0:
-                first = now
-                consumer_at_first = sum(cpu_seconds(p.pid) for p, _ in processes)
-                services_at_first = services.sample()
-            await asyncio.sleep(0.02)
-        assert first is not None and total >= count, f"case {case.key}: {total}/{count} handled"
-        outcome.per_second = count / (time.perf_counter() - first)
-        consumer_s = sum(cpu_seconds(p.pid) for p, _ in processes) - consumer_at_first
+            await asyncio.sleep(0.01)
+        assert total >= count, f"case {case.key}: {total}/{count} handled"
+        outcome.per_second = count / (time.time() - started_at)
+        consumer_s = sum(cpu_seconds(p.pid) for p, _ in processes) - consumer_at_start
         services_now = services.sample()
         outcome.cpu_us = cpu_per_message(
             consumer_s,
-            (services_now[0] - services_at_first[0], services_now[1] - services_at_first[1]),
+            (services_now[0] - services_at_start[0], services_now[1] - services_at_start[1]),
             count,
         )
-        latencies = await result_latencies(names, min(latency_rate, outcome.per_second / 2), 4.0)
+        latencies = []
+        if latency_rate > 0:
+            rate = min(latency_rate, outcome.per_second / 2)
+            latencies = await result_latencies(names, rate, 4.0)
         if latencies:
             latencies.sort()
             outcome.p50_ms = round(statistics.median(latencies) * 1000, 1)
@@ -337,9 +387,11 @@ async def cleanup(names: Names) -> None:
 
 
 def render(outcomes: list[Outcome], memory: dict[str, Any], count: int) -> str:
-    base = outcomes[0].per_second if outcomes and outcomes[0].case.key == "a" else None
+    first = outcomes[0] if outcomes and outcomes[0].case.key == "a" else None
+    base = first.per_second if first else None
+    rounds = len(outcomes[0].rounds) if outcomes else 0
     lines = [
-        f"{count} messages per case; ratios against (a) measured in this run",
+        f"{count} messages per case, median of {rounds} round(s); ratios against (a) of this run",
         "",
         f"{'case':<4} {'what':<44} {'msg/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}"
         f" {'peak RSS MB':>12}  CPU µs/msg: consumer broker Redis",
@@ -355,6 +407,12 @@ def render(outcomes: list[Outcome], memory: dict[str, Any], count: int) -> str:
             f" {p99:>7} {rss:>12}             {cpu}"
         )
     lines.append("")
+    if first and rounds > 1:
+        lines.append("Ratio to (a) in each round (each round runs every case once, in order):")
+        for o in outcomes[1:]:
+            each = "  ".join(f"{r / a:.2f}" for r, a in zip(o.rounds, first.rounds, strict=True))
+            lines.append(f"  ({o.case.key}) {each}")
+        lines.append("")
     by_key = {o.case.key: o for o in outcomes}
     if "b" in by_key and "g" in by_key:
         lines.append(
@@ -371,6 +429,9 @@ def render(outcomes: list[Outcome], memory: dict[str, Any], count: int) -> str:
 async def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark the worker against a bare consumer.")
     parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of every case; each case's median is shown"
+    )
     parser.add_argument("--cases", default="abcdefg")
     parser.add_argument(
         "--prefetch", type=int, default=1024, help="prefetch of every case (the worker's default)"
@@ -382,23 +443,31 @@ async def main() -> None:
     args = parser.parse_args()
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "neiromatrius-bench"
     tmp.mkdir(parents=True, exist_ok=True)
-    outcomes: list[Outcome] = []
     services = Services.find()
-    for case in CASES:
-        if case.key not in args.cases:
-            continue
-        names = Names()
-        try:
-            if case.bare:
-                outcome = await run_bare(names, case, args.messages, args.prefetch, services)
-            else:
-                outcome = await run_worker(
-                    names, case, args.messages, args.latency_rate, tmp, args.prefetch, services
-                )
-        finally:
-            await cleanup(names)
-        outcomes.append(outcome)
-        print(f"  ({case.key}) {outcome.per_second:,.0f} msg/s", file=sys.stderr, flush=True)
+    rounds: dict[str, list[Outcome]] = {}
+    for round_index in range(args.rounds):
+        for case in CASES:
+            if case.key not in args.cases:
+                continue
+            names = Names()
+            try:
+                if case.bare:
+                    outcome = await run_bare(names, case, args.messages, args.prefetch, services)
+                else:
+                    # Latency is measured in the first round only: it needs no repeating.
+                    rate = args.latency_rate if round_index == 0 else 0.0
+                    outcome = await run_worker(
+                        names, case, args.messages, rate, tmp, args.prefetch, services
+                    )
+            finally:
+                await cleanup(names)
+            rounds.setdefault(case.key, []).append(outcome)
+            print(
+                f"  round {round_index + 1} ({case.key}) {outcome.per_second:,.0f} msg/s",
+                file=sys.stderr,
+                flush=True,
+            )
+    outcomes = [median_of(runs) for runs in rounds.values()]
     memory = await measure_redis_memory(REDIS_URL.rsplit("/", 1)[0] + "/15", args.memory_ids)
     print(render(outcomes, memory, args.messages))
 
