@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import uuid
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -25,7 +26,7 @@ async def used_memory(client: aioredis.Redis) -> int:
     return int(info["used_memory"])
 
 
-async def measure(url: str, count: int, prefix: str = "neiromatrius:") -> dict[str, float]:
+async def measure(url: str, count: int, prefix: str = "neiromatrius:") -> dict[str, Any]:
     """Bytes of Redis memory per done marker written by the worker under ``prefix``."""
     client = aioredis.Redis.from_url(url)
     keys = RedisKeys(prefix)
