@@ -35,22 +35,33 @@ from redis.asyncio import Redis
 from worker.batching import MicroBatcher
 from worker.keys import Counter, RedisKeys
 
-# Per ID, ARGV: token, redelivered ('1'/'0'), suspect_at. Answers, two numbers per ID: (status,
-# value); status 0 claimed (value: attempts started, this one included), 1 done, 2 busy (value: ms
-# left on the owner's lease), 3 exhausted and 4 suspect (value: attempts started before).
+# Keys are built here from their stems (``RedisKeys.done("")`` and so on) and each message ID, so
+# a call carries an ID per message instead of three full keys: the arguments were most of the
+# client's and the server's work per message. (Redis Cluster wants keys declared in KEYS; the
+# worker's deployments are a single Redis, as for the throughput buckets below.)
+# KEYS[1]: the counters hash. ARGV: lease (ms), max attempts, attempts TTL (s), the done, claim
+# and attempts stems; then per ID: the ID, its token, and 2 * suspect_at + redelivered (0/1).
+# Answers, two numbers per ID: (status, value); status 0 claimed (value: attempts started, this
+# one included), 1 done, 2 busy (value: ms left on the owner's lease), 3 exhausted and 4 suspect
+# (value: attempts started before).
 CLAIM_LUA = """
 local lease_ms, max_attempts, attempts_ttl_s = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local done_stem, claim_stem, attempts_stem = ARGV[4], ARGV[5], ARGV[6]
 local out = {}
 local duplicates, redelivered = 0, 0
-local n = (#KEYS - 1) / 3
-for i = 1, n do
-  local done_key, claim_key, attempts_key = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
-  local token, again, suspect_at = ARGV[3 * i + 1], ARGV[3 * i + 2], tonumber(ARGV[3 * i + 3])
-  if redis.call('EXISTS', done_key) == 1 then
+for i = 1, (#ARGV - 6) / 3 do
+  local id, token, flags = ARGV[3 * i + 4], ARGV[3 * i + 5], tonumber(ARGV[3 * i + 6])
+  local claim_key = claim_stem .. id
+  if redis.call('EXISTS', done_stem .. id) == 1 then
     out[2 * i - 1], out[2 * i] = 1, 0
-    if again == '1' then redelivered = redelivered + 1 else duplicates = duplicates + 1 end
+    if flags % 2 == 1 then redelivered = redelivered + 1 else duplicates = duplicates + 1 end
   elseif redis.call('SET', claim_key, token, 'NX', 'PX', lease_ms) then
-    local attempts = redis.call('INCR', attempts_key)
+    local attempts_key = attempts_stem .. id
+    local attempts = 1
+    if not redis.call('SET', attempts_key, 1, 'NX', 'EX', attempts_ttl_s) then
+      attempts = redis.call('INCR', attempts_key)
+    end
+    local suspect_at = math.floor(flags / 2)
     if max_attempts > 0 and attempts > max_attempts then
       redis.call('DECR', attempts_key)
       redis.call('DEL', claim_key)
@@ -60,7 +71,6 @@ for i = 1, n do
       redis.call('DEL', claim_key)
       out[2 * i - 1], out[2 * i] = 4, attempts - 1
     else
-      if attempts == 1 then redis.call('EXPIRE', attempts_key, attempts_ttl_s) end
       out[2 * i - 1], out[2 * i] = 0, attempts
     end
   else
@@ -91,19 +101,23 @@ end
     .replace("@MISSES@", Counter.CACHE_MISSES)
 )
 
+# KEYS[1]: the counters hash. ARGV: done TTL (s), bucket TTL (s), the done, claim and attempts
+# stems; then per ID: the ID, the owner's token, '1' for a cache hit ('0' not); last: the
+# throughput bucket prefix. Per ID: 1 completed, 0 the claim is not ours (any more).
 COMPLETE_LUA = (
     """
 local ttl_s, bucket_ttl_s = ARGV[1], ARGV[2]
+local done_stem, claim_stem, attempts_stem = ARGV[3], ARGV[4], ARGV[5]
 local out = {}
 local processed, hits = 0, 0
-local n = (#KEYS - 1) / 3
-for i = 1, n do
-  local done_key, claim_key = KEYS[3 * i - 1], KEYS[3 * i]
-  if redis.call('GET', claim_key) == ARGV[2 * i + 1] then
-    redis.call('SET', done_key, '1', 'EX', ttl_s)
-    redis.call('DEL', claim_key, KEYS[3 * i + 1])
+for i = 1, (#ARGV - 6) / 3 do
+  local id = ARGV[3 * i + 3]
+  local claim_key = claim_stem .. id
+  if redis.call('GET', claim_key) == ARGV[3 * i + 4] then
+    redis.call('SET', done_stem .. id, '1', 'EX', ttl_s)
+    redis.call('DEL', claim_key, attempts_stem .. id)
     processed = processed + 1
-    if ARGV[2 * i + 2] == '1' then hits = hits + 1 end
+    if ARGV[3 * i + 5] == '1' then hits = hits + 1 end
     out[i] = 1
   else
     out[i] = 0
@@ -304,6 +318,8 @@ class RedisClaimStore:
         self._lease_ms = str(max(1, int(lease_s * 1000)))
         self._dedup_ttl_s = str(dedup_ttl_s)
         self._max_attempts = str(max_attempts)  # 0: count attempts, never refuse one
+        # The scripts build each ID's keys from these (see CLAIM_LUA).
+        self._stems = (keys.done(""), keys.claim(""), keys.attempts(""))
         self._claim_script = redis.register_script(CLAIM_LUA)
         self._complete_script = redis.register_script(COMPLETE_LUA)
         self._renew_script = redis.register_script(RENEW_LUA)
@@ -342,17 +358,11 @@ class RedisClaimStore:
         return [bool(x) for x in await self._renew_script(keys=keys, args=args)]
 
     async def _claim_batch(self, batch: list[ClaimRequest]) -> list[ClaimResult]:
-        keys = [self._keys.stats]
-        args = [self._lease_ms, self._max_attempts, self._dedup_ttl_s]
+        args = [self._lease_ms, self._max_attempts, self._dedup_ttl_s, *self._stems]
         for request in batch:
-            message_id = request.message_id
-            keys += (
-                self._keys.done(message_id),
-                self._keys.claim(message_id),
-                self._keys.attempts(message_id),
-            )
-            args += (request.token, "1" if request.redelivered else "0", str(request.suspect_at))
-        answers = await self._claim_script(keys=keys, args=args)
+            flags = 2 * request.suspect_at + (1 if request.redelivered else 0)
+            args += (request.message_id, request.token, str(flags))
+        answers = await self._claim_script(keys=[self._keys.stats], args=args)
         results: list[ClaimResult] = []
         for index, request in enumerate(batch):
             status, value = int(answers[2 * index]), int(answers[2 * index + 1])
@@ -371,18 +381,12 @@ class RedisClaimStore:
         return results
 
     async def _complete_batch(self, batch: list[Completion]) -> list[bool]:
-        keys = [self._keys.stats]
-        args = [self._dedup_ttl_s, "900"]
+        args = [self._dedup_ttl_s, "900", *self._stems]
         for item in batch:
-            message_id = item.message_id
-            keys += (
-                self._keys.done(message_id),
-                self._keys.claim(message_id),
-                self._keys.attempts(message_id),
-            )
-            args += (item.token, "1" if item.cache_hit else "0")
+            args += (item.message_id, item.token, "1" if item.cache_hit else "0")
         args.append(self._keys.throughput(0)[:-1])  # the bucket prefix; the script appends TIME
-        return [bool(x) for x in await self._complete_script(keys=keys, args=args)]
+        answers = await self._complete_script(keys=[self._keys.stats], args=args)
+        return [bool(x) for x in answers]
 
     async def _release_batch(self, batch: list[Lease]) -> list[bool]:
         keys = [self._keys.claim(lease.message_id) for lease in batch]

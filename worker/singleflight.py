@@ -66,14 +66,13 @@ for i = 1, #KEYS / 2 do
   local value = redis.call('GET', KEYS[2 * i - 1])
   if value then
     out[i] = value
+  elseif redis.call('SET', KEYS[2 * i], ARGV[i + 2], 'NX', 'PX', ARGV[1]) then
+    out[i] = 1
+  elseif redis.call('GET', KEYS[2 * i]) == ARGV[2] then  -- a failure mark: take the lock over it
+    redis.call('SET', KEYS[2 * i], ARGV[i + 2], 'PX', ARGV[1])
+    out[i] = 1
   else
-    local held = redis.call('GET', KEYS[2 * i])
-    if not held or held == ARGV[2] then
-      redis.call('SET', KEYS[2 * i], ARGV[i + 2], 'PX', ARGV[1])
-      out[i] = 1
-    else
-      out[i] = 0
-    end
+    out[i] = 0
   end
 end
 return out
