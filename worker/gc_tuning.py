@@ -6,7 +6,7 @@ still ran about 700 young collections and five full ones per 24,000 messages, ea
 walking every object the replica holds (its modules, the local cache): 0.3-0.4 s in all, about
 15 µs per message, measured with ``gc.callbacks`` in case (b) of ``bench/run.py``. Freezing what
 start-up built (it lives as long as the process) and collecting the young generation every
-10,000 net allocations instead of 700 brought that to 0.07 s. Reference cycles are still
+10,000 net allocations instead of 700 brought that to 0.10-0.12 s. Reference cycles are still
 collected, a little later.
 """
 
