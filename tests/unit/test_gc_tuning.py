@@ -40,6 +40,8 @@ def test_a_cycle_made_after_tuning_is_still_collected_without_being_asked() -> N
     first.other, second.other = second, first
     gone = weakref.ref(first)
     del first, second
-    kept: list[list[int]] = [[] for _ in range(YOUNG_THRESHOLD * 2)]  # net allocations: a young collection runs
+    kept: list[list[int]] = [
+        [] for _ in range(YOUNG_THRESHOLD * 2)
+    ]  # net allocations: a young collection runs
     assert len(kept) == YOUNG_THRESHOLD * 2
     assert gone() is None
