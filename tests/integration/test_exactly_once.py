@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import Names
+from tests.integration.servers import SpareRedis
 from tests.integration.support import (
     Replicas,
     ResultSink,
@@ -94,3 +95,33 @@ async def test_same_text_is_classified_once_for_the_cluster(
             assert all(sink.by_id[m["message_id"]][0]["classification"]["cached"] for m in rest)
     finally:
         replicas.close()
+
+
+async def test_a_copy_arriving_while_its_original_is_in_work_costs_no_second_claim(
+    names: Names, amqp: object, tmp_path: Path
+) -> None:
+    """Each of 40 messages is sent twice back to back, and the classification takes 300 ms, so
+    every copy arrives while its original is in work in the one replica. Each copy is settled as a
+    duplicate once that work is done, without asking Redis: the claim script (the worker's only
+    EXISTS) runs for 40 IDs, not 80."""
+    spare = SpareRedis(tmp_path).start()
+    client = aioredis.Redis.from_url(spare.url)
+    replicas = Replicas(tmp_path)
+    try:
+        originals = [body(f"c-{i}", f"Где мой заказ номер {i}?") for i in range(40)]
+        twice = [copy for message in originals for copy in (message, dict(message))]
+        async with ResultSink(names) as sink:
+            env = names.env(CLASSIFIER_DELAY_MS="300", PREFETCH="200")
+            env["REDIS_URL"] = spare.url
+            await replicas.start(env).started()
+            await publish_bodies(names, twice)
+            await sink.wait_for_ids({m["message_id"] for m in originals}, timeout_s=60)
+            counters = await wait_counter(client, names, Counter.DUPLICATES, 40, timeout_s=30)
+            assert counters[Counter.PROCESSED] == 40
+            claimed = (await client.info("commandstats"))["cmdstat_exists"]["calls"]
+            assert claimed == 40
+            assert sink.total == 40
+    finally:
+        replicas.close()
+        await client.aclose()
+        spare.stop()
