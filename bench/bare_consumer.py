@@ -2,7 +2,7 @@
 
 Run as a subprocess by ``bench/run.py``: consumes ``count`` messages from ``queue`` (prefetch as
 given), acknowledging each one on its own, and prints one JSON line with the time from the first
-delivery to the last acknowledgement and its peak RSS.
+delivery to the last acknowledgement, the CPU time spent in it, and its peak RSS.
 """
 
 from __future__ import annotations
@@ -24,6 +24,31 @@ def peak_rss_kb() -> int:
     return 0
 
 
+class Window:
+    """The measured window: from the first delivery to the end, in wall-clock and CPU time."""
+
+    def __init__(self) -> None:
+        self.first = 0.0
+        self.cpu_first = 0.0
+
+    def start(self) -> None:
+        """Mark the first delivery (later calls change nothing)."""
+        if not self.first:
+            self.first = time.perf_counter()
+            self.cpu_first = time.process_time()
+
+    def report(self, messages: int) -> str:
+        """The JSON line ``bench/run.py`` reads: messages, seconds, CPU seconds, peak RSS."""
+        return json.dumps(
+            {
+                "messages": messages,
+                "seconds": time.perf_counter() - self.first,
+                "cpu_seconds": time.process_time() - self.cpu_first,
+                "peak_rss_mb": peak_rss_kb() / 1024,
+            }
+        )
+
+
 async def main(url: str, queue_name: str, count: int, prefetch: int) -> None:
     connection = await aio_pika.connect_robust(url)
     channel = await connection.channel()
@@ -31,14 +56,11 @@ async def main(url: str, queue_name: str, count: int, prefetch: int) -> None:
     queue = await channel.declare_queue(queue_name, durable=True)
     done = asyncio.Event()
     seen = 0
-    first = 0.0
-    cpu_first = 0.0
+    window = Window()
 
     async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        nonlocal seen, first, cpu_first
-        if seen == 0:
-            first = time.perf_counter()
-            cpu_first = time.process_time()
+        nonlocal seen
+        window.start()
         await message.ack()
         seen += 1
         if seen >= count:
@@ -46,11 +68,7 @@ async def main(url: str, queue_name: str, count: int, prefetch: int) -> None:
 
     await queue.consume(on_message)
     await done.wait()
-    elapsed = time.perf_counter() - first
-    cpu_seconds = time.process_time() - cpu_first
-    peak_kb = peak_rss_kb()
-    report = {"messages": seen, "seconds": elapsed, "cpu_seconds": cpu_seconds}
-    print(json.dumps({**report, "peak_rss_mb": peak_kb / 1024}))
+    print(window.report(seen))
     await connection.close()
 
 

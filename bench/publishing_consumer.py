@@ -11,15 +11,13 @@ AMQP client, whatever else it does. Prints one JSON line like ``bare_consumer.py
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
-import time
 from collections import deque
 
 import aiormq
 from aiormq.abc import DeliveredMessage
 
-from bench.bare_consumer import peak_rss_kb
+from bench.bare_consumer import Window
 from worker.result_out import ResultOut
 
 
@@ -37,8 +35,7 @@ async def main(url: str, queue: str, exchange: str, count: int, prefetch: int) -
     out = ResultOut(channel, exchange)
     done = asyncio.Event()
     seen = 0
-    first = 0.0
-    cpu_first = 0.0
+    window = Window()
     in_order: deque[tuple[int, asyncio.Future[object]]] = deque()  # deliveries, in tag order
     acks: set[asyncio.Task[None]] = set()
 
@@ -56,21 +53,14 @@ async def main(url: str, queue: str, exchange: str, count: int, prefetch: int) -
             done.set()
 
     def on_message(message: DeliveredMessage) -> None:
-        nonlocal first, cpu_first
-        if first == 0.0:
-            first = time.perf_counter()
-            cpu_first = time.process_time()
+        window.start()
         future = out.publish(message.body, "result", message.header.properties.message_id or "-")
         in_order.append((message.delivery_tag or 0, future))
         future.add_done_callback(confirmed)
 
     await consuming.basic_consume(queue, on_message)  # type: ignore[arg-type]  # aiormq wraps it
     await done.wait()
-    elapsed = time.perf_counter() - first
-    cpu_seconds = time.process_time() - cpu_first
-    peak_kb = peak_rss_kb()
-    report = {"messages": seen, "seconds": elapsed, "cpu_seconds": cpu_seconds}
-    print(json.dumps({**report, "peak_rss_mb": peak_kb / 1024}))
+    print(window.report(seen))
     await publishing.exchange_delete(exchange)
     await connection.close()
 

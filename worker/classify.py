@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from worker.cache import ClassificationCache, text_hash
 from worker.classifiers.base import Classification, Classifier, Immediate
@@ -75,7 +75,7 @@ class CachedClassifier:
             if found is not None:
                 return found, False
             # One script call looks Redis up and, on a miss, takes the text's cluster lock.
-            entry = Entry(self._cache.redis_key(key), self._cache.lock_key(key))
+            entry = self._entry(key)
             result, computed = await self._flight.run(entry, lambda: self._call(text), self._cache)
             self._cache.remember(key, result, shared=not computed)
             return result, computed
@@ -143,7 +143,7 @@ class CachedClassifier:
         indices = list(leaders.values())
         hashes = list(leaders)
         if shared and self._flight is not None:
-            entries = [Entry(self._cache.redis_key(k), self._cache.lock_key(k)) for k in hashes]
+            entries = [self._entry(k) for k in hashes]
 
             async def compute_many(owned: list[int]) -> list[Classification | Exception]:
                 return await self._call_many([texts[indices[i]] for i in owned])
@@ -188,7 +188,7 @@ class CachedClassifier:
                 except (TransientError, PermanentError) as exc:
                     results.append(exc)
                 except (OSError, ValueError) as exc:
-                    results.append(ClassifierUnavailable(f"{type(exc).__name__}: {exc}"))
+                    results.append(_unavailable(exc))
             return results
         answers = await asyncio.gather(
             *(self._call(text) for text in texts), return_exceptions=True
@@ -196,7 +196,7 @@ class CachedClassifier:
         for answer in answers:
             if isinstance(answer, BaseException) and not isinstance(answer, Exception):
                 raise answer
-        return [a for a in answers if not isinstance(a, BaseException) or isinstance(a, Exception)]
+        return cast(list[Classification | Exception], answers)  # BaseExceptions were raised
 
     async def _call(self, text: str) -> Classification:
         self._counters.record(Counter.CLASSIFIER_CALLS)
@@ -205,7 +205,11 @@ class CachedClassifier:
         except (TransientError, PermanentError):
             raise
         except (OSError, ValueError) as exc:
-            raise ClassifierUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise _unavailable(exc) from exc
+
+    def _entry(self, hashed_text: str) -> Entry:
+        """The Redis keys of a text's cache entry and of its single-flight lock."""
+        return Entry(self._cache.redis_key(hashed_text), self._cache.lock_key(hashed_text))
 
     async def aclose(self) -> None:
         """Stop the cluster single flight's lock renewals (the cache and classifier close apart)."""
@@ -221,6 +225,11 @@ class CachedClassifier:
         if isinstance(self.classifier, Reporting):
             found.update(self.classifier.snapshot())
         return found
+
+
+def _unavailable(exc: OSError | ValueError) -> ClassifierUnavailable:
+    """A classifier's I/O or decoding failure, as the worker's transient error."""
+    return ClassifierUnavailable(f"{type(exc).__name__}: {exc}")
 
 
 def _share_failure(future: asyncio.Future[Classification], exc: BaseException) -> None:

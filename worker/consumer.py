@@ -149,10 +149,10 @@ class MessageConsumer:
             pause=self._pause,
         )
         self._inbox: list[Delivery] = []
-        # IDs in a pass of this replica: a copy that arrives meanwhile waits for it (see _run_pass);
-        # the future says whether the work finished (its done marker is written).
+        # IDs in a pass of this replica: a copy that arrives meanwhile waits for it (see _run_pass).
+        # The future is True once the work finished (its done marker is written), False if the
+        # pass ended without that.
         self._local_work: dict[str, asyncio.Future[bool]] = {}
-        self._finished_here: set[str] = set()  # IDs of _local_work whose work finished
         self._pass_scheduled = False
         self._passes: set[asyncio.Task[None]] = set()
         self._waiters: set[asyncio.Task[None]] = set()
@@ -237,16 +237,17 @@ class MessageConsumer:
             await run_all(work)
         finally:
             for _, message in firsts:
-                finished = message.message_id in self._finished_here
-                self._finished_here.discard(message.message_id)
-                self._local_work.pop(message.message_id).set_result(finished)
+                ended = self._local_work.pop(message.message_id)
+                if not ended.done():
+                    ended.set_result(False)
 
     def _after_local_work(
         self, delivery: Delivery, message: ChatMessage, work: asyncio.Future[bool]
     ) -> None:
-        """A copy of an ID that was in work here when it came. If that work finished, the copy is
-        a duplicate (its done marker is written): settle it without asking Redis. Otherwise (the
-        attempt failed, or its claim was lost) claim it now, rather than poll a busy claim."""
+        """A copy of an ID that was in work here when it came. Once that work finished, the copy
+        is a duplicate (its done marker is written): settle it without asking Redis. If the pass
+        ended without that (the attempt failed, or its claim was lost), claim it now, rather than
+        poll a busy claim."""
         if work.result():
             done = ClaimResult(ClaimStatus.DONE)
             self._settle(delivery, self._skip_done(delivery, message.message_id, done))
@@ -255,9 +256,10 @@ class MessageConsumer:
         self._wake()
 
     def _finished(self, message_id: str) -> None:
-        """Note that the work on ``message_id`` finished, for copies waiting on it here."""
-        if message_id in self._local_work:
-            self._finished_here.add(message_id)
+        """The work on ``message_id`` finished: copies waiting on it here are duplicates now."""
+        work = self._local_work.get(message_id)
+        if work is not None and not work.done():
+            work.set_result(True)
 
     async def _claim_and_work(self, parsed: list[tuple[Delivery, ChatMessage]]) -> None:
         """Claim the pass's IDs in one round trip, then work on each claimed message concurrently."""

@@ -92,9 +92,10 @@ class _Watch:
     ``in_flight`` is pruned from the front (results are confirmed roughly in order) on each flush.
     """
 
-    __slots__ = ("closed", "in_flight")
+    __slots__ = ("channel", "closed", "in_flight")
 
     def __init__(self, channel: Channel) -> None:
+        self.channel = channel
         self.in_flight: deque[asyncio.Future[object]] = deque()
         self.closed = channel.create_future()
         self.closed.add_done_callback(self.fail_in_flight)
@@ -133,7 +134,7 @@ class ResultOut:
         self._pending: list[_Pending] = []
         self._publish_frames: dict[tuple[int, str], bytes] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._watches: dict[Channel, _Watch] = {}
+        self._watch: _Watch | None = None  # of the channel results go out on now
 
     def publish(self, body: bytes, routing_key: str, message_id: str) -> asyncio.Future[object]:
         """Queue one result; the future resolves when the broker confirms it, or raises if the
@@ -151,7 +152,7 @@ class ResultOut:
         batch, self._pending = self._pending, []
         try:
             channel = await self._get_channel()
-            watch = self._watch(channel)
+            watch = self._watch_of(channel)
             async with channel.lock:  # publishes on this channel keep their delivery-tag order
                 payload, tags = self._frame(channel, batch)
                 written = False
@@ -175,12 +176,12 @@ class ResultOut:
                 if not item.done.done():
                     item.done.set_exception(exc)
 
-    def _watch(self, channel: Channel) -> _Watch:
-        watch = self._watches.get(channel)
-        if watch is None or watch.closed.done():
-            for old in [c for c, w in self._watches.items() if w.closed.done()]:
-                del self._watches[old]
-            watch = self._watches[channel] = _Watch(channel)
+    def _watch_of(self, channel: Channel) -> _Watch:
+        """The watch of ``channel``, new after a reconnection (the old one still fails what was
+        in flight on the old channel when that closes)."""
+        watch = self._watch
+        if watch is None or watch.channel is not channel or watch.closed.done():
+            watch = self._watch = _Watch(channel)
         watch.prune()
         return watch
 

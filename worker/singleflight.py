@@ -221,8 +221,7 @@ class ClusterLocks:
     ) -> None:
         """Write ``value`` (if any) and free our lock (if ``token``); if Redis is down, the lock
         lapses by itself."""
-        if token and self._held.get(entry.lock_key) == token:
-            del self._held[entry.lock_key]
+        self._stop_renewing(entry, token)
         if not self._link.available:
             return
         try:
@@ -234,8 +233,7 @@ class ClusterLocks:
         """``store_and_release`` for several ``(entry, token, value)``, in one script call per
         ``MAX_SCRIPT_BATCH``."""
         for entry, token, _ in writes:
-            if token and self._held.get(entry.lock_key) == token:
-                del self._held[entry.lock_key]
+            self._stop_renewing(entry, token)
         if not self._link.available:
             return
         batch = [_Write(entry, token, value, ttl_s) for entry, token, value in writes]
@@ -244,10 +242,14 @@ class ClusterLocks:
         except REDIS_UNAVAILABLE as exc:
             self._link.report_failure(exc)
 
+    def _stop_renewing(self, entry: Entry, token: str) -> None:
+        """Forget our lock on ``entry`` (if ``token`` is still ours): it is released or marked."""
+        if token and self._held.get(entry.lock_key) == token:
+            del self._held[entry.lock_key]
+
     async def mark_failed(self, entry: Entry, token: str) -> None:
         """Turn our lock into a short-lived failure mark, so that its waiters fail too."""
-        if self._held.get(entry.lock_key) == token:
-            del self._held[entry.lock_key]
+        self._stop_renewing(entry, token)
         if not self._link.available:
             return
         try:
