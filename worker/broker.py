@@ -33,6 +33,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from worker import frames
 from worker.classifiers.base import Classification
 from worker.delivery import Delivery, DirectChannel, DirectQueue
 from worker.errors import PermanentError, PublishFailed
@@ -121,7 +122,9 @@ class BackoffRobustConnection(aio_pika.RobustConnection):
 
 
 async def connect(url: str, *, name: str = CONNECTION_NAME) -> AbstractRobustConnection:
-    """A robust connection named ``name`` (shown by ``rabbitmqctl list_connections``)."""
+    """A robust connection named ``name`` (shown by ``rabbitmqctl list_connections``), reading
+    frames with ``worker.frames``."""
+    frames.install()
     extra: dict[str, Any] = {}
     if "reconnect_interval" not in parse_qs(urlsplit(url).query):
         extra["reconnect_interval"] = RECONNECT_MIN_S
