@@ -215,6 +215,9 @@ class MessageConsumer:
         parsed: list[tuple[Delivery, ChatMessage]] = []
         work: list[Coroutine[Any, Any, None]] = []
         for delivery in deliveries:
+            if delivery.stale:  # its copy comes again on the new channel: claimed and counted then
+                self._settle(delivery, Outcome.REQUEUE)
+                continue
             try:
                 message = parse_message(
                     delivery.body, delivery.message_id, self._limits.max_message_bytes
@@ -248,6 +251,9 @@ class MessageConsumer:
         is a duplicate (its done marker is written): settle it without asking Redis. If the pass
         ended without that (the attempt failed, or its claim was lost), claim it now, rather than
         poll a busy claim."""
+        if delivery.stale:  # its copy comes again on the new channel: counted then
+            self._settle(delivery, Outcome.REQUEUE)
+            return
         if work.result():
             done = ClaimResult(ClaimStatus.DONE)
             self._settle(delivery, self._skip_done(delivery, message.message_id, done))
@@ -345,10 +351,11 @@ class MessageConsumer:
                 self._reopen()
 
     async def _claim_alone(self, delivery: Delivery, message: ChatMessage) -> ClaimResult | None:
-        """Claim once nothing else is claimed or in work here; ``None`` if we stop meanwhile."""
+        """Claim once nothing else is claimed or in work here; ``None`` if we stop meanwhile, or
+        the delivery's channel closed."""
         delay_s = BUSY_POLL_MIN_S
         while True:
-            if not await self._isolate():
+            if not await self._isolate() or delivery.stale:
                 return None
             try:
                 claim = await self._claims.claim(message.message_id, seen_before(delivery))
@@ -396,7 +403,7 @@ class MessageConsumer:
     ) -> Outcome:
         with bound_contextvars(message_id=message.message_id):
             if claim.status is ClaimStatus.BUSY:
-                resolved = await self._claim(message, seen_before(delivery), suspect_at(delivery))
+                resolved = await self._claim(delivery, message)
                 if resolved is None:
                     return Outcome.REQUEUE
                 claim = resolved
@@ -408,17 +415,17 @@ class MessageConsumer:
             with bound_contextvars(attempt=attempt):
                 return await self._process(delivery, message, attempt, claim)
 
-    async def _claim(
-        self, message: ChatMessage, redelivered: bool, suspect_from: int
-    ) -> ClaimResult | None:
-        """Wait while another replica holds the ID, then claim; ``None`` if we stop meanwhile.
+    async def _claim(self, delivery: Delivery, message: ChatMessage) -> ClaimResult | None:
+        """Wait while another replica holds the ID, then claim; ``None`` if we stop meanwhile, or
+        the delivery's channel closed (the broker redelivers it: claimed and counted then).
 
         The owner may die; then its copy is redelivered and ours must not be lost, so we hold the
         delivery and ask again with backoff (never longer than the owner's remaining lease).
         """
+        redelivered, suspect_from = seen_before(delivery), suspect_at(delivery)
         delay_s = BUSY_POLL_MIN_S
         while True:
-            if await self._pause(delay_s):
+            if await self._pause(delay_s) or delivery.stale:
                 return None
             if not self._open.is_set():  # a suspect is being worked on alone
                 continue

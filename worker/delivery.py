@@ -66,6 +66,12 @@ class Delivery:
         return self._raw.channel
 
     @property
+    def stale(self) -> bool:
+        """Its channel closed (the connection was lost): the broker redelivers it, so it must be
+        neither claimed nor counted here."""
+        return bool(self._raw.channel.is_closed)
+
+    @property
     def incoming(self) -> AbstractIncomingMessage:
         """aio-pika's view of the same delivery, built the first time it is asked for."""
         if self._incoming is None:

@@ -25,9 +25,11 @@ from tests.integration.support import (
     cluster_counters,
     publish_bodies,
     rabbitmqctl_usable,
+    wait_counter,
 )
 from worker.broker import CONNECTION_NAME
-from worker.keys import Counter
+from worker.dedup import ClaimStatus, CompleteStatus, RedisClaimStore, TokenSource
+from worker.keys import Counter, RedisKeys
 
 pytestmark = pytest.mark.integration
 
@@ -70,8 +72,8 @@ async def test_broker_outage_reconnects_and_processes_nothing_twice(
 ) -> None:
     """Two replicas cut off from the broker for five seconds mid-run report not ready, come back
     on their own, and every message gets a result; the deliveries they held were redelivered and
-    recognised by their claims, so each message is counted once, and a result is published twice
-    only where its publish was in flight, unconfirmed, at the cut."""
+    recognised by their claims, so each message is counted once and none as a duplicate, and a
+    result is published twice only where its publish was in flight, unconfirmed, at the cut."""
     messages = [body(f"b-{i}", f"Оплата заказа номер {i}") for i in range(400)]
     upstream = urlsplit(RABBITMQ_URL)
     replicas = Replicas(tmp_path)
@@ -111,6 +113,9 @@ async def test_broker_outage_reconnects_and_processes_nothing_twice(
                 + counters[Counter.FAILED]
             )
             assert interrupted >= 1
+            # Nothing was sent twice. A delivery held when its channel closed is redelivered
+            # (redelivered_done if it was finished); the held copy is neither claimed nor counted.
+            assert counters[Counter.DUPLICATES] == 0
             twice = {i for i, results in sink.by_id.items() if len(results) > 1}
             print(f"broker outage: {counters}, published twice: {sorted(twice)}")
             assert twice <= unconfirmed_results(both)
@@ -155,3 +160,49 @@ async def test_connection_closed_by_the_broker_is_restored(
             assert replica.process.poll() is None
     finally:
         replicas.close()
+
+
+@pytest.mark.skipif(not rabbitmqctl_usable(), reason="needs rabbitmqctl for the local broker")
+async def test_a_delivery_held_when_its_channel_closes_is_neither_claimed_nor_counted(
+    names: Names, redis_client: aioredis.Redis, amqp: object, tmp_path: Path
+) -> None:
+    """A delivery waiting for a claim another replica holds, when the broker closes the
+    replica's connection, is given up: its redelivered copy is the one counted (a redelivery of
+    a message done meanwhile), never the held copy as a duplicate."""
+    replica_id = f"held-{names.tag}"
+    other = RedisClaimStore(
+        redis_client,
+        RedisKeys(names.key_prefix),
+        TokenSource("another-replica"),
+        lease_s=60,
+        dedup_ttl_s=600,
+    )
+    held = await other.claim("held-1", redelivered=False)
+    assert held.status is ClaimStatus.CLAIMED
+    replicas = Replicas(tmp_path)
+    try:
+        replica = replicas.start(names.env(REPLICA_ID=replica_id))
+        await replica.started()
+        await publish_bodies(names, [body("held-1", "Где мой заказ?")])
+        await asyncio.sleep(1.0)  # the delivery found the claim busy and polls it
+        name = f"{CONNECTION_NAME}/{replica_id}"
+        (before,) = await asyncio.to_thread(broker_connections, name)
+        await asyncio.to_thread(close_broker_connections, [before])
+        deadline = time.monotonic() + 30
+        while await asyncio.to_thread(broker_connections, name) in ([], [before]):
+            assert time.monotonic() < deadline, "the replica did not reconnect"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)  # the redelivered copy found the claim busy too
+
+        assert await other.complete("held-1", held.token, cache_hit=False) is (
+            CompleteStatus.IN_REDIS
+        )
+        await wait_counter(redis_client, names, Counter.REDELIVERED_DONE, 1)
+        await asyncio.sleep(2.0)  # both copies poll at least every 0.5 s, and counters flush
+        counters = await cluster_counters(redis_client, names)
+        assert counters[Counter.REDELIVERED_DONE] == 1
+        assert counters[Counter.DUPLICATES] == 0
+        assert counters[Counter.PROCESSED] == 1  # the other replica's
+    finally:
+        replicas.close()
+        await other.aclose()
