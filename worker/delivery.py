@@ -61,7 +61,7 @@ class Delivery:
     def channel(self) -> AbstractChannel:
         """The channel it came on; ``ChannelInvalidStateError`` once that channel closed (its
         deliveries are then redelivered by the broker)."""
-        if self._raw.channel.is_closed:
+        if self.stale:
             raise ChannelInvalidStateError("the channel of this delivery is closed")
         return self._raw.channel
 
