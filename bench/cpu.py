@@ -46,3 +46,8 @@ class Services:
             sum(cpu_seconds(p) for p in self.broker),
             sum(cpu_seconds(p) for p in self.redis),
         )
+
+    def since(self, before: tuple[float, float]) -> tuple[float, float]:
+        """(broker, Redis) CPU seconds spent since ``before`` (an earlier ``sample``)."""
+        broker, redis = self.sample()
+        return broker - before[0], redis - before[1]

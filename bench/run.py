@@ -300,9 +300,8 @@ async def run_bare(
         timeout=600,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    after = services.sample()
+    spent = services.since(before)
     report = json.loads(done.stdout)
-    spent = (after[0] - before[0], after[1] - before[1])
     return Outcome(
         case,
         per_second=count / report["seconds"],
@@ -362,12 +361,7 @@ async def run_worker(
         assert total >= count, f"case {case.key}: {total}/{count} handled"
         outcome.per_second = count / (time.time() - started_at)
         consumer_s = sum(cpu_seconds(p.pid) for p, _ in processes) - consumer_at_start
-        services_now = services.sample()
-        outcome.cpu_us = cpu_per_message(
-            consumer_s,
-            (services_now[0] - services_at_start[0], services_now[1] - services_at_start[1]),
-            count,
-        )
+        outcome.cpu_us = cpu_per_message(consumer_s, services.since(services_at_start), count)
         latencies = []
         if latency_rate > 0:
             rate = min(latency_rate, outcome.per_second / 2)

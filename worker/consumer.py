@@ -250,11 +250,9 @@ class MessageConsumer:
         """A copy of an ID that was in work here when it came. Once that work finished, the copy
         is a duplicate (its done marker is written): settle it without asking Redis. If the pass
         ended without that (the attempt failed, or its claim was lost), claim it now, rather than
-        poll a busy claim."""
-        if delivery.stale:  # its copy comes again on the new channel: counted then
-            self._settle(delivery, Outcome.REQUEUE)
-            return
-        if work.result():
+        poll a busy claim. (A copy whose channel closed meanwhile goes back to the inbox too,
+        where the next pass drops it uncounted.)"""
+        if work.result() and not delivery.stale:
             done = ClaimResult(ClaimStatus.DONE)
             self._settle(delivery, self._skip_done(delivery, message.message_id, done))
             return

@@ -147,6 +147,8 @@ def deliver_inline(channel: AbstractChannel) -> None:
 
 
 def inline_callback(callback: Inline) -> Callable[[DeliveredMessage], Any]:
+    """``callback`` marked for ``deliver_inline``, typed as ``basic_consume`` wants (it wraps any
+    callable with ``awaitable``; the inline reader unwraps it and calls it directly)."""
     return _InlineCallback(callback)
 
 

@@ -164,36 +164,42 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
     async def get_frame(self) -> ReceivedFrame:
         if not self.started:  # the protocol header exchange: aiormq's own checks
             return await super().get_frame()
-        data, at = self._data, self._at
-        if len(data) - at >= _FRAME_HEADER_SIZE:
-            frame_type, channel, size = _FRAME_HEADER.unpack_from(data, at)
-            end = at + _FRAME_HEADER_SIZE + size
-            if end < len(data):
-                self._at = end + 1
-                return decode_frame(data, at, frame_type, channel, size)
-        return await self._read_frame()
+        frame = self._take()
+        if frame is None:
+            async with self.lock:
+                while (frame := self._take()) is None:
+                    await self._fill()
+        return frame
 
-    async def _read_frame(self) -> ReceivedFrame:
-        async with self.lock:
-            while True:
-                data, at = self._data, self._at
-                needed = _FRAME_HEADER_SIZE + 1
-                if len(data) - at >= _FRAME_HEADER_SIZE:
-                    frame_type, channel, size = _FRAME_HEADER.unpack_from(data, at)
-                    needed += size
-                    if len(data) - at >= needed:
-                        self._at = at + needed
-                        return decode_frame(data, at, frame_type, channel, size)
-                if at == len(data) and self.reader.at_eof():
-                    raise StopAsyncIteration  # closed between frames: aiormq's reader ends too
-                chunk = await self._read(max(_READ_SIZE, needed))
-                if not chunk:
-                    raise AMQPConnectionError(
-                        "Server connection unexpectedly closed. "
-                        f"Read {len(data) - at} bytes but {needed} bytes expected"
-                    )
-                self._data = data[at:] + chunk
-                self._at = 0
+    def _take(self) -> ReceivedFrame | None:
+        """The next frame, if the buffer holds all of it."""
+        data, at = self._data, self._at
+        if len(data) - at < _FRAME_HEADER_SIZE:
+            return None
+        frame_type, channel, size = _FRAME_HEADER.unpack_from(data, at)
+        end = at + _FRAME_HEADER_SIZE + size
+        if end >= len(data):
+            return None
+        self._at = end + 1
+        return decode_frame(data, at, frame_type, channel, size)
+
+    async def _fill(self) -> None:
+        """Read what the socket has (at least the rest of the next frame's header, or of the
+        frame whose header is in) onto the buffer."""
+        data, at = self._data, self._at
+        if at == len(data) and self.reader.at_eof():
+            raise StopAsyncIteration  # closed between frames: aiormq's reader ends too
+        needed = _FRAME_HEADER_SIZE + 1
+        if len(data) - at >= _FRAME_HEADER_SIZE:
+            needed += _FRAME_HEADER.unpack_from(data, at)[2]
+        chunk = await self._read(max(_READ_SIZE, needed))
+        if not chunk:
+            raise AMQPConnectionError(
+                "Server connection unexpectedly closed. "
+                f"Read {len(data) - at} bytes but {needed} bytes expected"
+            )
+        self._data = data[at:] + chunk
+        self._at = 0
 
     async def _read(self, size: int) -> bytes:
         try:
