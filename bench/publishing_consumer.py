@@ -2,7 +2,7 @@
 
 Run as a subprocess by ``bench/run.py`` (case g). No parsing, no Redis, no classification: each
 delivery's body goes back out as its "result" to ``exchange`` through the worker's own batched
-publisher (``worker.result_out``), and deliveries are acknowledged with ``multiple=True`` once
+publisher (``worker.amqp.results``), and deliveries are acknowledged with ``multiple=True`` once
 their result is confirmed. It consumes through aiormq directly, as the worker does. What it
 measures is what any worker publishing one confirmed result per message pays the broker and the
 AMQP client, whatever else it does. Prints one JSON line like ``bare_consumer.py``.
@@ -18,7 +18,7 @@ import aiormq
 from aiormq.abc import DeliveredMessage
 
 from bench.bare_consumer import Window
-from worker.result_out import ResultOut
+from worker.amqp.results import ResultOut
 
 
 async def main(url: str, queue: str, exchange: str, count: int, prefetch: int) -> None:

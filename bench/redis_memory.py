@@ -17,8 +17,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from worker.dedup import RedisClaimStore, TokenSource
-from worker.keys import RedisKeys
+from worker.claims.store import RedisClaimStore, TokenSource
+from worker.redisio.keys import RedisKeys
 
 
 async def used_memory(client: aioredis.Redis) -> int:

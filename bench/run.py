@@ -43,9 +43,9 @@ import redis.asyncio as aioredis
 
 from bench.cpu import Services, cpu_seconds
 from bench.redis_memory import measure as measure_redis_memory
-from worker import publish
-from worker.result_out import ResultOut
-from worker.samples import generate_sample
+from worker.amqp.results import ResultOut
+from worker.cli import publish
+from worker.cli.samples import generate_sample
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL") or "amqp://guest:guest@127.0.0.1:5672/"
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"

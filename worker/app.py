@@ -16,25 +16,25 @@ from dataclasses import dataclass
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 
-from worker.acks import Acker
-from worker.broker import CONNECTION_NAME, Broker, Topology, connect
-from worker.cache import ClassificationCache, LocalCache
-from worker.classifiers.factory import build_classifier
-from worker.classify import CachedClassifier
-from worker.consumer import ConsumerLimits, MessageConsumer
-from worker.counters import ClusterReporter, Counters, ReplicaIdentity
-from worker.dedup import ClaimStore, MemoryClaimStore, RedisClaimStore, TokenSource
-from worker.fallback import FallbackClaimStore
-from worker.faults import Faults
-from worker.gc_tuning import tune_for_throughput
-from worker.keys import RedisKeys
-from worker.leases import LeaseKeeper
-from worker.monitor import MonitorServer, ReplicaView
-from worker.redaction import redact_url, scrub
-from worker.redis_link import FALLBACK_IN_MEMORY, RedisLink, make_redis
-from worker.settings import Settings
-from worker.singleflight import LOCK_TTL_S, ClusterFlight, ClusterLocks
-from worker.stats import QueueNames
+from worker.amqp.acks import Acker
+from worker.amqp.broker import CONNECTION_NAME, Broker, Topology, connect
+from worker.claims.fallback import FallbackClaimStore
+from worker.claims.leases import LeaseKeeper
+from worker.claims.store import ClaimStore, MemoryClaimStore, RedisClaimStore, TokenSource
+from worker.classification.cache import ClassificationCache, LocalCache
+from worker.classification.cached import CachedClassifier
+from worker.classification.classifiers.factory import build_classifier
+from worker.classification.singleflight import LOCK_TTL_S, ClusterFlight, ClusterLocks
+from worker.core.gc_tuning import tune_for_throughput
+from worker.core.redaction import redact_url, scrub
+from worker.core.settings import Settings
+from worker.observability.counters import ClusterReporter, Counters, ReplicaIdentity
+from worker.observability.http import MonitorServer, ReplicaView
+from worker.observability.stats import QueueNames
+from worker.processing.consumer import ConsumerLimits, MessageConsumer
+from worker.processing.faults import Faults
+from worker.redisio.keys import RedisKeys
+from worker.redisio.link import FALLBACK_IN_MEMORY, RedisLink, make_redis
 
 log = structlog.get_logger("worker.app")
 
@@ -252,9 +252,9 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
             counters=counters,
             faults=faults,
         )
-        tune_for_throughput()  # start-up is done (see worker.gc_tuning)
+        tune_for_throughput()  # start-up is done (see worker.core.gc_tuning)
         queue = await broker.consumer_queue(settings.prefetch)
-        # aiormq's deliveries go straight to a plain function (see worker.delivery).
+        # aiormq's deliveries go straight to a plain function (see worker.amqp.delivery).
         consumer_tag = await queue.consume(consumer.on_delivery, raw=True)
         live.consuming = True
         summaries = asyncio.get_running_loop().create_task(_summaries(counters, live))

@@ -106,7 +106,7 @@ def test_build_context_holds_the_build_inputs_and_nothing_secret() -> None:
     for source in sources:
         assert (REPO / source).exists(), f"COPY {source}: no such file"
         assert not ignore.excludes(source), f"COPY {source} is excluded by .dockerignore"
-    for kept_in in ("worker/__init__.py", "worker/classifiers/data/labels.json"):
+    for kept_in in ("worker/__init__.py", "worker/classification/classifiers/data/labels.json"):
         assert not ignore.excludes(kept_in)
     for left_out in (
         ".git/HEAD",

@@ -23,8 +23,8 @@ import redis.asyncio as aioredis
 from hypothesis import strategies as st
 
 from tests.conftest import RABBITMQ_URL, Names
-from worker import publish
-from worker.keys import Counter
+from worker.cli import publish
+from worker.observability.metrics import CounterName
 
 
 class Replica:
@@ -198,11 +198,15 @@ async def publish_raw(names: Names, raw: list[tuple[bytes, str | None]]) -> None
 async def cluster_counters(client: aioredis.Redis, names: Names) -> dict[str, int]:
     raw = await client.hgetall(f"{names.key_prefix}stats")
     values = {k.decode(): int(v) for k, v in raw.items()}
-    return {c.value: values.get(c.value, 0) for c in Counter}
+    return {c.value: values.get(c.value, 0) for c in CounterName}
 
 
 async def wait_counter(
-    client: aioredis.Redis, names: Names, counter: Counter, expected: int, timeout_s: float = 10.0
+    client: aioredis.Redis,
+    names: Names,
+    counter: CounterName,
+    expected: int,
+    timeout_s: float = 10.0,
 ) -> dict[str, int]:
     """Wait until a cluster counter reaches ``expected`` (counters flush every heartbeat)."""
     deadline = time.monotonic() + timeout_s

@@ -15,7 +15,7 @@ from tests.integration.support import (
     drain_queue,
     publish_raw,
 )
-from worker.broker import DETAIL_HEADER, REASON_HEADER
+from worker.amqp.broker import DETAIL_HEADER, REASON_HEADER
 
 pytestmark = pytest.mark.integration
 

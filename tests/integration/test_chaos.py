@@ -27,9 +27,9 @@ from tests.conftest import RABBITMQ_URL, Names
 from tests.integration.proxy import CuttableProxy
 from tests.integration.servers import SpareRedis
 from tests.integration.support import Replica, Replicas, drain_queue
-from worker import publish
-from worker.keys import Counter
-from worker.samples import sample_texts
+from worker.cli import publish
+from worker.cli.samples import sample_texts
+from worker.observability.metrics import CounterName
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -243,12 +243,16 @@ async def test_chaos_loses_nothing_and_publishes_next_to_nothing_twice(
         assert left == 0
         assert len(twice) <= MAX_TWICE
         assert unexplained == []
-        assert counters[Counter.PROCESSED] == UNIQUE
-        assert counters[Counter.CACHE_HITS] + counters[Counter.CACHE_MISSES] == UNIQUE
-        assert counters[Counter.DUPLICATES] <= DUPLICATES
-        assert counters[Counter.DUPLICATES] + counters[Counter.REDELIVERED_DONE] >= DUPLICATES
-        assert counters[Counter.DEAD_LETTERED] == 0
-        assert counters[Counter.DEGRADED] == 0  # the Redis restart fit in REDIS_FALLBACK_AFTER_S
+        assert counters[CounterName.PROCESSED] == UNIQUE
+        assert counters[CounterName.CACHE_HITS] + counters[CounterName.CACHE_MISSES] == UNIQUE
+        assert counters[CounterName.DUPLICATES] <= DUPLICATES
+        assert (
+            counters[CounterName.DUPLICATES] + counters[CounterName.REDELIVERED_DONE] >= DUPLICATES
+        )
+        assert counters[CounterName.DEAD_LETTERED] == 0
+        assert (
+            counters[CounterName.DEGRADED] == 0
+        )  # the Redis restart fit in REDIS_FALLBACK_AFTER_S
         assert sink.total == UNIQUE + sum(len(r) - 1 for r in twice.values())
     finally:
         sink_stop.set()
@@ -265,7 +269,7 @@ async def read_counters(spare: SpareRedis, names: Names) -> dict[str, int]:
     finally:
         await client.aclose()
     values = {k.decode(): int(v) for k, v in raw.items()}
-    return {c.value: values.get(c.value, 0) for c in Counter}
+    return {c.value: values.get(c.value, 0) for c in CounterName}
 
 
 async def queue_depth(queue_name: str) -> int:

@@ -19,7 +19,7 @@ from tests.integration.support import (
     publish_bodies,
     wait_counter,
 )
-from worker.keys import Counter
+from worker.observability.metrics import CounterName
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ async def test_sigkill_while_holding_claims_loses_nothing(
             assert taken_over == []
             assert time.monotonic() - killed_at < 60
             counters = await cluster_counters(redis_client, names)
-            assert counters[Counter.PROCESSED] == len(messages)
+            assert counters[CounterName.PROCESSED] == len(messages)
             # Only a message the victim had published but not yet marked done can be published
             # twice; everything else exactly once.
             assert sum(len(r) for r in sink.by_id.values()) - len(messages) <= len(held)
@@ -125,13 +125,13 @@ async def test_crash_after_complete_before_ack_counts_nothing_twice(
 
             healthy = replicas.start(names.env())
             await healthy.started()
-            counters = await wait_counter(redis_client, names, Counter.REDELIVERED_DONE, 1)
+            counters = await wait_counter(redis_client, names, CounterName.REDELIVERED_DONE, 1)
             await sink.settle(quiet_s=1.0)
 
             assert len(sink.by_id["crash-1"]) == 1
-            assert counters[Counter.PROCESSED] == 1
-            assert counters[Counter.CACHE_MISSES] == 1
-            assert counters[Counter.DUPLICATES] == 0
-            assert counters[Counter.REDELIVERED_DONE] == 1
+            assert counters[CounterName.PROCESSED] == 1
+            assert counters[CounterName.CACHE_MISSES] == 1
+            assert counters[CounterName.DUPLICATES] == 0
+            assert counters[CounterName.REDELIVERED_DONE] == 1
     finally:
         replicas.close()

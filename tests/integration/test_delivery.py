@@ -11,8 +11,8 @@ import pytest
 from aiormq.abc import DeliveredMessage
 
 from tests.conftest import RABBITMQ_URL, Names
-from worker.broker import BackoffRobustConnection
-from worker.delivery import DirectQueue
+from worker.amqp.broker import BackoffRobustConnection
+from worker.amqp.delivery import DirectQueue
 
 COUNT = 300
 

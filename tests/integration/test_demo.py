@@ -16,8 +16,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import RABBITMQ_URL, REDIS_URL
-from worker.redaction import redact_url
-from worker.samples import generate_sample
+from worker.cli.samples import generate_sample
+from worker.core.redaction import redact_url
 
 pytestmark = pytest.mark.integration
 

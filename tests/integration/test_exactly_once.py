@@ -19,7 +19,7 @@ from tests.integration.support import (
     publish_bodies,
     wait_counter,
 )
-from worker.keys import Counter
+from worker.observability.metrics import CounterName
 
 pytestmark = pytest.mark.integration
 
@@ -49,14 +49,14 @@ async def test_three_replicas_process_each_id_once(
             await publish_bodies(names, first_wave)
             await sink.wait_for_ids({m["message_id"] for m in uniques}, timeout_s=120)
             await publish_bodies(names, late)
-            await wait_counter(redis_client, names, Counter.DUPLICATES, 1000, timeout_s=60)
+            await wait_counter(redis_client, names, CounterName.DUPLICATES, 1000, timeout_s=60)
             await sink.settle(quiet_s=1.5)
 
             assert sink.total == 3000
             assert all(len(results) == 1 for results in sink.by_id.values())
             counters = await cluster_counters(redis_client, names)
-            assert counters[Counter.DUPLICATES] == 1000
-            assert counters[Counter.PROCESSED] == 3000
+            assert counters[CounterName.DUPLICATES] == 1000
+            assert counters[CounterName.PROCESSED] == 3000
             # Results reach the exchange with the label as routing key and the input's ID.
             sample = sink.by_id["m-1"][0]
             assert sample["_routing_key"] == sample["classification"]["label"]
@@ -84,13 +84,13 @@ async def test_same_text_is_classified_once_for_the_cluster(
             await publish_bodies(names, rest)
             await sink.wait_for_ids({m["message_id"] for m in rest}, timeout_s=30)
 
-            counters = await wait_counter(redis_client, names, Counter.CACHE_HITS, 59)
-            assert counters[Counter.CACHE_MISSES] == 1
-            assert counters[Counter.CACHE_HITS] == 59
-            await wait_counter(redis_client, names, Counter.CLASSIFIER_CALLS, 1)
+            counters = await wait_counter(redis_client, names, CounterName.CACHE_HITS, 59)
+            assert counters[CounterName.CACHE_MISSES] == 1
+            assert counters[CounterName.CACHE_HITS] == 59
+            await wait_counter(redis_client, names, CounterName.CLASSIFIER_CALLS, 1)
             await asyncio.sleep(1.5)  # three heartbeats: every replica has flushed its calls
             counters = await cluster_counters(redis_client, names)
-            assert counters[Counter.CLASSIFIER_CALLS] == 1
+            assert counters[CounterName.CLASSIFIER_CALLS] == 1
             assert not sink.by_id["first"][0]["classification"]["cached"]
             assert all(sink.by_id[m["message_id"]][0]["classification"]["cached"] for m in rest)
     finally:
@@ -117,8 +117,8 @@ async def test_a_copy_arriving_while_its_original_is_in_work_costs_no_second_cla
             await replicas.start(env).started()
             await publish_bodies(names, twice)
             await sink.wait_for_ids({m["message_id"] for m in originals}, timeout_s=60)
-            counters = await wait_counter(client, names, Counter.DUPLICATES, 40, timeout_s=30)
-            assert counters[Counter.PROCESSED] == 40
+            counters = await wait_counter(client, names, CounterName.DUPLICATES, 40, timeout_s=30)
+            assert counters[CounterName.PROCESSED] == 40
             claimed = (await client.info("commandstats"))["cmdstat_exists"]["calls"]
             assert 40 <= claimed <= 44
             assert sink.total == 40

@@ -24,9 +24,9 @@ from tests.integration.support import (
     publish_raw,
     random_bodies,
 )
-from worker.broker import DETAIL_HEADER, REASON_HEADER
-from worker.errors import InvalidMessage
-from worker.models import parse_message
+from worker.amqp.broker import DETAIL_HEADER, REASON_HEADER
+from worker.core.errors import InvalidMessage
+from worker.core.models import parse_message
 
 pytestmark = pytest.mark.integration
 

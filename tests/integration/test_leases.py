@@ -17,8 +17,9 @@ from tests.integration.support import (
     publish_bodies,
     wait_counter,
 )
-from worker.dedup import ClaimStatus, CompleteStatus, Lease, RedisClaimStore, TokenSource
-from worker.keys import Counter, RedisKeys
+from worker.claims.store import ClaimStatus, CompleteStatus, Lease, RedisClaimStore, TokenSource
+from worker.observability.metrics import CounterName
+from worker.redisio.keys import RedisKeys
 
 pytestmark = pytest.mark.integration
 
@@ -52,8 +53,8 @@ async def test_lost_lease_cannot_complete_release_or_renew_the_new_owners_claim(
     assert await b.complete("x", second.token, cache_hit=False) is CompleteStatus.IN_REDIS
     assert (await a.claim("x", redelivered=False)).status is ClaimStatus.DONE
     counters = await cluster_counters(redis_client, names)
-    assert counters[Counter.PROCESSED] == 1
-    assert counters[Counter.DUPLICATES] == 1
+    assert counters[CounterName.PROCESSED] == 1
+    assert counters[CounterName.DUPLICATES] == 1
     await a.aclose()
     await b.aclose()
 
@@ -94,11 +95,11 @@ async def test_replica_work_outliving_the_lease_keeps_its_claim(
             assert await redis_client.exists(key)
             await publish_bodies(names, [body("long-1", "Почему так долго?")])
             await sink.wait_for_ids({"long-1"}, timeout_s=20)
-            counters = await wait_counter(redis_client, names, Counter.DUPLICATES, 1)
+            counters = await wait_counter(redis_client, names, CounterName.DUPLICATES, 1)
             await sink.settle(quiet_s=1.0)
             assert len(sink.by_id["long-1"]) == 1
-            assert counters[Counter.PROCESSED] == 1
-            assert counters[Counter.DUPLICATES] == 1
-            assert counters[Counter.CLAIMS_LOST] == 0
+            assert counters[CounterName.PROCESSED] == 1
+            assert counters[CounterName.DUPLICATES] == 1
+            assert counters[CounterName.CLAIMS_LOST] == 0
     finally:
         replicas.close()

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import Names
 from tests.integration.llm_server import FakeLLM, replica_env
 from tests.integration.support import Replica, Replicas, ResultSink, body, publish_bodies
-from worker.ratelimit import window_limit
+from worker.classification.ratelimit import window_limit
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ from tests.integration.support import (
     publish_bodies,
     wait_counter,
 )
-from worker.keys import Counter
+from worker.observability.metrics import CounterName
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +81,7 @@ async def test_the_api_key_never_leaves_the_authorization_header(
             await publish_bodies(names, [body(f"m-{i}", t) for i, t in enumerate(texts)])
             await sink.wait_for_ids({"m-1", "m-2", "m-3"}, timeout_s=20)
             dead = await drain_queue(names, names.dead_letter_queue, timeout_s=20, expected=1)
-            await wait_counter(redis_client, names, Counter.DEAD_LETTERED, 1)
+            await wait_counter(redis_client, names, CounterName.DEAD_LETTERED, 1)
 
             assert llm.requests
             assert all(r.authorization == f"Bearer {key}" for r in llm.requests)

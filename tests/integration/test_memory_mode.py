@@ -14,7 +14,7 @@ from tests.conftest import Names
 from tests.integration.servers import SpareRedis, free_port
 from tests.integration.support import Replicas, ResultSink, body, publish_bodies
 from worker.app import IN_MEMORY_LINE
-from worker.redis_link import CONNECTED_LINE, FAILED_LINE
+from worker.redisio.link import CONNECTED_LINE, FAILED_LINE
 
 pytestmark = pytest.mark.integration
 

@@ -28,8 +28,8 @@ from tests.integration.support import (
     publish_raw,
     wait_counter,
 )
-from worker.keys import Counter
-from worker.samples import generate_sample
+from worker.cli.samples import generate_sample
+from worker.observability.metrics import CounterName
 
 pytestmark = pytest.mark.integration
 
@@ -109,8 +109,8 @@ async def test_cluster_stats_are_the_sum_of_the_replicas(
             await publish_bodies(names, [m.to_body() for m in plan.messages])
             await publish_raw(names, [(b"not json at all", "bad-1")])
             await sink.wait_for_ids({m.message_id for m in plan.messages}, timeout_s=60)
-            await wait_counter(redis_client, names, Counter.DUPLICATES, plan.duplicate_count)
-            await wait_counter(redis_client, names, Counter.DEAD_LETTERED, 1)
+            await wait_counter(redis_client, names, CounterName.DUPLICATES, plan.duplicate_count)
+            await wait_counter(redis_client, names, CounterName.DEAD_LETTERED, 1)
 
             ports = [r.stats_port for r in replicas.all]
             deadline = time.monotonic() + 10
@@ -315,7 +315,7 @@ async def test_stats_command_needs_no_replica(
             traffic = [body(f"c-{i}", f"Где заказ {i % 10}") for i in range(40)]
             await publish_bodies(names, traffic + traffic[:8])
             await sink.wait_for_ids({f"c-{i}" for i in range(40)}, timeout_s=30)
-            await wait_counter(redis_client, names, Counter.DUPLICATES, 8)
+            await wait_counter(redis_client, names, CounterName.DUPLICATES, 8)
             replica.signal(signal.SIGTERM)
             assert await replica.wait_exit() == 0
     finally:

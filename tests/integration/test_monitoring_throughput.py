@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from tests.conftest import RABBITMQ_URL, Names
 from tests.integration.support import Replicas, body
-from worker import publish
+from worker.cli import publish
 
 pytestmark = pytest.mark.integration
 

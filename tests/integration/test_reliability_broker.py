@@ -27,9 +27,10 @@ from tests.integration.support import (
     rabbitmqctl_usable,
     wait_counter,
 )
-from worker.broker import CONNECTION_NAME
-from worker.dedup import ClaimStatus, CompleteStatus, RedisClaimStore, TokenSource
-from worker.keys import Counter, RedisKeys
+from worker.amqp.broker import CONNECTION_NAME
+from worker.claims.store import ClaimStatus, CompleteStatus, RedisClaimStore, TokenSource
+from worker.observability.metrics import CounterName
+from worker.redisio.keys import RedisKeys
 
 pytestmark = pytest.mark.integration
 
@@ -103,19 +104,19 @@ async def test_broker_outage_reconnects_and_processes_nothing_twice(
             await sink.wait_for_ids({m["message_id"] for m in messages}, timeout_s=60)
             await sink.settle(quiet_s=1.5)
             counters = await cluster_counters(redis_client, names)
-            assert counters[Counter.PROCESSED] == len(messages)
+            assert counters[CounterName.PROCESSED] == len(messages)
             # The cut interrupted held deliveries: each was either finished and redelivered
             # (redelivered_done), or its publish failed (failed; then retried, or requeued by the
             # broker and claimed again). Which of them, depends on the instant of the cut.
             interrupted = (
-                counters[Counter.REDELIVERED_DONE]
-                + counters[Counter.RETRIED]
-                + counters[Counter.FAILED]
+                counters[CounterName.REDELIVERED_DONE]
+                + counters[CounterName.RETRIED]
+                + counters[CounterName.FAILED]
             )
             assert interrupted >= 1
             # Nothing was sent twice. A delivery held when its channel closed is redelivered
             # (redelivered_done if it was finished); the held copy is neither claimed nor counted.
-            assert counters[Counter.DUPLICATES] == 0
+            assert counters[CounterName.DUPLICATES] == 0
             twice = {i for i, results in sink.by_id.items() if len(results) > 1}
             print(f"broker outage: {counters}, published twice: {sorted(twice)}")
             assert twice <= unconfirmed_results(both)
@@ -152,7 +153,7 @@ async def test_connection_closed_by_the_broker_is_restored(
             (after,) = await asyncio.to_thread(broker_connections, name)
             assert after != before
             counters = await cluster_counters(redis_client, names)
-            assert counters[Counter.PROCESSED] == len(messages)
+            assert counters[CounterName.PROCESSED] == len(messages)
             twice = {i for i, results in sink.by_id.items() if len(results) > 1}
             print(f"closed by the broker: {counters}, published twice: {sorted(twice)}")
             assert twice <= unconfirmed_results([replica])
@@ -197,12 +198,12 @@ async def test_a_delivery_held_when_its_channel_closes_is_neither_claimed_nor_co
         assert await other.complete("held-1", held.token, cache_hit=False) is (
             CompleteStatus.IN_REDIS
         )
-        await wait_counter(redis_client, names, Counter.REDELIVERED_DONE, 1)
+        await wait_counter(redis_client, names, CounterName.REDELIVERED_DONE, 1)
         await asyncio.sleep(2.0)  # both copies poll at least every 0.5 s, and counters flush
         counters = await cluster_counters(redis_client, names)
-        assert counters[Counter.REDELIVERED_DONE] == 1
-        assert counters[Counter.DUPLICATES] == 0
-        assert counters[Counter.PROCESSED] == 1  # the other replica's
+        assert counters[CounterName.REDELIVERED_DONE] == 1
+        assert counters[CounterName.DUPLICATES] == 0
+        assert counters[CounterName.PROCESSED] == 1  # the other replica's
     finally:
         replicas.close()
         await other.aclose()

@@ -17,8 +17,8 @@ import redis.asyncio as aioredis
 from tests.conftest import Names
 from tests.integration.servers import SpareRedis
 from tests.integration.support import Replicas, ResultSink, body, publish_bodies
-from worker.keys import Counter
-from worker.redis_link import CONNECTED_LINE, FAILED_LINE
+from worker.observability.metrics import CounterName
+from worker.redisio.link import CONNECTED_LINE, FAILED_LINE
 
 pytestmark = pytest.mark.integration
 
@@ -102,7 +102,7 @@ async def test_default_mode_keeps_processing_through_a_redis_outage(
             assert stats["cache"] == {"status": "redis_disconnected", "type": "redis"}
             own = stats["replica"]
             assert isinstance(own, dict)
-            assert own["counters"][Counter.DEGRADED] >= len(during)
+            assert own["counters"][CounterName.DEGRADED] >= len(during)
 
             await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - stopped_at)))
             spare.start()
@@ -117,13 +117,13 @@ async def test_default_mode_keeps_processing_through_a_redis_outage(
             assert CONNECTED_LINE in replica.log_text()
             counters = await stats_of(spare, names)
             for _ in range(40):  # the pending counts are flushed at the next heartbeat
-                if counters.get(Counter.PROCESSED) == 120:
+                if counters.get(CounterName.PROCESSED) == 120:
                     break
                 await asyncio.sleep(0.1)
                 counters = await stats_of(spare, names)
-            assert counters[Counter.PROCESSED] == 120
-            assert counters[Counter.DEGRADED] >= len(during)
-            assert counters[Counter.DUPLICATES] == 10
+            assert counters[CounterName.PROCESSED] == 120
+            assert counters[CounterName.DEGRADED] >= len(during)
+            assert counters[CounterName.DUPLICATES] == 10
             _, stats = await asyncio.to_thread(http_get, port, "/api/monitoring/stats")
             assert stats["cache"] == {"status": "redis_connected", "type": "redis"}
     finally:
@@ -177,8 +177,8 @@ async def test_strict_mode_processes_nothing_during_a_redis_outage_and_loses_not
             await replica.wait_for_log('"recovered":true')
             assert (await asyncio.to_thread(http_get, port, "/health/ready"))[0] == 200
             counters = await stats_of(spare, names)
-            assert counters[Counter.PROCESSED] == 40
-            assert counters.get(Counter.DEGRADED, 0) == 0
+            assert counters[CounterName.PROCESSED] == 40
+            assert counters.get(CounterName.DEGRADED, 0) == 0
     finally:
         replicas.close()
         spare.stop()

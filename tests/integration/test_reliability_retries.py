@@ -22,8 +22,8 @@ from tests.integration.support import (
     publish_bodies,
     wait_counter,
 )
-from worker.broker import ATTEMPT_HEADER, DETAIL_HEADER, REASON_HEADER
-from worker.keys import Counter
+from worker.amqp.broker import ATTEMPT_HEADER, DETAIL_HEADER, REASON_HEADER
+from worker.observability.metrics import CounterName
 
 pytestmark = pytest.mark.integration
 
@@ -68,10 +68,10 @@ async def test_always_failing_message_is_dead_lettered_after_exactly_max_attempt
             assert headers[ATTEMPT_HEADER] == MAX_ATTEMPTS
             assert "injected classification failure" in str(headers[DETAIL_HEADER])
             assert "fail-1" not in sink.by_id
-            counters = await wait_counter(redis_client, names, Counter.DEAD_LETTERED, 1)
-            assert counters[Counter.FAILED] == MAX_ATTEMPTS
-            assert counters[Counter.RETRIED] == MAX_ATTEMPTS - 1
-            assert counters[Counter.PROCESSED] == 300
+            counters = await wait_counter(redis_client, names, CounterName.DEAD_LETTERED, 1)
+            assert counters[CounterName.FAILED] == MAX_ATTEMPTS
+            assert counters[CounterName.RETRIED] == MAX_ATTEMPTS - 1
+            assert counters[CounterName.PROCESSED] == 300
 
             events = replica.events()
             retries = event_times(events, "message_retry_scheduled", "fail-1")

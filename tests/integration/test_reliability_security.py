@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import RABBITMQ_URL, Names
 from tests.integration.servers import SpareRedis, TlsRedis
 from tests.integration.support import Replicas, ResultSink, body, publish_bodies
-from worker.redis_link import CONNECTED_LINE, FAILED_LINE
+from worker.redisio.link import CONNECTED_LINE, FAILED_LINE
 
 pytestmark = pytest.mark.integration
 

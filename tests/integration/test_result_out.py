@@ -9,9 +9,9 @@ import aiormq
 import pytest
 
 from tests.conftest import Names
-from worker.broker import PUBLISH_ERRORS
-from worker.errors import PermanentError
-from worker.result_out import ResultOut
+from worker.amqp.broker import PUBLISH_ERRORS
+from worker.amqp.results import ResultOut
+from worker.core.errors import PermanentError
 
 
 async def bound_queue(

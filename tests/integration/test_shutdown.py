@@ -18,7 +18,7 @@ from tests.integration.support import (
     cluster_counters,
     publish_bodies,
 )
-from worker.keys import Counter
+from worker.observability.metrics import CounterName
 
 pytestmark = pytest.mark.integration
 
@@ -54,6 +54,6 @@ async def test_sigterm_under_load_drains_and_loses_nothing(
             await sink.settle(quiet_s=1.0)
             assert sink.total == len(messages)
             counters = await cluster_counters(redis_client, names)
-            assert counters[Counter.PROCESSED] == len(messages)
+            assert counters[CounterName.PROCESSED] == len(messages)
     finally:
         replicas.close()

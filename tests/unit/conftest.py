@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import fakeredis
 import pytest
 
-from worker.redis_link import RedisLink
+from worker.redisio.link import RedisLink
 
 
 @pytest.fixture

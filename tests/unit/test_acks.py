@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from worker.acks import Acker, Outcome
+from worker.amqp.acks import Acker, Outcome
 
 
 class RecordingChannel:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from worker.broker import Topology
-from worker.dedup import (
+from worker.amqp.broker import Topology
+from worker.claims.store import (
     ClaimAsk,
     ClaimStatus,
     CompleteStatus,
@@ -14,7 +14,7 @@ from worker.dedup import (
     RedisClaimStore,
     TokenSource,
 )
-from worker.keys import RedisKeys
+from worker.redisio.keys import RedisKeys
 
 KEYS = RedisKeys("unit:")
 MAX_ATTEMPTS = 3

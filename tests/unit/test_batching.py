@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from worker.batching import MicroBatcher
+from worker.redisio.batching import MicroBatcher
 
 
 async def test_concurrent_submits_share_one_batch() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from worker.cache import LocalCache, classifier_key, normalise, text_hash
-from worker.classifiers.base import Classification
+from worker.classification.cache import LocalCache, classifier_key, normalise, text_hash
+from worker.classification.classifiers.base import Classification
 
 
 def test_normalisation_folds_whitespace_and_unicode_forms() -> None:

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 
-from worker.cache import (
+from worker.classification.cache import (
     KEY_FORMAT_VERSION,
     ClassificationCache,
     LocalCache,
     classifier_key,
     text_hash,
 )
-from worker.classifiers.base import Classification
-from worker.classify import CachedClassifier
-from worker.counters import Counters
-from worker.errors import ClassifierUnavailable
-from worker.keys import Counter, RedisKeys
-from worker.redis_link import RedisLink
-from worker.singleflight import ClusterFlight, ClusterLocks
+from worker.classification.cached import CachedClassifier
+from worker.classification.classifiers.base import Classification
+from worker.classification.singleflight import ClusterFlight, ClusterLocks
+from worker.core.errors import ClassifierUnavailable
+from worker.observability.counters import Counters
+from worker.observability.metrics import CounterName
+from worker.redisio.keys import RedisKeys
+from worker.redisio.link import RedisLink
 
 KEYS = RedisKeys("unit:")
 
@@ -124,7 +125,7 @@ async def test_same_text_on_three_replicas_is_classified_once(
         snapshots = [r.cached.snapshot() for r in replicas]
         assert sum(s["single_flight_local_waits"] for s in snapshots) == 27
         assert sum(s["single_flight_cluster_waits"] for s in snapshots) == 2
-        assert sum(r.counters.local[Counter.CLASSIFIER_CALLS] for r in replicas) == 1
+        assert sum(r.counters.local[CounterName.CLASSIFIER_CALLS] for r in replicas) == 1
     finally:
         for replica in replicas:
             await replica.aclose()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 
 from tests.unit.test_cache_tiers import KEYS, CountingClassifier, Replica
-from worker.cache import ClassificationCache, LocalCache
-from worker.classifiers.base import Classification
-from worker.classify import CachedClassifier
-from worker.counters import Counters
-from worker.errors import ClassifierUnavailable
-from worker.keys import Counter
-from worker.redis_link import RedisLink
+from worker.classification.cache import ClassificationCache, LocalCache
+from worker.classification.cached import CachedClassifier
+from worker.classification.classifiers.base import Classification
+from worker.core.errors import ClassifierUnavailable
+from worker.observability.counters import Counters
+from worker.observability.metrics import CounterName
+from worker.redisio.link import RedisLink
 
 
 class ImmediateCounting(CountingClassifier):
@@ -45,7 +45,7 @@ async def test_a_batch_asks_each_distinct_text_once_and_marks_the_rest_cached(
         ]
         assert isinstance(answers[4], ClassifierUnavailable)
         assert answers[5] == (answers[1][0], True)  # type: ignore[index]
-        assert first.counters.local[Counter.CLASSIFIER_CALLS] == 4
+        assert first.counters.local[CounterName.CLASSIFIER_CALLS] == 4
         again = await second.cached.classify_many(texts[:4])
         assert second_classifier.calls == []
         assert [a[1] for a in again] == [True] * 4  # type: ignore[index]

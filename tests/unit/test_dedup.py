@@ -7,7 +7,7 @@ import asyncio
 import fakeredis
 import pytest
 
-from worker.dedup import (
+from worker.claims.store import (
     ClaimStatus,
     CompleteStatus,
     Lease,
@@ -15,7 +15,8 @@ from worker.dedup import (
     RedisClaimStore,
     TokenSource,
 )
-from worker.keys import Counter, RedisKeys
+from worker.observability.metrics import CounterName
+from worker.redisio.keys import RedisKeys
 
 KEYS = RedisKeys("unit:")
 
@@ -45,10 +46,10 @@ async def test_claim_complete_then_duplicate(redis: fakeredis.FakeAsyncRedis) ->
     assert (await store.claim("m1", redelivered=False)).status is ClaimStatus.DONE
     assert (await store.claim("m1", redelivered=True)).status is ClaimStatus.DONE
     assert await counters(redis) == {
-        Counter.PROCESSED: 1,
-        Counter.CACHE_HITS: 1,
-        Counter.DUPLICATES: 1,
-        Counter.REDELIVERED_DONE: 1,
+        CounterName.PROCESSED: 1,
+        CounterName.CACHE_HITS: 1,
+        CounterName.DUPLICATES: 1,
+        CounterName.REDELIVERED_DONE: 1,
     }
     assert 0 < await redis.ttl(KEYS.done("m1")) <= 600
     assert not await redis.exists(KEYS.claim("m1"))

@@ -16,7 +16,7 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-from worker.frames import BufferedFrameReceiver
+from worker.amqp.fastpath.frames import BufferedFrameReceiver
 
 Basic = commands.Basic
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.gc_tuning import YOUNG_THRESHOLD, tune_for_throughput
+from worker.core.gc_tuning import YOUNG_THRESHOLD, tune_for_throughput
 
 
 @pytest.fixture

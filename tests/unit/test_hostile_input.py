@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from tests.integration.support import HOSTILE, HOSTILE_MAX_BYTES, Hostile, random_bodies
-from worker.errors import InvalidMessage
-from worker.models import MAX_ID_CHARS, REASONS, parse_message
+from worker.core.errors import InvalidMessage
+from worker.core.models import MAX_ID_CHARS, REASONS, parse_message
 
 
 def test_the_catalogue_has_twenty_distinct_kinds_and_every_reason() -> None:

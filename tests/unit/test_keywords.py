@@ -9,9 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from worker.classifiers.base import Classifier
-from worker.classifiers.keywords import KeywordClassifier, KeywordRules, LabelRule, SignalRule
-from worker.samples import labelled_sample_texts
+from worker.classification.classifiers.base import Classifier
+from worker.classification.classifiers.keywords import (
+    KeywordClassifier,
+    KeywordRules,
+    LabelRule,
+    SignalRule,
+)
+from worker.cli.samples import labelled_sample_texts
 
 LABELLED_EXAMPLES = [
     ("question", "Подскажите, сколько идёт посылка в Казань?"),

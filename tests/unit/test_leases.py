@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from worker.dedup import Lease, MemoryClaimStore, TokenSource
-from worker.leases import LeaseKeeper
+from worker.claims.leases import LeaseKeeper
+from worker.claims.store import Lease, MemoryClaimStore, TokenSource
 
 
 class ScriptedClaims(MemoryClaimStore):

@@ -14,13 +14,18 @@ import pytest
 from pydantic import SecretStr
 
 from tests.integration.llm_server import DEFAULT_LABELS, FakeLLM, Reply
-from worker.classifiers.base import Classification
-from worker.classifiers.factory import build_classifier
-from worker.classifiers.llm import LLMClassifier, LLMConfig, PromptTemplate, retry_after_s
-from worker.errors import ClassifierUnavailable, ConfigError
-from worker.keys import RedisKeys
-from worker.ratelimit import RateLimiter
-from worker.settings import load_settings
+from worker.classification.classifiers.base import Classification
+from worker.classification.classifiers.factory import build_classifier
+from worker.classification.classifiers.llm import (
+    LLMClassifier,
+    LLMConfig,
+    PromptTemplate,
+    retry_after_s,
+)
+from worker.classification.ratelimit import RateLimiter
+from worker.core.errors import ClassifierUnavailable, ConfigError
+from worker.core.settings import load_settings
+from worker.redisio.keys import RedisKeys
 
 API_KEY = "sk-unit-7f3a9c1e5b2d"
 

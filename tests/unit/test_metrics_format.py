@@ -8,16 +8,17 @@ import subprocess
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from worker.counters import Counters, ReplicaIdentity
-from worker.keys import Counter, RedisKeys
-from worker.monitor import ReplicaCollector, ReplicaView
+from worker.observability.counters import Counters, ReplicaIdentity
+from worker.observability.http import ReplicaCollector, ReplicaView
+from worker.observability.metrics import CounterName
+from worker.redisio.keys import RedisKeys
 
 
 def exposition() -> str:
     """What /metrics serves for a replica that processed three messages, queue depths known."""
     counters = Counters(cluster=False)
-    counters.record(Counter.PROCESSED, 3)
-    counters.record(Counter.DUPLICATES, 1)
+    counters.record(CounterName.PROCESSED, 3)
+    counters.record(CounterName.DUPLICATES, 1)
     for seconds in (0.004, 0.02, 3.0):
         counters.latency.observe(seconds)
     view = ReplicaView(
@@ -67,7 +68,7 @@ def test_names_follow_prometheus_conventions() -> None:
     text = exposition()
     types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
     assert all(name.startswith("neiromatrius_") for name in types)
-    for counter in Counter:
+    for counter in CounterName:
         assert types[f"neiromatrius_{counter.value}_total"] == "counter"
     assert [n for n, t in types.items() if t == "counter" and not n.endswith("_total")] == []
     assert types["neiromatrius_processing_seconds"] == "histogram"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.errors import InvalidMessage
-from worker.models import parse_message
+from worker.core.errors import InvalidMessage
+from worker.core.models import parse_message
 
 
 def test_valid_message_keeps_every_field() -> None:

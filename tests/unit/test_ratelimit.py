@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.keys import RedisKeys
-from worker.ratelimit import LocalPacer, RateLimiter, burst_for, window_limit
-from worker.redis_link import RedisLink, make_redis
+from worker.classification.ratelimit import LocalPacer, RateLimiter, burst_for, window_limit
+from worker.redisio.keys import RedisKeys
+from worker.redisio.link import RedisLink, make_redis
 
 KEYS = RedisKeys("unit:")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.redaction import redact_url, scrub
+from worker.core.redaction import redact_url, scrub
 
 
 def test_password_is_replaced() -> None:

@@ -8,7 +8,7 @@ from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from worker.result_out import body_frames, content_header
+from worker.amqp.results import body_frames, content_header
 
 
 def pamqp_header(channel: int, size: int, message_id: str, app_id: str | None) -> bytes:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from worker.samples import (
+from worker.cli.samples import (
     SampleMessage,
     SamplePlan,
     generate_sample,

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from worker.errors import ConfigError
-from worker.settings import load_settings
+from worker.core.errors import ConfigError
+from worker.core.settings import load_settings
 
 
 @pytest.fixture(autouse=True)

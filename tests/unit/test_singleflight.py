@@ -6,9 +6,15 @@ import asyncio
 
 import pytest
 
-from worker.errors import ClassifierUnavailable
-from worker.redis_link import RedisLink, make_redis
-from worker.singleflight import ClusterFlight, ClusterLocks, Entry, LockState, WaitOutcome
+from worker.classification.singleflight import (
+    ClusterFlight,
+    ClusterLocks,
+    Entry,
+    LockState,
+    WaitOutcome,
+)
+from worker.core.errors import ClassifierUnavailable
+from worker.redisio.link import RedisLink, make_redis
 
 ENTRY = Entry("unit:value", "unit:lock")
 

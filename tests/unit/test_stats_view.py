@@ -12,10 +12,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from worker.counters import Counters, ReplicaIdentity
-from worker.keys import Counter, RedisKeys
-from worker.monitor import ReplicaView, build_app
-from worker.stats import (
+from worker.observability.counters import Counters, ReplicaIdentity
+from worker.observability.http import ReplicaView, build_app
+from worker.observability.metrics import CounterName
+from worker.observability.stats import (
     QueueNames,
     rates,
     read_counters,
@@ -24,6 +24,7 @@ from worker.stats import (
     render_table,
     unknown_depths,
 )
+from worker.redisio.keys import RedisKeys
 
 KEYS = RedisKeys("unit:")
 
@@ -54,8 +55,8 @@ async def test_counters_are_all_present(redis: fakeredis.FakeAsyncRedis) -> None
     counters = await read_counters(redis, KEYS)
     assert counters["processed"] == 7
     assert counters["duplicates"] == 3
-    assert set(counters) == {c.value for c in Counter}
-    assert all(counters[c] == 0 for c in Counter if c not in {"processed", "duplicates"})
+    assert set(counters) == {c.value for c in CounterName}
+    assert all(counters[c] == 0 for c in CounterName if c not in {"processed", "duplicates"})
 
 
 def test_rates_are_shares_of_what_was_seen() -> None:
@@ -192,10 +193,10 @@ async def test_without_redis_the_stats_are_this_replicas(endpoints: Endpoints) -
     """Without Redis the stats report cache memory/memory, scope instance, this replica's counters
     and throughput, and itself as the one live replica."""
     http, counters = endpoints.http, endpoints.counters
-    counters.record(Counter.PROCESSED, 6)
-    counters.record(Counter.DUPLICATES, 2)
-    counters.record(Counter.CACHE_HITS, 2)
-    counters.record(Counter.CACHE_MISSES, 4)
+    counters.record(CounterName.PROCESSED, 6)
+    counters.record(CounterName.DUPLICATES, 2)
+    counters.record(CounterName.CACHE_HITS, 2)
+    counters.record(CounterName.CACHE_MISSES, 4)
     stats = await (await http.get("/api/monitoring/stats")).json()
     assert stats["cache"] == {"status": "memory", "type": "memory"}
     assert stats["scope"] == "instance"

@@ -7,17 +7,18 @@ from collections.abc import AsyncIterator
 import fakeredis
 import pytest
 
-from worker.counters import Counters
-from worker.dedup import (
+from worker.claims.fallback import FallbackClaimStore
+from worker.claims.store import (
     ClaimAsk,
     CompleteStatus,
     MemoryClaimStore,
     RedisClaimStore,
     TokenSource,
 )
-from worker.fallback import FallbackClaimStore
-from worker.keys import Counter, RedisKeys
-from worker.redis_link import LinkState, RedisLink
+from worker.observability.counters import Counters
+from worker.observability.metrics import CounterName
+from worker.redisio.keys import RedisKeys
+from worker.redisio.link import LinkState, RedisLink
 
 KEYS = RedisKeys("wb:")
 
@@ -60,8 +61,8 @@ async def test_a_completion_whose_answer_was_lost_is_not_counted_twice(link: Red
     assert await claims.complete("m-1", claim.token, True) is CompleteStatus.DEFERRED
     link.state = LinkState.CONNECTED
     await claims.write_back()
-    assert (await stats(link)).get(Counter.PROCESSED) == 1
-    assert (await stats(link)).get(Counter.CACHE_HITS) == 1
+    assert (await stats(link)).get(CounterName.PROCESSED) == 1
+    assert (await stats(link)).get(CounterName.CACHE_HITS) == 1
 
 
 async def test_completions_made_offline_are_marked_done_and_counted_on_return(
@@ -82,10 +83,10 @@ async def test_completions_made_offline_are_marked_done_and_counted_on_return(
     link.state = LinkState.CONNECTED
     await claims.write_back()
     counted = await stats(link)
-    assert (counted[Counter.PROCESSED], counted[Counter.CACHE_HITS]) == (3, 1)
-    assert counted[Counter.CACHE_MISSES] == 2
+    assert (counted[CounterName.PROCESSED], counted[CounterName.CACHE_HITS]) == (3, 1)
+    assert counted[CounterName.CACHE_MISSES] == 2
     for message_id in "abc":
         assert await link.client.get(KEYS.done(message_id)) == b"1"
         assert await link.client.exists(KEYS.attempts(message_id)) == 0
     await claims.write_back()  # nothing left: counted once
-    assert (await stats(link))[Counter.PROCESSED] == 3
+    assert (await stats(link))[CounterName.PROCESSED] == 3

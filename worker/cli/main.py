@@ -1,0 +1,282 @@
+"""The ``neiromatrius-worker`` command: run, publish, stats, check, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+import structlog
+
+from worker import __version__
+from worker.core.errors import ConfigError
+from worker.core.settings import Settings, load_settings
+from worker.observability.logs import configure_logging
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neiromatrius-worker",
+        description="Process each Neiromatrius chat message once across replicas; classify it once.",
+        epilog="Settings come from environment variables (and a .env file); see the README.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="run one replica until SIGTERM/SIGINT")
+
+    pub = sub.add_parser("publish", help="send messages to the input queue")
+    source = pub.add_mutually_exclusive_group(required=True)
+    source.add_argument("file", nargs="?", help="JSONL file, one message per line ('-' for stdin)")
+    source.add_argument("--sample", type=int, metavar="N", help="generate N messages")
+    pub.add_argument(
+        "--duplicates",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="with --sample: share of the N that re-send an earlier message (0..1)",
+    )
+    pub.add_argument(
+        "--repeat-texts",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="with --sample: share of unique messages reusing an earlier text (0..1)",
+    )
+    pub.add_argument("--seed", type=int, default=None, help="with --sample: reproducible traffic")
+    pub.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        metavar="PER_SECOND",
+        help="publish at this pace instead of as fast as possible",
+    )
+
+    st = sub.add_parser(
+        "stats",
+        help="print cluster-wide counters from Redis (no replica needed)",
+        description="Cluster-wide counters, throughput, live replicas and Redis memory, read "
+        "from REDIS_URL; queue depths too when RABBITMQ_URL reaches the broker.",
+    )
+    st.add_argument("--json", action="store_true", help="machine-readable JSON")
+    sub.add_parser("check", help="test the configured connections")
+    _demo_parser(sub)
+    return parser
+
+
+def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="run replicas on generated traffic and show what dedup and the cache did",
+        description="Starts replicas on the local broker under names of their own, publishes "
+        "sample traffic with duplicates and repeated texts, shows progress and a final table, "
+        "then stops the replicas and removes everything it created. Uses REDIS_URL when set.",
+    )
+    demo.add_argument("--replicas", type=int, default=3, metavar="N", help="default 3")
+    demo.add_argument("--messages", type=int, default=2000, metavar="N", help="default 2000")
+    demo.add_argument(
+        "--duplicates",
+        type=float,
+        default=0.2,
+        metavar="FRACTION",
+        help="share of the messages that re-send an earlier one (default 0.2)",
+    )
+    demo.add_argument(
+        "--repeat-texts",
+        type=float,
+        default=0.5,
+        metavar="FRACTION",
+        help="share of unique messages reusing an earlier text (default 0.5)",
+    )
+    demo.add_argument(
+        "--rate", type=float, default=0.0, metavar="PER_SECOND", help="pace publishing"
+    )
+    demo.add_argument("--seed", type=int, default=None, help="reproducible traffic")
+    redis = demo.add_mutually_exclusive_group()
+    redis.add_argument("--redis-url", default=None, help="Redis to use (default: REDIS_URL)")
+    redis.add_argument("--no-redis", action="store_true", help="in-memory replicas")
+    demo.add_argument(
+        "--timeout", type=float, default=120.0, metavar="SECONDS", help="give up after this"
+    )
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"neiromatrius-worker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        if args.command == "run":
+            return asyncio.run(_run(settings))
+        if args.command == "publish":
+            return asyncio.run(_publish(settings, args))
+        if args.command == "stats":
+            return asyncio.run(_stats(settings, as_json=args.json))
+        if args.command == "check":
+            return asyncio.run(_check(settings))
+        if args.command == "demo":
+            return _demo(settings, args)
+    except ConfigError as exc:
+        print(f"neiromatrius-worker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+async def _run(settings: Settings) -> int:
+    from worker.app import run_replica
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    drained = await run_replica(settings, stop)
+    if not drained:
+        structlog.get_logger("worker").warning(
+            "exited_before_drain_finished", note="unacknowledged messages are redelivered"
+        )
+    return 0
+
+
+async def _publish(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.cli import publish
+
+    summary: dict[str, object]
+    if args.sample is not None:
+        from worker.cli.samples import generate_sample
+
+        try:
+            plan = generate_sample(args.sample, args.duplicates, args.repeat_texts, seed=args.seed)
+        except ValueError as exc:
+            print(f"neiromatrius-worker publish: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        messages = publish.from_bodies(m.to_body() for m in plan.messages)
+        summary = {
+            "published": len(messages),
+            "unique_ids": plan.unique_ids,
+            "duplicates": plan.duplicate_count,
+            "distinct_texts": plan.distinct_texts,
+        }
+    else:
+        if args.file == "-":
+            lines = sys.stdin.buffer.read().splitlines()
+        else:
+            try:
+                lines = (await asyncio.to_thread(Path(args.file).read_bytes)).splitlines()
+            except OSError as exc:
+                print(
+                    f"neiromatrius-worker publish: cannot read {args.file}: {exc.strerror}",
+                    file=sys.stderr,
+                )
+                return 1
+        messages = publish.from_jsonl_lines(lines)
+        summary = {"published": len(messages)}
+    took_s = await publish.publish(
+        settings.rabbitmq_url, settings.input_queue, messages, rate_per_s=args.rate
+    )
+    summary["seconds"] = round(took_s, 3)
+    summary["queue"] = settings.input_queue
+    print(orjson.dumps(summary).decode())
+    return 0
+
+
+async def _stats(settings: Settings, *, as_json: bool) -> int:
+    from worker.observability.stats import (
+        QueueNames,
+        probe_queue_depths,
+        read_cluster,
+        render_table,
+    )
+    from worker.redisio.keys import RedisKeys
+    from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
+
+    if not settings.redis_enabled:
+        print(
+            "neiromatrius-worker stats: REDIS_URL is not set; without Redis every replica keeps its "
+            "own counters: ask a replica at /api/monitoring/stats",
+            file=sys.stderr,
+        )
+        return 1
+    client = make_redis(settings.redis_url, settings.redis_timeout_s)
+    names = QueueNames(settings.input_queue, settings.dead_letter_queue)
+    try:
+        # The broker is optional here: without it the queue depths are reported as unknown.
+        data, queues = await asyncio.gather(
+            read_cluster(client, RedisKeys(settings.redis_key_prefix)),
+            probe_queue_depths(settings.rabbitmq_url, names),
+        )
+    except REDIS_UNAVAILABLE as exc:
+        print(
+            f"neiromatrius-worker stats: ⚠️ Redis connection failed ({type(exc).__name__})",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        await client.aclose()
+    data = {"cache": {"status": "redis_connected", "type": "redis"}, **data, "queues": queues}
+    print(
+        orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else render_table(data)
+    )
+    return 0
+
+
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.cli.demo import DemoOptions, run_demo
+    from worker.cli.samples import generate_sample
+
+    if args.no_redis:
+        redis_url = ""
+    elif args.redis_url is not None:
+        redis_url = load_settings(redis_url=args.redis_url).redis_url  # validated like REDIS_URL
+    else:
+        redis_url = settings.redis_url
+    if not 1 <= args.replicas <= 32:
+        print("neiromatrius-worker demo: --replicas must be between 1 and 32", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.messages < 1 or args.rate < 0 or args.timeout <= 0:
+        print(
+            "neiromatrius-worker demo: --messages must be >= 1, --rate >= 0, --timeout > 0",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        generate_sample(args.messages, args.duplicates, args.repeat_texts)
+    except ValueError as exc:
+        print(f"neiromatrius-worker demo: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    options = DemoOptions(
+        replicas=args.replicas,
+        messages=args.messages,
+        duplicates=args.duplicates,
+        repeat_texts=args.repeat_texts,
+        rate_per_s=args.rate,
+        seed=args.seed,
+        redis_url=redis_url,
+        timeout_s=args.timeout,
+        as_json=args.json,
+    )
+
+    async def demo() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await run_demo(settings, options, stop)
+
+    return asyncio.run(demo())
+
+
+async def _check(settings: Settings) -> int:
+    from worker.cli.checks import run_checks
+
+    return await run_checks(settings)

@@ -1,0 +1,94 @@
+"""Sending messages to the input queue: JSONL lines as they are, or generated sample traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import aio_pika
+import orjson
+
+from worker.amqp.broker import connect
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    body: bytes
+    message_id: str | None
+
+
+def from_jsonl_lines(lines: Iterable[str | bytes]) -> list[Outgoing]:
+    """Each non-blank line is one message, sent byte for byte (malformed ones too: the worker
+    dead-letters them); the AMQP ``message_id`` is taken from the body when it has one."""
+    out: list[Outgoing] = []
+    for line in lines:
+        raw = line.encode() if isinstance(line, str) else line
+        raw = raw.rstrip(b"\r\n")
+        if not raw.strip():
+            continue
+        message_id: str | None = None
+        try:
+            parsed = orjson.loads(raw)
+            if isinstance(parsed, dict) and isinstance(parsed.get("message_id"), str):
+                message_id = parsed["message_id"]
+        except orjson.JSONDecodeError:
+            pass
+        out.append(Outgoing(raw, message_id))
+    return out
+
+
+def from_bodies(bodies: Iterable[dict[str, object]]) -> list[Outgoing]:
+    return [
+        Outgoing(orjson.dumps(b), str(b["message_id"]) if "message_id" in b else None)
+        for b in bodies
+    ]
+
+
+async def publish(
+    rabbitmq_url: str,
+    queue: str,
+    messages: list[Outgoing],
+    *,
+    rate_per_s: float = 0.0,
+    window: int = 500,
+) -> float:
+    """Publish with confirms (``window`` at a time, or paced at ``rate_per_s``); returns seconds taken."""
+    connection = await connect(rabbitmq_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.declare_queue(queue, durable=True)
+        exchange = channel.default_exchange
+        started = time.perf_counter()
+
+        def message(item: Outgoing) -> aio_pika.Message:
+            return aio_pika.Message(
+                item.body,
+                message_id=item.message_id,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+
+        if rate_per_s > 0:
+            pending: list[asyncio.Future[object]] = []
+            for index, item in enumerate(messages):
+                due = started + index / rate_per_s
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                pending.append(
+                    asyncio.ensure_future(exchange.publish(message(item), routing_key=queue))
+                )
+            await asyncio.gather(*pending)
+        else:
+            for start in range(0, len(messages), window):
+                await asyncio.gather(
+                    *(
+                        exchange.publish(message(item), routing_key=queue)
+                        for item in messages[start : start + window]
+                    )
+                )
+        return time.perf_counter() - started
+    finally:
+        await connection.close()

@@ -1,0 +1,201 @@
+"""Configuration: one ``Settings`` object, read from the environment (and ``.env``) once at start-up.
+
+Nothing else in the worker reads ``os.environ``; components receive the values they need.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.core.errors import ConfigError
+from worker.core.redaction import url_secrets
+
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+AMQP_SCHEMES = frozenset({"amqp", "amqps"})
+# URL-valued settings whose input must never be echoed: they may carry a password.
+SECRET_FIELDS = frozenset({"redis_url", "rabbitmq_url", "llm_api_key", "llm_base_url"})
+DEFAULT_LLM_LABELS = "question,complaint,order,greeting,spam,other"
+# Labels become AMQP routing keys: one topic word (no dots, no wildcards), letters first.
+_LLM_LABEL_RE = re.compile(r"[^\W\d_][\w-]{0,63}")
+
+
+def _check_url(value: str, schemes: frozenset[str], *, needs_host: bool = True) -> str:
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises ValueError on a non-numeric port
+    except ValueError as exc:
+        raise ValueError("is not a valid URL") from exc
+    if parts.scheme not in schemes:
+        raise ValueError(f"must start with one of {', '.join(s + '://' for s in sorted(schemes))}")
+    if needs_host and parts.scheme != "unix" and not parts.hostname:
+        raise ValueError("has no host name")
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of a replica; see the README for what each one does."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    redis_url: str = ""
+    rabbitmq_url: str = "amqp://guest:guest@localhost:5672/"
+    input_queue: str = Field(default="neiromatrius.messages", min_length=1, max_length=200)
+    results_exchange: str = Field(default="neiromatrius.classified", min_length=1, max_length=200)
+    dead_letter_queue: str = Field(
+        default="neiromatrius.messages.dead", min_length=1, max_length=200
+    )
+    redis_key_prefix: str = Field(default="neiromatrius:", max_length=100)
+    dedup_ttl_s: int = Field(default=86_400, gt=0)
+    cache_ttl_s: int = Field(default=604_800, gt=0)
+    classifier: Literal["keywords", "llm"] = "keywords"
+    classifier_delay_ms: float = Field(default=0.0, ge=0, le=600_000)
+    keywords_file: str = ""
+    llm_base_url: str = ""
+    llm_api_key: SecretStr = SecretStr("")
+    llm_model: str = ""
+    llm_labels: str = DEFAULT_LLM_LABELS
+    llm_prompt_file: str = ""
+    llm_response_format: Literal["json_schema", "json_object", "none"] = "json_schema"
+    llm_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    llm_max_retries: int = Field(default=3, ge=0, le=20)
+    llm_max_rps: float = Field(default=0.0, ge=0, le=100_000)
+    single_flight_wait_s: float = Field(default=30.0, gt=0, le=3_600)
+    prefetch: int = Field(default=1024, ge=1, le=65_535)
+    stats_host: str = "0.0.0.0"
+    stats_port: int = Field(default=8080, ge=0, le=65_535)
+    log_format: Literal["console", "json", "auto"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    claim_lease_s: float = Field(default=30.0, gt=0, le=3_600)
+    work_timeout_s: float = Field(default=300.0, gt=0)
+    drain_timeout_s: float = Field(default=20.0, ge=0)
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    retry_base_delay_s: float = Field(default=1.0, gt=0, le=3_600)
+    max_message_bytes: int = Field(default=262_144, ge=64)
+    local_cache_size: int = Field(default=10_000, ge=0)
+    memory_dedup_size: int = Field(default=1_000_000, ge=1)
+    heartbeat_interval_s: float = Field(default=2.0, gt=0, le=60)
+    redis_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    replica_id: str = Field(default="", max_length=100)
+    fault_injection: str = ""
+    redis_failure_mode: Literal["fallback", "strict"] = "fallback"
+    redis_fallback_after_s: float = Field(default=3.0, ge=0, le=3_600)
+    rabbitmq_consumer_timeout_s: float = Field(default=1_800.0, gt=0)
+
+    @field_validator("classifier", "log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        value = value.strip()
+        return _check_url(value, REDIS_SCHEMES) if value else ""
+
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _rabbitmq_url(cls, value: str) -> str:
+        return _check_url(value.strip(), AMQP_SCHEMES)
+
+    @field_validator("llm_base_url")
+    @classmethod
+    def _llm_base_url(cls, value: str) -> str:
+        value = value.strip()
+        return _check_url(value, frozenset({"http", "https"})) if value else ""
+
+    @field_validator("llm_response_format", mode="before")
+    @classmethod
+    def _lower_llm(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("llm_labels")
+    @classmethod
+    def _llm_labels(cls, value: str) -> str:
+        labels = [label.strip().lower() for label in value.split(",") if label.strip()]
+        if len(labels) < 2:
+            raise ValueError("needs at least two comma-separated labels")
+        if len(set(labels)) != len(labels):
+            raise ValueError("lists a label twice")
+        for label in labels:
+            if not _LLM_LABEL_RE.fullmatch(label):
+                raise ValueError(
+                    f"label {label!r} must start with a letter and hold only letters, digits, "
+                    "'_' or '-' (at most 64)"
+                )
+        return ",".join(labels)
+
+    @field_validator("redis_failure_mode", mode="before")
+    @classmethod
+    def _lower_failure_mode(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _reliable(self) -> Settings:
+        if self.redis_failure_mode == "strict" and not self.redis_url:
+            raise ValueError(
+                "REDIS_FAILURE_MODE=strict needs REDIS_URL (without Redis there is nothing to wait for)"
+            )
+        # A delivery may wait for another replica's work on its ID, then do its own: both must
+        # end before RabbitMQ's consumer_timeout closes the channel over the unacknowledged delivery.
+        if 2 * self.work_timeout_s + self.claim_lease_s >= self.rabbitmq_consumer_timeout_s:
+            raise ValueError(
+                "WORK_TIMEOUT_S is too long: 2 × WORK_TIMEOUT_S + CLAIM_LEASE_S must stay below "
+                f"RABBITMQ_CONSUMER_TIMEOUT_S ({self.rabbitmq_consumer_timeout_s:g} s, the "
+                "broker's consumer_timeout)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.classifier == "llm":
+            if not self.llm_base_url:
+                raise ValueError("LLM_BASE_URL is required when CLASSIFIER=llm")
+            if not self.llm_model:
+                raise ValueError("LLM_MODEL is required when CLASSIFIER=llm")
+        return self
+
+    @property
+    def llm_label_set(self) -> tuple[str, ...]:
+        """``LLM_LABELS`` as a tuple, in the configured order."""
+        return tuple(self.llm_labels.split(","))
+
+    @property
+    def redis_enabled(self) -> bool:
+        return bool(self.redis_url)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Strings that must never be printed (passwords inside URLs, the API key)."""
+        found: list[str] = [self.llm_api_key.get_secret_value()]
+        for url in (self.redis_url, self.rabbitmq_url):
+            found += url_secrets(url)
+        return tuple(s for s in found if s)
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line naming the first bad variable, without echoing values that may be secret."""
+    error = exc.errors()[0]
+    loc = error.get("loc") or ()
+    field = str(loc[0]) if loc else ""
+    message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
+    if not field:
+        return f"invalid configuration: {message}"
+    variable = field.upper()
+    value = error.get("input")
+    shown = "" if field in SECRET_FIELDS or isinstance(value, dict) else f" (got {value!r})"
+    return f"invalid setting {variable}: {message}{shown}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings, turning validation failures into a ``ConfigError`` naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(describe_error(exc)) from None

@@ -1,0 +1,278 @@
+"""The monitoring HTTP server of a replica: stats JSON, liveness, readiness, Prometheus metrics.
+
+- ``GET /api/monitoring/stats``: the cluster view from Redis (``scope: cluster``), or this
+  replica's own numbers without a reachable Redis (``scope: instance``), plus queue depths and
+  this replica's own counters under ``replica``.
+- ``GET /health/live``: 200 while the process serves HTTP.
+- ``GET /health/ready``: 200 while connected to the broker and consuming, else 503 with the reason.
+- ``GET /metrics``: this replica's counters, in-flight, Redis/broker state and queue depths in the
+  Prometheus text format. Counters are per replica (sum them in PromQL); queue depths are the same
+  from every replica (take ``max``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+from aio_pika.abc import AbstractConnection
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from worker import __version__
+from worker.observability.counters import Counters, ReplicaIdentity
+from worker.observability.metrics import CounterName
+from worker.observability.stats import (
+    BROKER_UNREACHABLE,
+    QUEUE_PROBE_ERRORS,
+    WINDOWS_S,
+    QueueNames,
+    rates,
+    read_cluster,
+    read_queue_depths,
+    replica_entry,
+    unknown_depths,
+)
+from worker.redisio.keys import RedisKeys
+from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+
+log = structlog.get_logger("worker.observability.http")
+
+# What ``generate_latest`` writes (newer prometheus_client versions advertise 1.0.0 by default).
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+COUNTER_HELP: dict[str, str] = {
+    CounterName.PROCESSED: "Messages processed (classified, result published) by this replica.",
+    CounterName.DUPLICATES: "Deliveries skipped because their message ID was already processed.",
+    CounterName.REDELIVERED_DONE: "Redeliveries of messages already processed (not counted twice).",
+    CounterName.CACHE_HITS: "Processed messages whose classification came from the cache.",
+    CounterName.CACHE_MISSES: "Processed messages whose classification had to be computed.",
+    CounterName.CLASSIFIER_CALLS: "Calls made to the classifier.",
+    CounterName.FAILED: "Processing attempts that failed (then retried or dead-lettered).",
+    CounterName.RETRIED: "Messages parked in a retry queue after a transient failure.",
+    CounterName.DEAD_LETTERED: "Messages sent to the dead-letter queue.",
+    CounterName.CLAIMS_LOST: "Messages whose claim lapsed before completion (another replica took over).",
+    CounterName.DEGRADED: "Claims made in memory because Redis was unreachable.",
+}
+
+
+GAUGE_TALLIES = frozenset({"cache_local_entries"})
+
+
+@dataclass(slots=True)
+class ReplicaView:
+    """What the endpoints report about this replica; the callables read live state."""
+
+    identity: ReplicaIdentity
+    counters: Counters
+    link: RedisLink | None
+    keys: RedisKeys
+    in_flight: Callable[[], int]
+    broker_connected: Callable[[], bool]
+    consuming: Callable[[], bool]
+    queue_names: QueueNames | None = None
+    connection: Callable[[], AbstractConnection | None] = lambda: None
+    classifier_tallies: Callable[[], dict[str, int]] = dict
+
+    def cache_status(self) -> dict[str, str]:
+        if self.link is None:
+            return {"status": "memory", "type": "memory"}
+        return {"status": self.link.state.value, "type": "redis"}
+
+    def replica(self) -> dict[str, Any]:
+        return {
+            "id": self.identity.replica_id,
+            "host": self.identity.host,
+            "pid": self.identity.pid,
+            "started_at": self.identity.started_at,
+            "in_flight": self.in_flight(),
+            "counters": self.counters.snapshot(),
+            "classifier": self.classifier_tallies(),
+            "throughput": {f"{w}s": round(self.counters.throughput(w), 2) for w in WINDOWS_S},
+        }
+
+    async def queues(self) -> dict[str, Any] | None:
+        """Depths of the input and dead-letter queues, asked of the broker now."""
+        if self.queue_names is None:
+            return None
+        connection = self.connection()
+        if connection is None or not self.broker_connected():
+            return unknown_depths(self.queue_names, BROKER_UNREACHABLE)
+        try:
+            return await read_queue_depths(connection, self.queue_names)
+        except QUEUE_PROBE_ERRORS:
+            return unknown_depths(self.queue_names, BROKER_UNREACHABLE)
+
+    async def snapshot(self) -> dict[str, Any]:
+        """The stats document: the cluster's numbers when Redis answers, else this replica's."""
+        replica = self.replica()
+        cache = self.cache_status()
+        queues = await self.queues()
+        if self.link is not None and self.link.available:
+            try:
+                cluster = await read_cluster(self.link.client, self.keys)
+                return {"cache": cache, **cluster, "queues": queues, "replica": replica}
+            except REDIS_UNAVAILABLE as exc:
+                self.link.report_failure(exc)
+                cache = self.cache_status()
+        counters = replica["counters"]
+        own = {**replica, "last_seen": time.time(), "processed": counters[CounterName.PROCESSED]}
+        return {
+            "cache": cache,
+            "scope": "instance",
+            "counters": counters,
+            "rates": rates(counters),
+            "throughput": replica["throughput"],
+            "replicas": [replica_entry(own)],
+            "redis": None,
+            "queues": queues,
+            "replica": replica,
+        }
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.broker_connected():
+            return False, BROKER_UNREACHABLE
+        if not self.consuming():
+            return False, "the consumer is not running"
+        return True, "consuming"
+
+
+class ReplicaCollector(Collector):
+    """Prometheus metrics computed at scrape time from the replica's counters (nothing per message).
+
+    Queue depths need the broker, which ``collect`` cannot await: the ``/metrics`` handler reads
+    them first and leaves them in ``queue_depths``.
+    """
+
+    def __init__(self, view: ReplicaView) -> None:
+        self._view = view
+        self.queue_depths: dict[str, Any] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._view
+        info = GaugeMetricFamily(
+            "neiromatrius_replica_info",
+            "Always 1; the labels identify this replica.",
+            labels=["replica", "version"],
+        )
+        info.add_metric([view.identity.replica_id, __version__], 1.0)
+        yield info
+        local = view.counters.local
+        for counter in CounterName:
+            # The family name has no suffix: the exposition adds ``_total`` to counters.
+            family = CounterMetricFamily(
+                f"neiromatrius_{counter.value}",
+                COUNTER_HELP.get(counter, f"Events counted as {counter.value} by this replica."),
+            )
+            family.add_metric([], float(local[counter]))
+            yield family
+        yield view.counters.latency.metric(
+            "neiromatrius_processing_seconds",
+            "Time from delivery to completion of a processed message, in seconds.",
+        )
+        for name, value in sorted(view.classifier_tallies().items()):
+            # Tallies of the cache tiers, single flights, rate limiter and LLM client.
+            if name in GAUGE_TALLIES:
+                yield _gauge(f"neiromatrius_{name}", f"Classifier state: {name}.", value)
+            else:
+                family = CounterMetricFamily(
+                    f"neiromatrius_{name}", f"Classifier events counted as {name} by this replica."
+                )
+                family.add_metric([], float(value))
+                yield family
+        yield _gauge("neiromatrius_in_flight", "Deliveries being handled now.", view.in_flight())
+        yield _gauge(
+            "neiromatrius_redis_configured",
+            "1 when REDIS_URL is set (cluster mode), 0 in in-memory mode.",
+            view.link is not None,
+        )
+        yield _gauge(
+            "neiromatrius_redis_connected",
+            "1 when Redis is configured and reachable.",
+            view.link is not None and view.link.available,
+        )
+        yield _gauge(
+            "neiromatrius_broker_connected",
+            "1 when RabbitMQ is reachable.",
+            view.broker_connected(),
+        )
+        yield _gauge("neiromatrius_consuming", "1 while the consumer is running.", view.consuming())
+        if self.queue_depths is not None:
+            depth = GaugeMetricFamily(
+                "neiromatrius_queue_messages",
+                "Messages waiting in the queue (the same for every replica: use max).",
+                labels=["queue"],
+            )
+            for role in ("input", "dead_letter"):
+                messages = self.queue_depths.get(role, {}).get("messages")
+                if messages is not None:
+                    depth.add_metric([role], float(messages))
+            yield depth
+
+
+def _gauge(name: str, documentation: str, value: float | bool) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(name, documentation)
+    gauge.add_metric([], float(value))
+    return gauge
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def build_app(view: ReplicaView) -> web.Application:
+    registry = CollectorRegistry(auto_describe=False)
+    collector = ReplicaCollector(view)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+
+    async def stats(_: web.Request) -> web.Response:
+        return _json(await view.snapshot())
+
+    async def live(_: web.Request) -> web.Response:
+        return _json({"status": "alive", "replica": view.identity.replica_id})
+
+    async def ready(_: web.Request) -> web.Response:
+        ok, why = view.readiness()
+        return _json({"status": "ready" if ok else "not_ready", "reason": why}, 200 if ok else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        collector.queue_depths = await view.queues()
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": METRICS_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/api/monitoring/stats", stats)
+    app.router.add_get("/health/live", live)
+    app.router.add_get("/health/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+class MonitorServer:
+    """Serves ``build_app`` on ``host:port`` for the life of the replica (port 0 picks a free one)."""
+
+    def __init__(self, view: ReplicaView, host: str, port: int) -> None:
+        self._runner = web.AppRunner(build_app(view), access_log=None, handle_signals=False)
+        self._host = host
+        self._port = port
+        self.port: int | None = None
+
+    async def __aenter__(self) -> MonitorServer:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        server = site._server  # aiohttp exposes the bound sockets only here
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self._port
+        log.info("monitoring_listening", host=self._host, port=self.port)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._runner.cleanup()

@@ -1,0 +1,268 @@
+"""The cluster view: counters, throughput, live replicas, Redis memory and queue depths.
+
+Shared by the monitoring endpoint of every replica and the ``stats`` command (which needs no
+replica running). Values only: no URL, password or message text is ever part of it; heartbeats
+are reduced to ``REPLICA_FIELDS`` so nothing else a replica wrote can leak through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+import orjson
+from aio_pika.abc import AbstractConnection
+from redis.asyncio import Redis
+
+from worker.observability.metrics import CounterName
+from worker.redisio.keys import RedisKeys
+
+WINDOWS_S = (10, 60, 300)
+REPLICA_FIELDS = ("id", "host", "pid", "started_at", "last_seen", "in_flight", "processed")
+BROKER_UNREACHABLE = "the broker is unreachable"
+# Failures of a passive declare that mean "cannot ask the broker now", not a bug.
+QUEUE_PROBE_ERRORS: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+    RuntimeError,
+)
+
+
+def rates(counters: dict[str, int]) -> dict[str, float]:
+    """Duplicate rate among deliveries seen, cache hit rate among processed messages."""
+    processed = counters.get(CounterName.PROCESSED, 0)
+    duplicates = counters.get(CounterName.DUPLICATES, 0)
+    hits = counters.get(CounterName.CACHE_HITS, 0)
+    looked_up = hits + counters.get(CounterName.CACHE_MISSES, 0)
+    return {
+        "duplicate_rate": round(duplicates / (processed + duplicates), 4)
+        if processed + duplicates
+        else 0.0,
+        "cache_hit_rate": round(hits / looked_up, 4) if looked_up else 0.0,
+    }
+
+
+def all_counters(values: dict[str, int]) -> dict[str, int]:
+    return {c.value: int(values.get(c.value, 0)) for c in CounterName}
+
+
+async def read_counters(redis: Redis, keys: RedisKeys) -> dict[str, int]:
+    raw: dict[bytes, bytes] = await redis.hgetall(keys.stats)  # type: ignore[misc]
+    return all_counters({k.decode(): int(v) for k, v in raw.items()})
+
+
+async def read_throughput(
+    redis: Redis, keys: RedisKeys, now: float | None = None
+) -> dict[str, float]:
+    """Messages per second for the whole cluster over the last 10 s, 60 s and 5 min (full seconds)."""
+    current = int(now if now is not None else time.time())
+    seconds = list(range(current - max(WINDOWS_S), current))
+    values = await redis.mget([keys.throughput(s) for s in seconds])
+    per_second = {s: int(v) if v is not None else 0 for s, v in zip(seconds, values, strict=True)}
+    return {f"{w}s": round(sum(per_second[s] for s in seconds[-w:]) / w, 2) for w in WINDOWS_S}
+
+
+def replica_entry(heartbeat: dict[str, Any]) -> dict[str, Any]:
+    """The published fields of a heartbeat, every one present (``None`` when unknown)."""
+    return {name: heartbeat.get(name) for name in REPLICA_FIELDS}
+
+
+async def read_replicas(redis: Redis, keys: RedisKeys) -> list[dict[str, Any]]:
+    """Heartbeats of live replicas; IDs whose heartbeat expired are dropped from the set."""
+    ids = sorted(m.decode() for m in await redis.smembers(keys.replicas))  # type: ignore[misc]
+    if not ids:
+        return []
+    beats = await redis.mget([keys.replica(i) for i in ids])
+    live, gone = [], []
+    for replica_id, beat in zip(ids, beats, strict=True):
+        if beat is None:
+            gone.append(replica_id)
+            continue
+        try:
+            live.append(replica_entry(orjson.loads(beat)))
+        except orjson.JSONDecodeError:
+            continue  # a heartbeat we cannot read is skipped; it expires on its own
+    if gone:
+        await redis.srem(keys.replicas, *gone)  # type: ignore[misc]
+    return live
+
+
+async def read_redis_memory(redis: Redis) -> dict[str, Any]:
+    memory = await redis.info("memory")
+    stats = await redis.info("stats")
+    evicted = int(stats.get("evicted_keys", 0))
+    found: dict[str, Any] = {
+        "used_memory": int(memory.get("used_memory", 0)),
+        "used_memory_human": memory.get("used_memory_human"),
+        "maxmemory": int(memory.get("maxmemory", 0)),
+        "maxmemory_policy": memory.get("maxmemory_policy"),
+        "evicted_keys": evicted,
+    }
+    if evicted:
+        found["warning"] = (
+            f"{evicted} keys were evicted: evicted done markers let duplicates through; "
+            "give Redis more memory or shorten DEDUP_TTL_S/CACHE_TTL_S"
+        )
+    return found
+
+
+async def read_cluster(redis: Redis, keys: RedisKeys) -> dict[str, Any]:
+    counters = await read_counters(redis, keys)
+    return {
+        "scope": "cluster",
+        "counters": counters,
+        "rates": rates(counters),
+        "throughput": await read_throughput(redis, keys),
+        "replicas": await read_replicas(redis, keys),
+        "redis": await read_redis_memory(redis),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class QueueNames:
+    """The queues whose depth the view reports."""
+
+    input: str
+    dead_letter: str
+
+    def roles(self) -> tuple[tuple[str, str], ...]:
+        return (("input", self.input), ("dead_letter", self.dead_letter))
+
+
+def unknown_depths(names: QueueNames, reason: str) -> dict[str, Any]:
+    """The ``queues`` section when the broker could not be asked."""
+    found: dict[str, Any] = {
+        role: {"name": name, "messages": None, "consumers": None} for role, name in names.roles()
+    }
+    found["error"] = reason
+    return found
+
+
+async def _queue_depth(
+    connection: AbstractConnection, name: str, timeout_s: float
+) -> dict[str, Any]:
+    # A passive declare on a channel of its own: it never creates the queue, and the 404 it
+    # answers for a missing queue closes only this channel. The underlying channel is used because
+    # aio-pika's robust channel would return a cached declaration with a stale count.
+    channel = await asyncio.wait_for(connection.channel(), timeout_s)
+    try:
+        underlay = await channel.get_underlay_channel()
+        declared = await underlay.queue_declare(name, passive=True, timeout=timeout_s)
+        return {
+            "name": name,
+            "messages": declared.message_count or 0,
+            "consumers": declared.consumer_count or 0,
+        }
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return {"name": name, "messages": None, "consumers": None, "missing": True}
+    finally:
+        with contextlib.suppress(*QUEUE_PROBE_ERRORS):
+            await channel.close()
+
+
+async def read_queue_depths(
+    connection: AbstractConnection, names: QueueNames, *, timeout_s: float = 2.0
+) -> dict[str, Any]:
+    """Messages ready for delivery and consumers of the input and dead-letter queues.
+
+    ``messages`` counts what waits in the queue; deliveries a replica holds unacknowledged are
+    not in it (they are each replica's ``in_flight``).
+    """
+    return {role: await _queue_depth(connection, name, timeout_s) for role, name in names.roles()}
+
+
+async def probe_queue_depths(
+    rabbitmq_url: str, names: QueueNames, *, timeout_s: float = 3.0
+) -> dict[str, Any]:
+    """``read_queue_depths`` over a short-lived connection; unknown depths if it cannot connect."""
+    try:
+        connection = await asyncio.wait_for(aio_pika.connect(rabbitmq_url), timeout_s)
+    except QUEUE_PROBE_ERRORS:
+        return unknown_depths(names, BROKER_UNREACHABLE)
+    try:
+        return await read_queue_depths(connection, names, timeout_s=timeout_s)
+    except QUEUE_PROBE_ERRORS:
+        return unknown_depths(names, BROKER_UNREACHABLE)
+    finally:
+        with contextlib.suppress(*QUEUE_PROBE_ERRORS):
+            await connection.close()
+
+
+def _ago(epoch_s: Any, now: float) -> str:
+    if not isinstance(epoch_s, int | float):
+        return "?"
+    seconds = max(0.0, now - float(epoch_s))
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _started(epoch_s: Any) -> str:
+    if not isinstance(epoch_s, int | float):
+        return "?"
+    return datetime.fromtimestamp(float(epoch_s), UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _depth(entry: dict[str, Any]) -> str:
+    if entry.get("missing"):
+        return f"{entry['name']}: (no such queue)"
+    if entry.get("messages") is None:
+        return f"{entry['name']}: ?"
+    return f"{entry['name']}: {entry['messages']:,} waiting, {entry['consumers']} consumers"
+
+
+def render_table(stats: dict[str, Any], now: float | None = None) -> str:
+    """A readable summary for people (the ``stats`` command without ``--json``)."""
+    now = time.time() if now is None else now
+    lines = [f"Neiromatrius worker — {stats.get('scope', 'cluster')} stats"]
+    cache = stats.get("cache")
+    if cache:
+        lines.append(f"  cache            {cache['status']} ({cache['type']})")
+    lines.append("")
+    lines.append("  counters")
+    for name, value in stats["counters"].items():
+        lines.append(f"    {name:<18}{value:>12,}")
+    lines.append("")
+    r = stats["rates"]
+    lines.append(f"  duplicate rate   {r['duplicate_rate']:.2%}")
+    lines.append(f"  cache hit rate   {r['cache_hit_rate']:.2%}")
+    tp = stats["throughput"]
+    lines.append("  throughput       " + "  ".join(f"{k}: {v:,.1f}/s" for k, v in tp.items()))
+    replicas = stats.get("replicas", [])
+    lines.append("")
+    lines.append(f"  live replicas    {len(replicas)}")
+    for rep in replicas:
+        lines.append(
+            f"    {rep.get('id')!s:<28} host {rep.get('host')!s:<16} pid {rep.get('pid')!s:<8}"
+            f" started {_started(rep.get('started_at'))}  seen {_ago(rep.get('last_seen'), now)}"
+            f"  in flight {rep.get('in_flight') or 0:<5} processed {rep.get('processed') or 0:,}"
+        )
+    redis = stats.get("redis")
+    if redis:
+        lines.append("")
+        lines.append(
+            f"  redis memory     {redis.get('used_memory_human')} "
+            f"(max {redis.get('maxmemory') or 'unlimited'}, policy {redis.get('maxmemory_policy')},"
+            f" evicted {redis.get('evicted_keys')})"
+        )
+        if "warning" in redis:
+            lines.append(f"  WARNING: {redis['warning']}")
+    queues = stats.get("queues")
+    if queues:
+        lines.append("")
+        lines.append(f"  input queue      {_depth(queues['input'])}")
+        lines.append(f"  dead letters     {_depth(queues['dead_letter'])}")
+        if "error" in queues:
+            lines.append(f"  (queue depths unknown: {queues['error']})")
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""What becomes of a message that cannot be processed: dead-lettered with its reason, or parked
+in a retry queue for a later attempt, its claim released first.
+
+A publish of the dead letter or the retry copy that fails (the broker is away) requeues the
+delivery after ``REQUEUE_PAUSE_S``, so that it cannot come straight back in a hot loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from worker.amqp.acks import Outcome
+from worker.amqp.broker import DETAIL_HEADER, Broker, attempt_of
+from worker.amqp.delivery import Delivery
+from worker.claims.store import ClaimResult, ClaimStore
+from worker.core.errors import InvalidMessage, PermanentError, PublishFailed, TransientError
+from worker.core.models import ChatMessage
+from worker.observability.counters import Counters
+from worker.observability.metrics import CounterName
+
+log = structlog.get_logger("worker.processing.failures")
+
+REQUEUE_PAUSE_S = 1.0
+EXPECTED_FAILURES = (TransientError, PermanentError, TimeoutError)
+
+Claimed = tuple[Delivery, ChatMessage, ClaimResult]
+
+
+class Failures:
+    """Dead letters and retries of one replica's messages.
+
+    ``pause(seconds)`` waits, or less if the replica is stopping (``True`` then).
+    """
+
+    def __init__(
+        self,
+        *,
+        broker: Broker,
+        claims: ClaimStore,
+        counters: Counters,
+        max_attempts: int,
+        pause: Callable[[float], Awaitable[bool]],
+    ) -> None:
+        self._broker = broker
+        self._claims = claims
+        self._counters = counters
+        self._max_attempts = max_attempts
+        self._pause = pause
+
+    async def reject(self, delivery: Delivery, exc: InvalidMessage) -> Outcome:
+        return await self.dead_letter(delivery, exc.reason, exc.detail, attempt_of(delivery))
+
+    async def dead_letter(
+        self, delivery: Delivery, reason: str, detail: str, attempts: int
+    ) -> Outcome:
+        """Publish to the dead-letter queue, then ack; if that publish fails, requeue after a pause."""
+        log.warning("message_dead_lettered", reason=reason, detail=detail, attempts=attempts)
+        try:
+            await self._broker.dead_letter(delivery, reason, detail, attempts)
+        except PublishFailed as publish_exc:
+            log.warning("dead_letter_publish_failed", error=str(publish_exc))
+            await self._pause(REQUEUE_PAUSE_S)
+            return Outcome.REQUEUE
+        self._counters.record(CounterName.DEAD_LETTERED)
+        return Outcome.ACK
+
+    async def failed(self, item: Claimed, attempt: int, exc: BaseException) -> Outcome:
+        """Release the claim of a message whose work failed, then retry or dead-letter it."""
+        delivery, message, claim = item
+        if not isinstance(exc, EXPECTED_FAILURES):
+            log.error("message_work_failed", exc_info=exc)
+        await self._claims.release(message.message_id, claim.token)
+        return await self._retry_or_dead_letter(delivery, attempt, exc)
+
+    async def exhausted(self, delivery: Delivery, attempts: int) -> Outcome:
+        """Dead-letter a message whose attempts were all used up without one finishing."""
+        detail = f"{attempts} attempts started, none finished (MAX_ATTEMPTS={self._max_attempts})"
+        last_error = (delivery.headers or {}).get(DETAIL_HEADER)
+        if isinstance(last_error, str) and last_error:
+            detail += f"; last error reported: {last_error}"
+        else:
+            detail += "; the replicas working on it stopped (crashed or lost the claim)"
+        return await self.dead_letter(delivery, "retries_exhausted", detail, attempts)
+
+    async def _retry_or_dead_letter(
+        self, delivery: Delivery, attempt: int, exc: BaseException
+    ) -> Outcome:
+        if isinstance(exc, TimeoutError):
+            error = "work timed out or its lease could not be renewed"
+        elif isinstance(exc, TransientError | PermanentError):
+            error = str(exc)
+        else:  # its text may hold anything; the type is what an operator can act on
+            error = f"unexpected {type(exc).__name__}"
+        self._counters.record(CounterName.FAILED)
+        if isinstance(exc, PermanentError) or attempt >= self._max_attempts:
+            reason = "permanent_error" if isinstance(exc, PermanentError) else "retries_exhausted"
+            return await self.dead_letter(delivery, reason, error, attempt)
+        try:
+            log.warning(
+                "message_retry_scheduled",
+                error=error,
+                delay_ms=self._broker.topology.retry_delay_ms(attempt),
+            )
+            await self._broker.schedule_retry(delivery, attempt, error)
+            self._counters.record(CounterName.RETRIED)
+        except PublishFailed as publish_exc:
+            log.warning("retry_publish_failed", error=str(publish_exc))
+            await self._pause(REQUEUE_PAUSE_S)
+            return Outcome.REQUEUE
+        return Outcome.ACK
