@@ -41,7 +41,11 @@ class Settings(BaseSettings):
     """Every setting of a replica; see the README for what each one does."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        frozen=True,
     )
 
     redis_url: str = ""
@@ -87,8 +91,17 @@ class Settings(BaseSettings):
     redis_failure_mode: Literal["fallback", "strict"] = "fallback"
     redis_fallback_after_s: float = Field(default=3.0, ge=0, le=3_600)
     rabbitmq_consumer_timeout_s: float = Field(default=1_800.0, gt=0)
+    # ``off`` runs on stock aio-pika/aiormq (see worker/amqp/fastpath and the README).
+    amqp_fast_path: bool = True
 
-    @field_validator("classifier", "log_format", "log_level", mode="before")
+    @field_validator(
+        "classifier",
+        "log_format",
+        "log_level",
+        "llm_response_format",
+        "redis_failure_mode",
+        mode="before",
+    )
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -110,11 +123,6 @@ class Settings(BaseSettings):
         value = value.strip()
         return _check_url(value, frozenset({"http", "https"})) if value else ""
 
-    @field_validator("llm_response_format", mode="before")
-    @classmethod
-    def _lower_llm(cls, value: object) -> object:
-        return value.strip().lower() if isinstance(value, str) else value
-
     @field_validator("llm_labels")
     @classmethod
     def _llm_labels(cls, value: str) -> str:
@@ -130,11 +138,6 @@ class Settings(BaseSettings):
                     "'_' or '-' (at most 64)"
                 )
         return ",".join(labels)
-
-    @field_validator("redis_failure_mode", mode="before")
-    @classmethod
-    def _lower_failure_mode(cls, value: object) -> object:
-        return value.strip().lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _reliable(self) -> Settings:
