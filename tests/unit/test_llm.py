@@ -14,7 +14,6 @@ import pytest
 from pydantic import SecretStr
 
 from tests.integration.llm_server import DEFAULT_LABELS, FakeLLM, Reply
-from worker.classification.classifiers.base import Classification
 from worker.classification.classifiers.factory import build_classifier
 from worker.classification.classifiers.llm import (
     LLMClassifier,
@@ -23,6 +22,7 @@ from worker.classification.classifiers.llm import (
     retry_after_s,
 )
 from worker.classification.ratelimit import RateLimiter
+from worker.core.classification import Classification
 from worker.core.errors import ClassifierUnavailable, ConfigError
 from worker.core.settings import load_settings
 from worker.redisio.keys import RedisKeys

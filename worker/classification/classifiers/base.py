@@ -1,16 +1,16 @@
-"""The classifier interface every implementation plugs into."""
+"""The classifier interface every implementation plugs into.
+
+``Classification`` itself is a shared type (``worker.core.classification``) because the AMQP layer
+writes it into results; it is re-exported here so a classifier needs one import.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+from worker.core.classification import Classification
 
-class Classification(NamedTuple):
-    """What a classifier says about one text."""
-
-    label: str
-    confidence: float
-    classifier: str
+__all__ = ["Classification", "Classifier", "Immediate"]
 
 
 class Classifier(Protocol):

@@ -52,8 +52,8 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from worker.classification.cache import normalise
-from worker.classification.classifiers.base import Classification
 from worker.classification.ratelimit import RateLimiter
+from worker.core.classification import Classification
 from worker.core.errors import ClassifierUnavailable
 from worker.core.redaction import redact_url, scrub
 from worker.observability.counters import LatencyHistogram
