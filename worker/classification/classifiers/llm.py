@@ -1,30 +1,20 @@
 """The ``llm`` classifier: any OpenAI-compatible chat-completions server (OpenAI, vLLM, Ollama,
 LM Studio, llama.cpp server, ...), at ``POST {LLM_BASE_URL}/chat/completions``.
 
-Request: the system prompt (the template with ``{labels}`` filled in), the text as the user message
-(normalised as for the cache key, so the answer depends on nothing the key does not cover),
-``temperature`` 0, and the answer format ``LLM_RESPONSE_FORMAT`` asks for: ``json_schema`` (a
-schema whose ``label`` is an enum of the labels; OpenAI, vLLM, LM Studio, recent Ollama),
-``json_object`` (JSON mode) or ``none`` (the prompt alone). The API key, if any, is sent only as
-``Authorization: Bearer ...``; it never appears in a log line, an error or a stat.
+Request (``llm_prompt``): the system prompt (the template with ``{labels}`` filled in), the text as
+the user message (normalised as for the cache key, so the answer depends on nothing the key does not
+cover), ``temperature`` 0, and the answer format ``LLM_RESPONSE_FORMAT`` asks for. The API key, if
+any, is sent only as ``Authorization: Bearer ...``; it never appears in a log line, an error or a
+stat.
 
-Answer: the message content must hold a JSON object ``{"label": ..., "confidence": ...}``
-(surrounding prose or a code fence is tolerated), validated with pydantic. The label must be one of
-``LLM_LABELS`` (case-insensitive); anything else is an error, never a result. ``confidence`` is
-optional (1.0 when missing) and clamped to [0, 1].
+Answer (``llm_http``): a JSON object ``{"label": ..., "confidence": ...}`` in the message content;
+the label must be one of ``LLM_LABELS``, anything else is an error, never a result.
 
 Failures inside one classification: timeouts, connection errors, 5xx and answers that fail
 validation are retried up to ``LLM_MAX_RETRIES`` times with exponential backoff and jitter; a 429
 waits for its ``Retry-After`` (and holds every replica for that long, see ``ratelimit``). Other
 4xx answers (bad key, unknown model) are not retried here. When a classification still fails it
 raises ``ClassifierUnavailable``: nothing is cached and the worker retries the message later.
-
-Prompt file format (``LLM_PROMPT_FILE``; the default is ``data/llm_prompt.json``)::
-
-    {"version": 1,
-     "system": "... {labels} ...",          # required, must contain {labels}
-     "user": "{text}",                       # optional, must contain {text}
-     "label_descriptions": {"spam": "..."}}  # optional; shown next to a label in {labels}
 
 The identity (``llm:v1:{model}:{fingerprint}``) hashes everything that shapes an answer: protocol
 version, rendered prompt, user template, labels, answer format and temperature.
@@ -34,179 +24,63 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
-from importlib import resources
-from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Final
 from urllib.parse import urlsplit
 
 import httpx
 import orjson
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from worker.classification.cache import normalise
+from worker.classification.classifiers.llm_http import (
+    ERROR_KINDS,
+    AttemptFailed,
+    check_status,
+    read_answer,
+    retry_after_s,
+)
+from worker.classification.classifiers.llm_prompt import (
+    BACKOFF_BASE_S,
+    MAX_RETRY_AFTER_S,
+    LLMConfig,
+    PromptTemplate,
+    ResponseFormat,
+    base_request,
+    fingerprint,
+)
 from worker.classification.ratelimit import RateLimiter
 from worker.core.classification import Classification
 from worker.core.errors import ClassifierUnavailable
 from worker.core.redaction import redact_url, scrub
 from worker.observability.counters import LatencyHistogram
 
-__all__ = ["LLMClassifier", "LLMConfig", "PromptTemplate", "ResponseFormat"]
+__all__ = [
+    "BACKOFF_BASE_S",
+    "BACKOFF_CAP_S",
+    "MAX_RETRY_AFTER_S",
+    "LLMClassifier",
+    "LLMConfig",
+    "PromptTemplate",
+    "ResponseFormat",
+    "retry_after_s",
+]
 
 log = structlog.get_logger("worker.llm")
 
 _NAME: Final = "llm"
 # Bump when the request or the reading of answers changes in a way the fingerprint cannot see.
 _PROTOCOL_VERSION: Final = "v1"
-_TEMPERATURE: Final = 0
-BACKOFF_BASE_S: Final = 0.5
 BACKOFF_CAP_S: Final = 8.0
-# A longer Retry-After ends the classification (the cool-down still holds the cluster).
-MAX_RETRY_AFTER_S: Final = 30.0
-_HINTS: Final = {
-    401: " (check LLM_API_KEY)",
-    403: " (check LLM_API_KEY)",
-    404: " (check LLM_BASE_URL and LLM_MODEL)",
-}
-
-ResponseFormat = Literal["json_schema", "json_object", "none"]
-
-
-class _PromptFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    version: Literal[1]
-    description: str = ""
-    system: str = Field(min_length=1)
-    user: str = "{text}"
-    label_descriptions: dict[str, str] = Field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class PromptTemplate:
-    """The system prompt template, the user message template and optional label descriptions."""
-
-    system: str
-    user: str = "{text}"
-    label_descriptions: Mapping[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> PromptTemplate:
-        try:
-            spec = _PromptFile.model_validate_json(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "file"
-            raise ValueError(f"{where}: {first['msg']}") from None
-        if "{labels}" not in spec.system:
-            raise ValueError("system: must contain {labels}")
-        if "{text}" not in spec.user:
-            raise ValueError("user: must contain {text}")
-        descriptions = {k.strip().lower(): v.strip() for k, v in spec.label_descriptions.items()}
-        return cls(spec.system, spec.user, descriptions)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> PromptTemplate:
-        return cls.from_json(Path(path).read_bytes())
-
-    @classmethod
-    def default(cls) -> PromptTemplate:
-        data = resources.files("worker.classification.classifiers").joinpath("data/llm_prompt.json")
-        return cls.from_json(data.read_bytes())
-
-    def render_system(self, labels: tuple[str, ...]) -> str:
-        lines = []
-        for label in labels:
-            description = self.label_descriptions.get(label)
-            lines.append(f"- {label}: {description}" if description else f"- {label}")
-        return self.system.replace("{labels}", "\n".join(lines))
-
-    def render_user(self, text: str) -> str:
-        return self.user.replace("{text}", text)
-
-
-@dataclass(frozen=True, slots=True)
-class LLMConfig:
-    """What the LLM classifier needs from the settings."""
-
-    base_url: str
-    model: str
-    labels: tuple[str, ...]
-    prompt: PromptTemplate
-    api_key: SecretStr = field(default_factory=lambda: SecretStr(""))
-    response_format: ResponseFormat = "json_schema"
-    timeout_s: float = 30.0
-    max_retries: int = 3
-    backoff_base_s: float = BACKOFF_BASE_S
-    max_retry_after_s: float = MAX_RETRY_AFTER_S
-
-
-class _Message(BaseModel):
-    content: str | None = None
-
-
-class _Choice(BaseModel):
-    message: _Message
-
-
-class _Completion(BaseModel):
-    choices: list[_Choice] = Field(min_length=1)
-
-
-class _Answer(BaseModel):
-    label: str
-    confidence: float | None = Field(default=None, allow_inf_nan=False)
-
-
-class _AttemptFailed(Exception):
-    """One HTTP exchange that did not give a classification; ``kind`` names it in the tallies."""
-
-    def __init__(
-        self, kind: str, detail: str, *, retryable: bool = True, retry_after_s: float | None = None
-    ) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.detail = detail
-        self.retryable = retryable
-        self.retry_after_s = retry_after_s
-
-
-def retry_after_s(headers: httpx.Headers, now: float | None = None) -> float | None:
-    """Seconds a 429 asks us to wait: ``retry-after-ms``, or ``Retry-After`` (seconds or a date)."""
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms:
-        try:
-            return max(0.0, float(raw_ms) / 1000)
-        except ValueError:
-            pass
-    raw = headers.get("retry-after")
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(raw).timestamp()
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when - (time.time() if now is None else now))
-
-
-def _json_object_in(content: str) -> str:
-    """The JSON object of an answer, tolerating a code fence or words around it."""
-    stripped = content.strip()
-    if stripped.startswith("{"):
-        return stripped
-    start, end = stripped.find("{"), stripped.rfind("}")
-    return stripped[start : end + 1] if 0 <= start < end else stripped
+_TALLY_NAMES: Final = (
+    "llm_requests",
+    "llm_classifications",
+    "llm_failures",
+    "llm_retries",
+    *(f"llm_errors_{kind}" for kind in ERROR_KINDS),
+)
 
 
 class LLMClassifier:
@@ -220,29 +94,10 @@ class LLMClassifier:
         self._url = config.base_url.rstrip("/") + "/chat/completions"
         self._where = redact_url(self._url)
         self._secrets = _secrets_of(config)
-        key = config.api_key.get_secret_value()
-        self._headers = {"Content-Type": "application/json"}
-        if key:
-            self._headers["Authorization"] = f"Bearer {key}"
-        system = config.prompt.render_system(config.labels)
-        self._request: dict[str, Any] = {
-            "model": config.model,
-            "temperature": _TEMPERATURE,
-            "messages": [{"role": "system", "content": system}],
-        }
-        response_format = _response_format(config.response_format, config.labels)
-        if response_format is not None:
-            self._request["response_format"] = response_format
-        fingerprint = {
-            "protocol": _PROTOCOL_VERSION,
-            "system": system,
-            "user": config.prompt.user,
-            "labels": config.labels,
-            "response_format": config.response_format,
-            "temperature": _TEMPERATURE,
-        }
-        digest = hashlib.sha256(orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        self._identity = f"{_NAME}:{_PROTOCOL_VERSION}:{config.model}:{digest[:12]}"
+        self._headers = _headers(config)
+        self._request = base_request(config)
+        self._identity = f"{_NAME}:{_PROTOCOL_VERSION}:{config.model}:"
+        self._identity += fingerprint(config, _PROTOCOL_VERSION)
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.timeout_s),
             limits=httpx.Limits(
@@ -271,19 +126,10 @@ class LLMClassifier:
 
     async def classify(self, text: str) -> Classification:
         """One classification: up to ``1 + max_retries`` calls, each paced by the rate limiter."""
-        body = orjson.dumps(
-            {
-                **self._request,
-                "messages": [
-                    *self._request["messages"],
-                    {"role": "user", "content": self._config.prompt.render_user(normalise(text))},
-                ],
-            }
-        )
+        body = self._body(text)
         attempts = self._config.max_retries + 1
         attempt = 0
-        failure: _AttemptFailed | None = None
-        while attempt < attempts:
+        while True:
             attempt += 1
             try:
                 # A connection first, then the rate limiter's slot: a call leaves as soon as its
@@ -291,34 +137,46 @@ class LLMClassifier:
                 async with self._connections:
                     await self._limiter.acquire()
                     result = await self._call(body)
-            except _AttemptFailed as exc:
-                failure = exc
-                self.tallies[f"llm_errors_{exc.kind}"] += 1
-                delay_s = await self._delay_before_retry(exc, attempt, attempts)
+            except AttemptFailed as exc:
+                delay_s = await self._after_failure(exc, attempt, attempts)
                 if delay_s is None:
-                    break
-                self.tallies["llm_retries"] += 1
-                log.warning(
-                    "llm_call_failed",
-                    kind=exc.kind,
-                    error=exc.detail,
-                    attempt=attempt,
-                    retry_in_s=round(delay_s, 3),
-                )
+                    raise self._gave_up(exc, attempt) from None
                 await asyncio.sleep(delay_s)
-                continue
-            self.tallies["llm_classifications"] += 1
-            return result
-        assert failure is not None
+            else:
+                self.tallies["llm_classifications"] += 1
+                return result
+
+    def _body(self, text: str) -> bytes:
+        """The request for ``text``: the configured request plus ``text`` as the user message."""
+        user = {"role": "user", "content": self._config.prompt.render_user(normalise(text))}
+        return orjson.dumps({**self._request, "messages": [*self._request["messages"], user]})
+
+    async def _after_failure(
+        self, failure: AttemptFailed, attempt: int, attempts: int
+    ) -> float | None:
+        """Count a failed call and say how long to wait before the next, or ``None`` to stop."""
+        self.tallies[f"llm_errors_{failure.kind}"] += 1
+        delay_s = await self._delay_before_retry(failure, attempt, attempts)
+        if delay_s is not None:
+            self.tallies["llm_retries"] += 1
+            log.warning(
+                "llm_call_failed",
+                kind=failure.kind,
+                error=failure.detail,
+                attempt=attempt,
+                retry_in_s=round(delay_s, 3),
+            )
+        return delay_s
+
+    def _gave_up(self, failure: AttemptFailed, calls: int) -> ClassifierUnavailable:
+        """The error a classification ends with after its last failed call, secrets scrubbed."""
         self.tallies["llm_failures"] += 1
-        message = f"LLM classification failed after {attempt} call(s): {failure.detail}"
-        log.warning(
-            "llm_classification_failed", kind=failure.kind, calls=attempt, server=self._where
-        )
-        raise ClassifierUnavailable(scrub(message, self._secrets))
+        message = f"LLM classification failed after {calls} call(s): {failure.detail}"
+        log.warning("llm_classification_failed", kind=failure.kind, calls=calls, server=self._where)
+        return ClassifierUnavailable(scrub(message, self._secrets))
 
     async def _delay_before_retry(
-        self, failure: _AttemptFailed, attempt: int, attempts: int
+        self, failure: AttemptFailed, attempt: int, attempts: int
     ) -> float | None:
         """How long to wait before the next call, or ``None`` to give up now."""
         if failure.retry_after_s is not None:
@@ -341,50 +199,18 @@ class LLMClassifier:
             async with asyncio.timeout(self._config.timeout_s):
                 response = await self._client.post(self._url, content=body, headers=self._headers)
         except (TimeoutError, httpx.TimeoutException):
-            raise _AttemptFailed(
+            raise AttemptFailed(
                 "timeout", f"no answer from the LLM server within {self._config.timeout_s:g} s"
             ) from None
         except httpx.HTTPError as exc:
-            raise _AttemptFailed(
+            raise AttemptFailed(
                 "connection", f"cannot talk to the LLM server ({type(exc).__name__})"
             ) from None
         elapsed_s = time.perf_counter() - started
         self.latency.observe(elapsed_s)
         self._latency_ms_sum += elapsed_s * 1000
-        status = response.status_code
-        if status == 429:
-            raise _AttemptFailed(
-                "rate_limited", "HTTP 429", retry_after_s=retry_after_s(response.headers)
-            )
-        if status >= 500:
-            raise _AttemptFailed("server_error", f"HTTP {status}")
-        if not 200 <= status < 300:
-            # A bad key or model will not fix itself in a second; the worker retries later.
-            raise _AttemptFailed(
-                "http_error", f"HTTP {status}{_HINTS.get(status, '')}", retryable=False
-            )
-        return self._read(response.content)
-
-    def _read(self, content: bytes) -> Classification:
-        try:
-            completion = _Completion.model_validate_json(content)
-        except ValidationError:
-            raise _AttemptFailed(
-                "invalid_answer", "the LLM server's reply is not a chat completion"
-            ) from None
-        answer_text = _json_object_in(completion.choices[0].message.content or "")
-        try:
-            answer = _Answer.model_validate_json(answer_text)
-        except ValidationError:
-            raise _AttemptFailed(
-                "invalid_answer", "the model's answer is not the JSON object asked for"
-            ) from None
-        # The label itself is never echoed: model output may quote the message text.
-        label = self._by_lower.get(answer.label.strip().lower())
-        if label is None:
-            raise _AttemptFailed("unknown_label", "the model named a label outside LLM_LABELS")
-        confidence = 1.0 if answer.confidence is None else min(1.0, max(0.0, answer.confidence))
-        return Classification(label, round(confidence, 3), _NAME)
+        check_status(response)
+        return read_answer(response.content, self._by_lower, _NAME)
 
     def snapshot(self) -> dict[str, int]:
         """Calls, errors by kind, retries, total latency, and the rate limiter's waits."""
@@ -397,42 +223,13 @@ class LLMClassifier:
         await self._client.aclose()
 
 
-_ERROR_KINDS: Final = (
-    "timeout",
-    "connection",
-    "rate_limited",
-    "server_error",
-    "http_error",
-    "invalid_answer",
-    "unknown_label",
-)
-_TALLY_NAMES: Final = (
-    "llm_requests",
-    "llm_classifications",
-    "llm_failures",
-    "llm_retries",
-    *(f"llm_errors_{kind}" for kind in _ERROR_KINDS),
-)
-
-
-def _response_format(kind: ResponseFormat, labels: tuple[str, ...]) -> dict[str, Any] | None:
-    if kind == "none":
-        return None
-    if kind == "json_object":
-        return {"type": "json_object"}
-    schema = {
-        "type": "object",
-        "properties": {
-            "label": {"type": "string", "enum": list(labels)},
-            "confidence": {"type": "number"},
-        },
-        "required": ["label", "confidence"],
-        "additionalProperties": False,
-    }
-    return {
-        "type": "json_schema",
-        "json_schema": {"name": "classification", "strict": True, "schema": schema},
-    }
+def _headers(config: LLMConfig) -> dict[str, str]:
+    """The request headers: JSON, and the API key as a bearer token when there is one."""
+    headers = {"Content-Type": "application/json"}
+    key = config.api_key.get_secret_value()
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
 
 
 def _secrets_of(config: LLMConfig) -> tuple[str, ...]:
