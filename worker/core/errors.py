@@ -1,13 +1,26 @@
 """Errors raised by the worker, split by what the caller should do about them.
 
-WorkerError
-├── ConfigError              a setting is invalid; start-up stops (exit code 2)
-├── PermanentError           retrying cannot help; the message goes to the dead-letter queue
-│   └── InvalidMessage       the body is not a message we can process (the reason says why)
-└── TransientError           may succeed later; the message is retried with a delay
-    ├── ClassifierUnavailable   the classifier timed out or failed
-    ├── PublishFailed        the broker did not confirm a publish
-    └── StoreUnavailable     Redis could not be reached for a claim, the cache or counters
+Three kinds: configuration errors stop start-up, permanent errors dead-letter the message, and
+retryable (transient) errors send it round again after a delay. The hierarchy::
+
+    WorkerError                   base of every error raised on purpose
+    │
+    ├── ConfigError               CONFIGURATION: a setting is invalid; start-up stops, exit code 2
+    │
+    ├── PermanentError            PERMANENT: retrying cannot help; the message is dead-lettered
+    │   └── InvalidMessage          the body is not a processable message (``reason`` says why)
+    │
+    └── TransientError            RETRYABLE: may succeed later; the message waits in a retry
+        │                         queue for its next attempt, and is dead-lettered once its
+        │                         attempts are spent
+        ├── ClassifierUnavailable   no classification this time: the classifier failed or timed
+        │                           out, or the answer another replica was computing never came
+        ├── PublishFailed           the broker did not confirm a publish
+        └── StoreUnavailable        the claim store (Redis) is unreachable and the claim cannot
+                                    fall back yet; the cache and counters degrade instead of raising
+
+Anything else that escapes a message's processing is unexpected (a bug): its dead letter or retry
+names only its type, since its text may hold anything, and it is retried until the attempts run out.
 """
 
 from __future__ import annotations

@@ -29,8 +29,17 @@ async def gather_into(
         out[index] = result
 
 
+class Unanswered(RuntimeError):
+    """A slot that should hold an answer is empty: a bug in the caller, never a retryable error."""
+
+
 def answered(out: list[T | None], expected: int) -> list[T]:
-    """``out`` once every one of its ``expected`` slots holds an answer."""
+    """``out`` once every one of its ``expected`` slots holds an answer.
+
+    Raise ``Unanswered`` otherwise: a real check, not an ``assert``, so that ``python -O`` cannot
+    turn a forgotten slot into a short, silently misaligned list of answers.
+    """
     done = [answer for answer in out if answer is not None]
-    assert len(done) == expected, "every slot was answered"
+    if len(done) != expected:
+        raise Unanswered(f"{expected - len(done)} of {expected} slots were never answered")
     return done

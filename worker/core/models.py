@@ -51,6 +51,13 @@ class ChatMessage(NamedTuple):
 
 def parse_message(body: bytes, amqp_message_id: str | None, max_bytes: int) -> ChatMessage:
     """Validate one delivery's body; raise ``InvalidMessage`` with a reason code when it is unusable."""
+    data = _body_object(body, max_bytes)
+    message_id = _message_id(data, amqp_message_id)
+    return ChatMessage(message_id=message_id, text=_text(data), body=data)
+
+
+def _body_object(body: bytes, max_bytes: int) -> dict[str, Any]:
+    """The body decoded as one JSON object of bounded size and depth, its identity keys unique."""
     if len(body) > max_bytes:
         raise InvalidMessage("too_large", f"body is {len(body)} bytes, the limit is {max_bytes}")
     try:
@@ -64,7 +71,11 @@ def parse_message(body: bytes, amqp_message_id: str | None, max_bytes: int) -> C
     repeated = _repeated_identity_key(body)
     if repeated:
         raise InvalidMessage("duplicate_keys", f"body has more than one {repeated!r} key")
+    return data
 
+
+def _message_id(data: dict[str, Any], amqp_message_id: str | None) -> str:
+    """The body's ``message_id``, else the AMQP property's (then written into the body)."""
     message_id = data.get("message_id")
     if message_id is None:
         message_id = amqp_message_id or None
@@ -81,7 +92,11 @@ def parse_message(body: bytes, amqp_message_id: str | None, max_bytes: int) -> C
         raise InvalidMessage(
             "bad_message_id", f"message_id must be at most {MAX_ID_CHARS} printable characters"
         )
+    return message_id
 
+
+def _text(data: dict[str, Any]) -> str:
+    """The body's non-blank ``text``."""
     text = data.get("text")
     if text is None:
         raise InvalidMessage("no_text", "body has no text field")
@@ -89,7 +104,7 @@ def parse_message(body: bytes, amqp_message_id: str | None, max_bytes: int) -> C
         raise InvalidMessage("bad_text", f"text is a {type(text).__name__}, not a string")
     if not text.strip():
         raise InvalidMessage("empty_text", "text is empty or only whitespace")
-    return ChatMessage(message_id=message_id, text=text, body=data)
+    return text
 
 
 def _undecodable(body: bytes, exc: orjson.JSONDecodeError) -> InvalidMessage:
