@@ -164,57 +164,75 @@ class ReplicaCollector(Collector):
         )
         info.add_metric([view.identity.replica_id, __version__], 1.0)
         yield info
-        local = view.counters.local
-        for counter in CounterName:
-            # The family name has no suffix: the exposition adds ``_total`` to counters.
-            family = CounterMetricFamily(
-                f"neiromatrius_{counter.value}",
-                COUNTER_HELP.get(counter, f"Events counted as {counter.value} by this replica."),
-            )
-            family.add_metric([], float(local[counter]))
-            yield family
+        yield from _counter_metrics(view)
         yield view.counters.latency.metric(
             "neiromatrius_processing_seconds",
-            "Time from delivery to completion of a processed message, in seconds.",
+            # Measured per pass, from the start of work on its claimed messages to their
+            # completion in the claim store: waiting in the inbox and claiming are not in it.
+            "Time from the start of work on a claimed message to its completion, in seconds.",
         )
-        for name, value in sorted(view.classifier_tallies().items()):
-            # Tallies of the cache tiers, single flights, rate limiter and LLM client.
-            if name in GAUGE_TALLIES:
-                yield _gauge(f"neiromatrius_{name}", f"Classifier state: {name}.", value)
-            else:
-                family = CounterMetricFamily(
-                    f"neiromatrius_{name}", f"Classifier events counted as {name} by this replica."
-                )
-                family.add_metric([], float(value))
-                yield family
-        yield _gauge("neiromatrius_in_flight", "Deliveries being handled now.", view.in_flight())
-        yield _gauge(
-            "neiromatrius_redis_configured",
-            "1 when REDIS_URL is set (cluster mode), 0 in in-memory mode.",
-            view.link is not None,
-        )
-        yield _gauge(
-            "neiromatrius_redis_connected",
-            "1 when Redis is configured and reachable.",
-            view.link is not None and view.link.available,
-        )
-        yield _gauge(
-            "neiromatrius_broker_connected",
-            "1 when RabbitMQ is reachable.",
-            view.broker_connected(),
-        )
-        yield _gauge("neiromatrius_consuming", "1 while the consumer is running.", view.consuming())
+        yield from _classifier_metrics(view)
+        yield from _state_gauges(view)
         if self.queue_depths is not None:
-            depth = GaugeMetricFamily(
-                "neiromatrius_queue_messages",
-                "Messages waiting in the queue (the same for every replica: use max).",
-                labels=["queue"],
+            yield _queue_depths(self.queue_depths)
+
+
+def _counter_metrics(view: ReplicaView) -> Iterator[Metric]:
+    local = view.counters.local
+    for counter in CounterName:
+        # The family name has no suffix: the exposition adds ``_total`` to counters.
+        family = CounterMetricFamily(
+            f"neiromatrius_{counter.value}",
+            COUNTER_HELP.get(counter, f"Events counted as {counter.value} by this replica."),
+        )
+        family.add_metric([], float(local[counter]))
+        yield family
+
+
+def _classifier_metrics(view: ReplicaView) -> Iterator[Metric]:
+    for name, value in sorted(view.classifier_tallies().items()):
+        # Tallies of the cache tiers, single flights, rate limiter and LLM client.
+        if name in GAUGE_TALLIES:
+            yield _gauge(f"neiromatrius_{name}", f"Classifier state: {name}.", value)
+        else:
+            family = CounterMetricFamily(
+                f"neiromatrius_{name}", f"Classifier events counted as {name} by this replica."
             )
-            for role in ("input", "dead_letter"):
-                messages = self.queue_depths.get(role, {}).get("messages")
-                if messages is not None:
-                    depth.add_metric([role], float(messages))
-            yield depth
+            family.add_metric([], float(value))
+            yield family
+
+
+def _state_gauges(view: ReplicaView) -> Iterator[Metric]:
+    yield _gauge("neiromatrius_in_flight", "Deliveries being handled now.", view.in_flight())
+    yield _gauge(
+        "neiromatrius_redis_configured",
+        "1 when REDIS_URL is set (cluster mode), 0 in in-memory mode.",
+        view.link is not None,
+    )
+    yield _gauge(
+        "neiromatrius_redis_connected",
+        "1 when Redis is configured and reachable.",
+        view.link is not None and view.link.available,
+    )
+    yield _gauge(
+        "neiromatrius_broker_connected",
+        "1 when RabbitMQ is reachable.",
+        view.broker_connected(),
+    )
+    yield _gauge("neiromatrius_consuming", "1 while the consumer is running.", view.consuming())
+
+
+def _queue_depths(queue_depths: dict[str, Any]) -> Metric:
+    depth = GaugeMetricFamily(
+        "neiromatrius_queue_messages",
+        "Messages waiting in the queue (the same for every replica: use max).",
+        labels=["queue"],
+    )
+    for role in ("input", "dead_letter"):
+        messages = queue_depths.get(role, {}).get("messages")
+        if messages is not None:
+            depth.add_metric([role], float(messages))
+    return depth
 
 
 def _gauge(name: str, documentation: str, value: float | bool) -> GaugeMetricFamily:

@@ -239,30 +239,45 @@ def render_table(stats: dict[str, Any], now: float | None = None) -> str:
     lines.append(f"  cache hit rate   {r['cache_hit_rate']:.2%}")
     tp = stats["throughput"]
     lines.append("  throughput       " + "  ".join(f"{k}: {v:,.1f}/s" for k, v in tp.items()))
-    replicas = stats.get("replicas", [])
-    lines.append("")
-    lines.append(f"  live replicas    {len(replicas)}")
+    lines.extend(_replica_lines(stats.get("replicas", []), now))
+    lines.extend(_redis_lines(stats.get("redis")))
+    lines.extend(_queue_lines(stats.get("queues")))
+    return "\n".join(lines)
+
+
+def _replica_lines(replicas: list[dict[str, Any]], now: float) -> list[str]:
+    lines = ["", f"  live replicas    {len(replicas)}"]
     for rep in replicas:
         lines.append(
             f"    {rep.get('id')!s:<28} host {rep.get('host')!s:<16} pid {rep.get('pid')!s:<8}"
             f" started {_started(rep.get('started_at'))}  seen {_ago(rep.get('last_seen'), now)}"
             f"  in flight {rep.get('in_flight') or 0:<5} processed {rep.get('processed') or 0:,}"
         )
-    redis = stats.get("redis")
-    if redis:
-        lines.append("")
-        lines.append(
-            f"  redis memory     {redis.get('used_memory_human')} "
-            f"(max {redis.get('maxmemory') or 'unlimited'}, policy {redis.get('maxmemory_policy')},"
-            f" evicted {redis.get('evicted_keys')})"
-        )
-        if "warning" in redis:
-            lines.append(f"  WARNING: {redis['warning']}")
-    queues = stats.get("queues")
-    if queues:
-        lines.append("")
-        lines.append(f"  input queue      {_depth(queues['input'])}")
-        lines.append(f"  dead letters     {_depth(queues['dead_letter'])}")
-        if "error" in queues:
-            lines.append(f"  (queue depths unknown: {queues['error']})")
-    return "\n".join(lines)
+    return lines
+
+
+def _redis_lines(redis: dict[str, Any] | None) -> list[str]:
+    if not redis:
+        return []
+    lines = [
+        "",
+        f"  redis memory     {redis.get('used_memory_human')} "
+        f"(max {redis.get('maxmemory') or 'unlimited'}, policy {redis.get('maxmemory_policy')},"
+        f" evicted {redis.get('evicted_keys')})",
+    ]
+    if "warning" in redis:
+        lines.append(f"  WARNING: {redis['warning']}")
+    return lines
+
+
+def _queue_lines(queues: dict[str, Any] | None) -> list[str]:
+    if not queues:
+        return []
+    lines = [
+        "",
+        f"  input queue      {_depth(queues['input'])}",
+        f"  dead letters     {_depth(queues['dead_letter'])}",
+    ]
+    if "error" in queues:
+        lines.append(f"  (queue depths unknown: {queues['error']})")
+    return lines
