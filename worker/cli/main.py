@@ -30,6 +30,20 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run one replica until SIGTERM/SIGINT")
 
+    _publish_parser(sub)
+    st = sub.add_parser(
+        "stats",
+        help="print cluster-wide counters from Redis (no replica needed)",
+        description="Cluster-wide counters, throughput, live replicas and Redis memory, read "
+        "from REDIS_URL; queue depths too when RABBITMQ_URL reaches the broker.",
+    )
+    st.add_argument("--json", action="store_true", help="machine-readable JSON")
+    sub.add_parser("check", help="test the configured connections")
+    _demo_parser(sub)
+    return parser
+
+
+def _publish_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pub = sub.add_parser("publish", help="send messages to the input queue")
     source = pub.add_mutually_exclusive_group(required=True)
     source.add_argument("file", nargs="?", help="JSONL file, one message per line ('-' for stdin)")
@@ -56,17 +70,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PER_SECOND",
         help="publish at this pace instead of as fast as possible",
     )
-
-    st = sub.add_parser(
-        "stats",
-        help="print cluster-wide counters from Redis (no replica needed)",
-        description="Cluster-wide counters, throughput, live replicas and Redis memory, read "
-        "from REDIS_URL; queue depths too when RABBITMQ_URL reaches the broker.",
-    )
-    st.add_argument("--json", action="store_true", help="machine-readable JSON")
-    sub.add_parser("check", help="test the configured connections")
-    _demo_parser(sub)
-    return parser
 
 
 def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -136,11 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _run(settings: Settings) -> int:
     from worker.app import run_replica
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    drained = await run_replica(settings, stop)
+    drained = await run_replica(settings, _stop_on_signals())
     if not drained:
         structlog.get_logger("worker").warning(
             "exited_before_drain_finished", note="unacknowledged messages are redelivered"
@@ -232,7 +231,6 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
 
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
     from worker.cli.demo import DemoOptions, run_demo
-    from worker.cli.samples import generate_sample
 
     if args.no_redis:
         redis_url = ""
@@ -240,19 +238,9 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
         redis_url = load_settings(redis_url=args.redis_url).redis_url  # validated like REDIS_URL
     else:
         redis_url = settings.redis_url
-    if not 1 <= args.replicas <= 32:
-        print("neiromatrius-worker demo: --replicas must be between 1 and 32", file=sys.stderr)
-        return EXIT_CONFIG
-    if args.messages < 1 or args.rate < 0 or args.timeout <= 0:
-        print(
-            "neiromatrius-worker demo: --messages must be >= 1, --rate >= 0, --timeout > 0",
-            file=sys.stderr,
-        )
-        return EXIT_CONFIG
-    try:
-        generate_sample(args.messages, args.duplicates, args.repeat_texts)
-    except ValueError as exc:
-        print(f"neiromatrius-worker demo: {exc}", file=sys.stderr)
+    problem = _demo_problem(args)
+    if problem is not None:
+        print(f"neiromatrius-worker demo: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     options = DemoOptions(
         replicas=args.replicas,
@@ -267,13 +255,33 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     )
 
     async def demo() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        return await run_demo(settings, options, stop)
+        return await run_demo(settings, options, _stop_on_signals())
 
     return asyncio.run(demo())
+
+
+def _demo_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the demo's options, or None."""
+    from worker.cli.samples import generate_sample
+
+    if not 1 <= args.replicas <= 32:
+        return "--replicas must be between 1 and 32"
+    if args.messages < 1 or args.rate < 0 or args.timeout <= 0:
+        return "--messages must be >= 1, --rate >= 0, --timeout > 0"
+    try:
+        generate_sample(args.messages, args.duplicates, args.repeat_texts)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event that SIGTERM and SIGINT set, for the running loop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 async def _check(settings: Settings) -> int:

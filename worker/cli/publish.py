@@ -9,12 +9,15 @@ from dataclasses import dataclass
 
 import aio_pika
 import orjson
+from aio_pika.abc import AbstractExchange
 
 from worker.amqp.broker import connect
 
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
+    """One message to send: its body as bytes and, when known, its AMQP ``message_id``."""
+
     body: bytes
     message_id: str | None
 
@@ -40,6 +43,7 @@ def from_jsonl_lines(lines: Iterable[str | bytes]) -> list[Outgoing]:
 
 
 def from_bodies(bodies: Iterable[dict[str, object]]) -> list[Outgoing]:
+    """Each body serialised as JSON, its ``message_id`` also set as the AMQP property."""
     return [
         Outgoing(orjson.dumps(b), str(b["message_id"]) if "message_id" in b else None)
         for b in bodies
@@ -61,34 +65,50 @@ async def publish(
         await channel.declare_queue(queue, durable=True)
         exchange = channel.default_exchange
         started = time.perf_counter()
-
-        def message(item: Outgoing) -> aio_pika.Message:
-            return aio_pika.Message(
-                item.body,
-                message_id=item.message_id,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            )
-
         if rate_per_s > 0:
-            pending: list[asyncio.Future[object]] = []
-            for index, item in enumerate(messages):
-                due = started + index / rate_per_s
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                pending.append(
-                    asyncio.ensure_future(exchange.publish(message(item), routing_key=queue))
-                )
-            await asyncio.gather(*pending)
+            await _publish_paced(exchange, queue, messages, started, rate_per_s)
         else:
-            for start in range(0, len(messages), window):
-                await asyncio.gather(
-                    *(
-                        exchange.publish(message(item), routing_key=queue)
-                        for item in messages[start : start + window]
-                    )
-                )
+            await _publish_in_windows(exchange, queue, messages, window)
         return time.perf_counter() - started
     finally:
         await connection.close()
+
+
+async def _publish_paced(
+    exchange: AbstractExchange,
+    queue: str,
+    messages: list[Outgoing],
+    started: float,
+    rate_per_s: float,
+) -> None:
+    """Send message ``i`` at ``started + i / rate_per_s``, then await every confirm."""
+    pending: list[asyncio.Future[object]] = []
+    for index, item in enumerate(messages):
+        due = started + index / rate_per_s
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        pending.append(asyncio.ensure_future(exchange.publish(_message(item), routing_key=queue)))
+    await asyncio.gather(*pending)
+
+
+async def _publish_in_windows(
+    exchange: AbstractExchange, queue: str, messages: list[Outgoing], window: int
+) -> None:
+    """As fast as confirms come: ``window`` messages in flight, the next window after them."""
+    for start in range(0, len(messages), window):
+        await asyncio.gather(
+            *(
+                exchange.publish(_message(item), routing_key=queue)
+                for item in messages[start : start + window]
+            )
+        )
+
+
+def _message(item: Outgoing) -> aio_pika.Message:
+    return aio_pika.Message(
+        item.body,
+        message_id=item.message_id,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )

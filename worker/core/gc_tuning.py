@@ -1,13 +1,12 @@
 """The garbage collector's settings for a replica under load.
 
 A replica allocates a few dozen short-lived objects per message (frames, futures, tuples), nearly
-all freed by reference counting. With CPython's default thresholds (700, 10, 10) the collector
-still ran about 700 young collections and five full ones per 24,000 messages, each full one
-walking every object the replica holds (its modules, the local cache): 0.3-0.4 s in all, about
-15 µs per message, measured with ``gc.callbacks`` in case (b) of ``bench/run.py``. Freezing what
-start-up built (it lives as long as the process) and collecting the young generation every
-10,000 net allocations instead of 700 brought that to 0.10-0.12 s. Reference cycles are still
-collected, a little later.
+all freed by reference counting. With CPython's default thresholds the collector still runs young
+collections every few dozen messages and full ones that walk every object the replica holds (its
+modules, the local cache). Freezing what start-up built (it lives as long as the process) and
+collecting the young generation every ``YOUNG_THRESHOLD`` net allocations instead of 700 cuts
+the time spent in the collector severalfold; the README's performance table has the measured
+numbers. Reference cycles are still collected, a little later.
 """
 
 from __future__ import annotations
