@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,6 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,7 @@ from bench.cpu import Services, cpu_seconds
 from bench.redis_memory import measure as measure_redis_memory
 from worker.amqp.results import ResultOut
 from worker.cli import publish
+from worker.cli.replicas import ReplicaGroup, ReplicaNames, replica_env
 from worker.cli.samples import generate_sample
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL") or "amqp://guest:guest@127.0.0.1:5672/"
@@ -97,13 +96,11 @@ def cpu_per_message(
     )
 
 
-class Names:
-    def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:8]
-        self.queue = f"bench.{tag}.in"
-        self.results = f"bench.{tag}.out"
-        self.dead = f"bench.{tag}.dead"
-        self.prefix = f"bench:{tag}:"
+def bench_names() -> ReplicaNames:
+    tag = uuid.uuid4().hex[:8]
+    return ReplicaNames(
+        tag, f"bench.{tag}.in", f"bench.{tag}.out", f"bench.{tag}.dead", f"bench:{tag}:"
+    )
 
 
 def bodies(count: int, case: Case, seed: int) -> list[dict[str, Any]]:
@@ -111,14 +108,14 @@ def bodies(count: int, case: Case, seed: int) -> list[dict[str, Any]]:
     return [m.to_body() for m in plan.messages]
 
 
-async def prefill(names: Names, messages: list[dict[str, Any]]) -> None:
+async def prefill(names: ReplicaNames, messages: list[dict[str, Any]]) -> None:
     """Publish ``messages`` to the case's queue, confirmed, through the worker's batched publisher
     (aio-pika's ``publish``, one coroutine a message, took half the benchmark's time)."""
     connection = await aiormq.connect(RABBITMQ_URL)
     try:
         channel = await connection.channel(publisher_confirms=True)
         assert isinstance(channel, aiormq.Channel)
-        await channel.queue_declare(names.queue, durable=True)
+        await channel.queue_declare(names.input_queue, durable=True)
 
         async def current() -> aiormq.Channel:
             return channel
@@ -127,7 +124,7 @@ async def prefill(names: Names, messages: list[dict[str, Any]]) -> None:
         for start in range(0, len(messages), 5000):
             await asyncio.gather(
                 *(
-                    out.publish(orjson.dumps(m), names.queue, str(m["message_id"]))
+                    out.publish(orjson.dumps(m), names.input_queue, str(m["message_id"]))
                     for m in messages[start : start + 5000]
                 )
             )
@@ -135,49 +132,17 @@ async def prefill(names: Names, messages: list[dict[str, Any]]) -> None:
         await connection.close()
 
 
-def replica_env(names: Names, case: Case) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "FAULT_INJECTION"}}
-    env.update(
+def case_env(names: ReplicaNames, case: Case) -> dict[str, str]:
+    env = replica_env(
+        os.environ,
+        names,
+        drop={"REDIS_URL", "FAULT_INJECTION"},
         RABBITMQ_URL=RABBITMQ_URL,
-        INPUT_QUEUE=names.queue,
-        RESULTS_EXCHANGE=names.results,
-        DEAD_LETTER_QUEUE=names.dead,
-        REDIS_KEY_PREFIX=names.prefix,
-        STATS_PORT="0",
-        STATS_HOST="127.0.0.1",
-        LOG_FORMAT="json",
         LOG_LEVEL="info",
     )
     if case.redis:
         env["REDIS_URL"] = REDIS_URL
     return env
-
-
-def stats_port(log: Path) -> int | None:
-    for line in log.read_text(errors="replace").splitlines():
-        if '"monitoring_listening"' in line:
-            return int(json.loads(line)["port"])
-    return None
-
-
-async def consuming_since(logs: list[Path]) -> float:
-    """The wall-clock time the first of these replicas started consuming (its ``replica_started``
-    log line), once every one of them has."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        stamps = [started_at(log) for log in logs]
-        if all(stamp is not None for stamp in stamps):
-            return min(stamp for stamp in stamps if stamp is not None)
-        await asyncio.sleep(0.005)
-    raise TimeoutError("the replicas did not start consuming within 30 s")
-
-
-def started_at(log: Path) -> float | None:
-    for line in log.read_text(errors="replace").splitlines():
-        if '"replica_started"' in line:
-            stamp = json.loads(line)["timestamp"].replace("Z", "+00:00")
-            return datetime.fromisoformat(stamp).timestamp()
-    return None
 
 
 def handled(port: int) -> int:
@@ -216,14 +181,14 @@ def median_of(runs: list[Outcome]) -> Outcome:
     )
 
 
-async def result_latencies(names: Names, rate: float, seconds: float) -> list[float]:
+async def result_latencies(names: ReplicaNames, rate: float, seconds: float) -> list[float]:
     """Publish at ``rate`` for ``seconds`` with a send timestamp; collect publish-to-result times."""
     connection = await aio_pika.connect_robust(RABBITMQ_URL)
     latencies: list[float] = []
     try:
         channel = await connection.channel()
         exchange = await channel.declare_exchange(
-            names.results, aio_pika.ExchangeType.TOPIC, durable=True
+            names.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(exchange, routing_key="#")
@@ -260,7 +225,7 @@ async def result_latencies(names: Names, rate: float, seconds: float) -> list[fl
             pending.append(
                 asyncio.ensure_future(
                     pub.default_exchange.publish(
-                        aio_pika.Message(orjson.dumps(body)), routing_key=names.queue
+                        aio_pika.Message(orjson.dumps(body)), routing_key=names.input_queue
                     )
                 )
             )
@@ -274,13 +239,13 @@ async def result_latencies(names: Names, rate: float, seconds: float) -> list[fl
 
 
 async def run_bare(
-    names: Names, case: Case, count: int, prefetch: int, services: Services
+    names: ReplicaNames, case: Case, count: int, prefetch: int, services: Services
 ) -> Outcome:
     await prefill(names, bodies(count, CASES[1], seed=1))
     before = services.sample()
     if case.publishing:
         script = "publishing_consumer.py"
-        extra = [names.results]
+        extra = [names.results_exchange]
     else:
         script, extra = "bare_consumer.py", []
     done = await asyncio.to_thread(
@@ -289,7 +254,7 @@ async def run_bare(
             sys.executable,
             str(ROOT / "bench" / script),
             RABBITMQ_URL,
-            names.queue,
+            names.input_queue,
             *extra,
             str(count),
             str(prefetch),
@@ -311,7 +276,7 @@ async def run_bare(
 
 
 async def run_worker(
-    names: Names,
+    names: ReplicaNames,
     case: Case,
     count: int,
     latency_rate: float,
@@ -321,35 +286,21 @@ async def run_worker(
 ) -> Outcome:
     messages = bodies(count, case, seed=2)
     await prefill(names, messages)
-    processes: list[tuple[subprocess.Popen[bytes], Path]] = []
-    env = replica_env(names, case)
+    env = case_env(names, case)
     env["PREFETCH"] = str(prefetch)
+    replicas = ReplicaGroup(tmp)
     for index in range(case.replicas):
-        log = tmp / f"{names.queue}-{index}.log"
         # The consumer starts the moment the replica is up: its queue is already full.
-        processes.append(
-            (
-                subprocess.Popen(
-                    [sys.executable, "-m", "worker", "run"],
-                    env=env,
-                    stdout=log.open("wb"),
-                    stderr=subprocess.STDOUT,
-                ),
-                log,
-            )
-        )
+        replicas.start(env, f"{names.input_queue}-{index}")
     outcome = Outcome(case)
     try:
-        ports: list[int] = []
-        deadline = time.monotonic() + 30
-        while len(ports) < len(processes) and time.monotonic() < deadline:
-            ports = [p for p in (stats_port(log) for _, log in processes) if p is not None]
-            await asyncio.sleep(0.01)
         # The clock starts when a replica starts consuming (its queue is already full), read
         # from its log line's timestamp: polling its stats endpoint for the first handled message
         # would wait for its busy event loop, and was late by up to 0.3 s.
-        started_at = await consuming_since([log for _, log in processes])
-        consumer_at_start = sum(cpu_seconds(p.pid) for p, _ in processes)
+        await replicas.started(timeout_s=30, poll_s=0.005)
+        started_at = min(r.started_at for r in replicas)
+        ports = [r.stats_port for r in replicas]
+        consumer_at_start = sum(cpu_seconds(r.pid) for r in replicas)
         services_at_start = services.sample()
         total = 0
         deadline = time.monotonic() + 600
@@ -360,7 +311,7 @@ async def run_worker(
             await asyncio.sleep(0.1 if total < count * 0.9 else 0.005)
         assert total >= count, f"case {case.key}: {total}/{count} handled"
         outcome.per_second = count / (time.time() - started_at)
-        consumer_s = sum(cpu_seconds(p.pid) for p, _ in processes) - consumer_at_start
+        consumer_s = sum(cpu_seconds(r.pid) for r in replicas) - consumer_at_start
         outcome.cpu_us = cpu_per_message(consumer_s, services.since(services_at_start), count)
         latencies = []
         if latency_rate > 0:
@@ -370,34 +321,28 @@ async def run_worker(
             latencies.sort()
             outcome.p50_ms = round(statistics.median(latencies) * 1000, 1)
             outcome.p99_ms = round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 1)
-        outcome.peak_rss_mb = [round(peak_rss_mb(p.pid), 1) for p, _ in processes]
+        outcome.peak_rss_mb = [round(peak_rss_mb(r.pid), 1) for r in replicas]
     finally:
-        for process, _ in processes:
-            process.send_signal(signal.SIGTERM)
-        for process, _ in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        await replicas.stop(timeout_s=30)
     return outcome
 
 
-async def cleanup(names: Names) -> None:
+async def cleanup(names: ReplicaNames) -> None:
     connection = await aio_pika.connect_robust(RABBITMQ_URL)
     try:
         channel = await connection.channel()
-        for queue in (names.queue, names.dead):
+        for queue in (names.input_queue, names.dead_letter_queue):
             await channel.queue_delete(queue, if_unused=False, if_empty=False)
         for delay in (1000, 2000, 4000, 8000):
             await channel.queue_delete(
-                f"{names.queue}.retry.{delay}ms", if_unused=False, if_empty=False
+                f"{names.input_queue}.retry.{delay}ms", if_unused=False, if_empty=False
             )
-        await channel.exchange_delete(names.results)
+        await channel.exchange_delete(names.results_exchange)
     finally:
         await connection.close()
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
-        keys = [k async for k in client.scan_iter(match=f"{names.prefix}*", count=5000)]
+        keys = [k async for k in client.scan_iter(match=f"{names.key_prefix}*", count=5000)]
         for start in range(0, len(keys), 5000):
             await client.unlink(*keys[start : start + 5000])
     finally:
@@ -467,7 +412,7 @@ async def main() -> None:
         for case in CASES:
             if case.key not in args.cases:
                 continue
-            names = Names()
+            names = bench_names()
             try:
                 if case.bare:
                     outcome = await run_bare(names, case, args.messages, args.prefetch, services)
