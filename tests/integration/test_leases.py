@@ -17,7 +17,9 @@ from tests.integration.support import (
     publish_bodies,
     wait_counter,
 )
-from worker.claims.store import ClaimStatus, CompleteStatus, Lease, RedisClaimStore, TokenSource
+from tests.unit.test_dedup import claim_one, complete_one
+from worker.claims.protocol import ClaimStatus, CompleteStatus, Lease, TokenSource
+from worker.claims.redis_store import RedisClaimStore
 from worker.observability.metrics import CounterName
 from worker.redisio.keys import RedisKeys
 
@@ -37,21 +39,22 @@ async def test_lost_lease_cannot_complete_release_or_renew_the_new_owners_claim(
     leave B's claim untouched; B then completes normally."""
     a = store(redis_client, names, "replica-a", lease_s=0.2)
     b = store(redis_client, names, "replica-b", lease_s=30)
-    first = await a.claim("x", redelivered=False)
+    first = await claim_one(a, "x")
     assert first.status is ClaimStatus.CLAIMED
-    assert (await b.claim("x", redelivered=False)).status is ClaimStatus.BUSY
+    assert (await claim_one(b, "x")).status is ClaimStatus.BUSY
     await asyncio.sleep(0.35)
-    second = await b.claim("x", redelivered=False)
+    second = await claim_one(b, "x")
     assert second.status is ClaimStatus.CLAIMED
 
-    assert await a.complete("x", first.token, cache_hit=False) is CompleteStatus.LOST
+    assert await complete_one(a, "x", first.token, cache_hit=False) is CompleteStatus.LOST
     assert await a.release("x", first.token) is False
     assert await a.renew([Lease("x", first.token)]) == [False]
-    assert await redis_client.get(f"{names.key_prefix}claim:x") == second.token.encode()
-    assert not await redis_client.exists(f"{names.key_prefix}done:x")
+    keys = RedisKeys(names.key_prefix)
+    assert await redis_client.get(keys.claim("x")) == second.token.encode()
+    assert not await redis_client.exists(keys.done("x"))
 
-    assert await b.complete("x", second.token, cache_hit=False) is CompleteStatus.IN_REDIS
-    assert (await a.claim("x", redelivered=False)).status is ClaimStatus.DONE
+    assert await complete_one(b, "x", second.token, cache_hit=False) is CompleteStatus.IN_REDIS
+    assert (await claim_one(a, "x")).status is ClaimStatus.DONE
     counters = await cluster_counters(redis_client, names)
     assert counters[CounterName.PROCESSED] == 1
     assert counters[CounterName.DUPLICATES] == 1
@@ -64,12 +67,12 @@ async def test_renewal_keeps_a_claim_for_work_longer_than_the_lease(
 ) -> None:
     """Renewing before expiry keeps the claim for as long as the work takes."""
     a = store(redis_client, names, "replica-a", lease_s=0.3)
-    claim = await a.claim("y", redelivered=False)
+    claim = await claim_one(a, "y")
     for _ in range(6):
         await asyncio.sleep(0.15)
         assert await a.renew([Lease("y", claim.token)]) == [True]
-    assert (await a.claim("y", redelivered=False)).status is ClaimStatus.BUSY
-    assert await a.complete("y", claim.token, cache_hit=True) is CompleteStatus.IN_REDIS
+    assert (await claim_one(a, "y")).status is ClaimStatus.BUSY
+    assert await complete_one(a, "y", claim.token, cache_hit=True) is CompleteStatus.IN_REDIS
     await a.aclose()
 
 
@@ -86,7 +89,7 @@ async def test_replica_work_outliving_the_lease_keeps_its_claim(
             )
             await slow.started()
             await publish_bodies(names, [body("long-1", "Почему так долго?")])
-            key = f"{names.key_prefix}claim:long-1"
+            key = RedisKeys(names.key_prefix).claim("long-1")
             while not await redis_client.exists(key):
                 await asyncio.sleep(0.02)
             other = replicas.start(names.env(CLAIM_LEASE_S="1"))

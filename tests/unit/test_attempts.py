@@ -5,15 +5,11 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
+from tests.unit.test_dedup import claim_one, complete_one
 from worker.amqp.broker import Topology
-from worker.claims.store import (
-    ClaimAsk,
-    ClaimStatus,
-    CompleteStatus,
-    MemoryClaimStore,
-    RedisClaimStore,
-    TokenSource,
-)
+from worker.claims.memory_store import MemoryClaimStore
+from worker.claims.protocol import ClaimAsk, ClaimStatus, CompleteStatus, TokenSource
+from worker.claims.redis_store import RedisClaimStore
 from worker.redisio.keys import RedisKeys
 
 KEYS = RedisKeys("unit:")
@@ -49,12 +45,12 @@ async def test_each_claim_counts_an_attempt_and_the_last_one_is_refused(
     counts; once MAX_ATTEMPTS were started the next claim answers EXHAUSTED and takes no lease."""
     store = redis_store(redis)
     for expected in range(1, MAX_ATTEMPTS + 1):
-        claim = await store.claim("poison", redelivered=expected > 1)
+        claim = await claim_one(store, "poison", redelivered=expected > 1)
         assert claim.status is ClaimStatus.CLAIMED
         assert claim.attempt == expected
         await redis.delete(KEYS.claim("poison"))  # as if the lease of a killed replica lapsed
     for _ in range(2):
-        exhausted = await store.claim("poison", redelivered=True)
+        exhausted = await claim_one(store, "poison", redelivered=True)
         assert exhausted.status is ClaimStatus.EXHAUSTED
         assert exhausted.attempt == MAX_ATTEMPTS
     assert not await redis.exists(KEYS.claim("poison"))
@@ -66,14 +62,14 @@ async def test_busy_and_done_answers_count_no_attempt(redis: fakeredis.FakeAsync
     """Waiting on another replica's claim or meeting a done ID is not an attempt; completing
     removes the count, leaving only the done marker."""
     a, b = redis_store(redis, "a"), redis_store(redis, "b")
-    claim = await a.claim("m", redelivered=False)
+    claim = await claim_one(a, "m", redelivered=False)
     for _ in range(5):
-        assert (await b.claim("m", redelivered=False)).status is ClaimStatus.BUSY
+        assert (await claim_one(b, "m", redelivered=False)).status is ClaimStatus.BUSY
     assert int(await redis.get(KEYS.attempts("m"))) == 1
-    assert await a.complete("m", claim.token, cache_hit=False) is CompleteStatus.IN_REDIS
+    assert await complete_one(a, "m", claim.token, cache_hit=False) is CompleteStatus.IN_REDIS
     assert not await redis.exists(KEYS.attempts("m"))
     for _ in range(5):
-        assert (await b.claim("m", redelivered=False)).status is ClaimStatus.DONE
+        assert (await claim_one(b, "m", redelivered=False)).status is ClaimStatus.DONE
     assert not await redis.exists(KEYS.attempts("m"))
 
 
@@ -115,12 +111,12 @@ async def test_a_suspect_is_reported_not_claimed_until_asked_without_the_thresho
     SUSPECT and counts nothing; the claim made to work on it alone (no threshold) counts the third."""
     store = redis_store(redis)
     for _ in range(2):
-        claim = await store.claim("x", redelivered=True, suspect_at=2)
+        claim = await claim_one(store, "x", redelivered=True, suspect_at=2)
         assert claim.status is ClaimStatus.CLAIMED
         await redis.delete(KEYS.claim("x"))  # its replica died
-    suspect = await store.claim("x", redelivered=True, suspect_at=2)
+    suspect = await claim_one(store, "x", redelivered=True, suspect_at=2)
     assert (suspect.status, suspect.attempt) == (ClaimStatus.SUSPECT, 2)
-    alone = await store.claim("x", redelivered=True)
+    alone = await claim_one(store, "x", redelivered=True)
     assert (alone.status, alone.attempt) == (ClaimStatus.CLAIMED, 3)
 
 
@@ -128,7 +124,7 @@ async def test_unlimited_store_counts_without_refusing(redis: fakeredis.FakeAsyn
     """With max_attempts 0 the count still rises, and no claim is ever refused."""
     store = RedisClaimStore(redis, KEYS, TokenSource("a"), lease_s=30, dedup_ttl_s=600)
     for expected in range(1, 8):
-        claim = await store.claim("x", redelivered=False)
+        claim = await claim_one(store, "x", redelivered=False)
         assert (claim.status, claim.attempt) == (ClaimStatus.CLAIMED, expected)
         assert await store.release("x", claim.token)
 
@@ -138,21 +134,23 @@ async def test_memory_store_has_the_same_semantics() -> None:
     suspect is reported past its threshold, and completing forgets the count."""
     store = memory_store()
     for expected in range(1, MAX_ATTEMPTS + 1):
-        claim = await store.claim("poison", redelivered=False)
+        claim = await claim_one(store, "poison", redelivered=False)
         assert (claim.status, claim.attempt) == (ClaimStatus.CLAIMED, expected)
-        assert (await store.claim("poison", redelivered=False)).status is ClaimStatus.BUSY
+        assert (await claim_one(store, "poison", redelivered=False)).status is ClaimStatus.BUSY
         assert await store.release("poison", claim.token)
-    exhausted = await store.claim("poison", redelivered=True)
+    exhausted = await claim_one(store, "poison", redelivered=True)
     assert (exhausted.status, exhausted.attempt) == (ClaimStatus.EXHAUSTED, MAX_ATTEMPTS)
 
-    claim = await store.claim("suspect", redelivered=True, suspect_at=1)
+    claim = await claim_one(store, "suspect", redelivered=True, suspect_at=1)
     assert await store.release("suspect", claim.token)
-    assert (await store.claim("suspect", True, suspect_at=1)).status is ClaimStatus.SUSPECT
-    assert (await store.claim("suspect", True)).attempt == 2
+    assert (await claim_one(store, "suspect", True, suspect_at=1)).status is ClaimStatus.SUSPECT
+    assert (await claim_one(store, "suspect", True)).attempt == 2
 
-    claim = await store.claim("fine", redelivered=False)
-    assert await store.complete("fine", claim.token, cache_hit=False) is CompleteStatus.IN_MEMORY
-    assert (await store.claim("fine", redelivered=False)).status is ClaimStatus.DONE
+    claim = await claim_one(store, "fine", redelivered=False)
+    assert (
+        await complete_one(store, "fine", claim.token, cache_hit=False) is CompleteStatus.IN_MEMORY
+    )
+    assert (await claim_one(store, "fine", redelivered=False)).status is ClaimStatus.DONE
 
 
 def test_tokens_of_a_restarted_replica_never_repeat() -> None:

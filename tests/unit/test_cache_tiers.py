@@ -9,11 +9,12 @@ from worker.classification.cache import (
     ClassificationCache,
     LocalCache,
     classifier_key,
-    text_hash,
 )
-from worker.classification.cached import CachedClassifier
+from worker.classification.cached import CachedClassifier, Classified
 from worker.classification.classifiers.base import Classification
-from worker.classification.singleflight import ClusterFlight, ClusterLocks
+from worker.classification.locks import ClusterLocks
+from worker.classification.singleflight import ClusterFlight
+from worker.classification.text import text_hash
 from worker.core.errors import ClassifierUnavailable
 from worker.observability.counters import Counters
 from worker.observability.metrics import CounterName
@@ -52,6 +53,14 @@ class CountingClassifier:
         return None
 
 
+async def classify(cached: CachedClassifier, text: str) -> Classified:
+    """``classify_many`` for one text: ``(classification, served_from_cache)``, or it raises."""
+    answer = (await cached.classify_many([text]))[0]
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
+
+
 class Replica:
     """The classification path of one replica: its own LRU and locks, the shared Redis."""
 
@@ -79,8 +88,8 @@ def test_key_covers_the_format_version() -> None:
     assert classifier_key("llm:v1:model-a:abc") != classifier_key("llm:v1:model-b:abc")
     cache = ClassificationCache(LocalCache(1), link=None, keys=KEYS, identity="x", ttl_s=1)
     key = cache.redis_key(text_hash("hi"))
-    assert key == f"unit:cache:{classifier_key('x')}:{text_hash('hi')}"
-    assert cache.lock_key(text_hash("hi")) == f"unit:lock:{classifier_key('x')}:{text_hash('hi')}"
+    assert key == KEYS.cache(classifier_key("x"), text_hash("hi"))
+    assert cache.lock_key(text_hash("hi")) == KEYS.lock(classifier_key("x"), text_hash("hi"))
 
 
 async def test_hits_are_counted_per_tier(links: list[RedisLink]) -> None:
@@ -114,7 +123,7 @@ async def test_same_text_on_three_replicas_is_classified_once(
         text = "Где мой заказ?"
         results = await asyncio.gather(
             *(
-                r.cached.classify(f" {text} " if i % 2 else text)
+                classify(r.cached, f" {text} " if i % 2 else text)
                 for r in replicas
                 for i in range(10)
             )
@@ -138,11 +147,11 @@ async def test_a_failed_classification_is_not_cached(links: list[RedisLink]) -> 
     replica = Replica(links[0], classifier)
     try:
         outcomes = await asyncio.gather(
-            *(replica.cached.classify("hello") for _ in range(3)), return_exceptions=True
+            *(classify(replica.cached, "hello") for _ in range(3)), return_exceptions=True
         )
         assert all(isinstance(o, ClassifierUnavailable) for o in outcomes)
-        assert await links[0].client.keys("unit:cache:*") == []
-        assert await replica.cached.classify("hello") == (
+        assert await links[0].client.keys(KEYS.cache("*", "*")) == []
+        assert await classify(replica.cached, "hello") == (
             Classification("question", 0.8, "counting"),
             False,
         )
@@ -156,8 +165,8 @@ async def test_changing_the_identity_misses(links: list[RedisLink]) -> None:
     old, new = CountingClassifier("llm:v1:model-a:p"), CountingClassifier("llm:v1:model-b:p")
     first, second = Replica(links[0], old), Replica(links[1], new)
     try:
-        assert (await first.cached.classify("hi"))[1] is False
-        assert (await second.cached.classify("hi"))[1] is False
+        assert (await classify(first.cached, "hi"))[1] is False
+        assert (await classify(second.cached, "hi"))[1] is False
         assert (len(old.calls), len(new.calls)) == (1, 1)
     finally:
         await first.aclose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.unit.test_cache_tiers import KEYS, CountingClassifier, Replica
+from tests.unit.test_cache_tiers import KEYS, CountingClassifier, Replica, classify
 from worker.classification.cache import ClassificationCache, LocalCache
 from worker.classification.cached import CachedClassifier
 from worker.classification.classifiers.base import Classification
@@ -63,8 +63,9 @@ async def test_a_batch_waits_for_a_text_already_in_flight_here(links: list[Redis
     classifier = CountingClassifier(delay_s=0.2)
     replica = Replica(links[0], classifier)
     try:
-        alone = asyncio.ensure_future(replica.cached.classify("slow"))
-        await asyncio.sleep(0.05)
+        alone = asyncio.ensure_future(classify(replica.cached, "slow"))
+        while not classifier.calls:  # the other task is classifying "slow"
+            await asyncio.sleep(0.005)
         batch = await replica.cached.classify_many(["slow", "other"])
         assert classifier.calls == ["slow", "other"]
         assert (await alone)[1] is False

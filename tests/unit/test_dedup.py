@@ -3,22 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import fakeredis
 import pytest
 
-from worker.claims.store import (
+from worker.claims.fallback import WRITE_BACK
+from worker.claims.memory_store import MemoryClaimStore
+from worker.claims.protocol import (
+    ClaimAsk,
+    ClaimResult,
     ClaimStatus,
+    ClaimStore,
     CompleteStatus,
+    Completion,
     Lease,
-    MemoryClaimStore,
-    RedisClaimStore,
     TokenSource,
 )
+from worker.claims.redis_store import CLAIM, COMPLETE, RedisClaimStore
 from worker.observability.metrics import CounterName
 from worker.redisio.keys import RedisKeys
 
 KEYS = RedisKeys("unit:")
+
+
+async def claim_one(
+    store: ClaimStore, message_id: str, redelivered: bool = False, suspect_at: int = 0
+) -> ClaimResult:
+    """``claim_many`` for one ID (tests that follow a single message)."""
+    return (await store.claim_many([ClaimAsk(message_id, redelivered, suspect_at)]))[0]
+
+
+async def complete_one(
+    store: ClaimStore, message_id: str, token: str, cache_hit: bool = False
+) -> CompleteStatus:
+    """``complete_many`` for one claim."""
+    return (await store.complete_many([Completion(message_id, token, cache_hit)]))[0]
 
 
 @pytest.fixture
@@ -33,18 +53,18 @@ def redis_store(
 
 
 async def counters(redis: fakeredis.FakeAsyncRedis) -> dict[str, int]:
-    raw = await redis.hgetall(KEYS.stats)
+    raw = await redis.hgetall(KEYS.stats)  # type: ignore[misc]
     return {k.decode(): int(v) for k, v in raw.items()}
 
 
 async def test_claim_complete_then_duplicate(redis: fakeredis.FakeAsyncRedis) -> None:
     """A completed ID answers DONE to later claims; the script counts processed and duplicates."""
     store = redis_store(redis, "a")
-    claim = await store.claim("m1", redelivered=False)
+    claim = await claim_one(store, "m1")
     assert claim.status is ClaimStatus.CLAIMED
-    assert await store.complete("m1", claim.token, cache_hit=True) is CompleteStatus.IN_REDIS
-    assert (await store.claim("m1", redelivered=False)).status is ClaimStatus.DONE
-    assert (await store.claim("m1", redelivered=True)).status is ClaimStatus.DONE
+    assert await complete_one(store, "m1", claim.token, cache_hit=True) is CompleteStatus.IN_REDIS
+    assert (await claim_one(store, "m1")).status is ClaimStatus.DONE
+    assert (await claim_one(store, "m1", redelivered=True)).status is ClaimStatus.DONE
     assert await counters(redis) == {
         CounterName.PROCESSED: 1,
         CounterName.CACHE_HITS: 1,
@@ -55,10 +75,26 @@ async def test_claim_complete_then_duplicate(redis: fakeredis.FakeAsyncRedis) ->
     assert not await redis.exists(KEYS.claim("m1"))
 
 
+async def test_a_completion_lands_in_this_seconds_throughput_bucket(
+    redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    """The completion script adds its messages to one throughput bucket under the key layout's
+    stem, which expires after the bucket TTL."""
+    store = redis_store(redis, "a")
+    claims = await store.claim_many([ClaimAsk("t1"), ClaimAsk("t2")])
+    await store.complete_many(
+        [Completion(f"t{i + 1}", c.token, False) for i, c in enumerate(claims)]
+    )
+    buckets = [key async for key in redis.scan_iter(match=KEYS.throughput_pattern)]
+    assert len(buckets) == 1
+    assert int(await redis.get(buckets[0])) == 2
+    assert 0 < await redis.ttl(buckets[0]) <= 900
+
+
 async def test_concurrent_claims_of_one_id_have_one_winner(redis: fakeredis.FakeAsyncRedis) -> None:
     """Two replicas claiming the same ID in the same instant: one gets it, the other is told busy."""
     a, b = redis_store(redis, "a"), redis_store(redis, "b")
-    first, second = await asyncio.gather(a.claim("m2", False), b.claim("m2", False))
+    first, second = await asyncio.gather(claim_one(a, "m2"), claim_one(b, "m2"))
     assert sorted(r.status.value for r in (first, second)) == ["busy", "claimed"]
     busy = first if first.status is ClaimStatus.BUSY else second
     assert 0 < busy.retry_after_s <= 30
@@ -69,26 +105,24 @@ async def test_batched_claims_keep_each_answer_with_its_request(
 ) -> None:
     """A batch mixing new, done and busy IDs answers each one correctly."""
     store = redis_store(redis, "a")
-    done = await store.claim("done", False)
-    await store.complete("done", done.token, cache_hit=False)
-    await store.claim("busy", False)
-    results = await asyncio.gather(
-        store.claim("new", False), store.claim("done", False), store.claim("busy", False)
-    )
+    done = await claim_one(store, "done")
+    await complete_one(store, "done", done.token)
+    await claim_one(store, "busy")
+    results = await store.claim_many([ClaimAsk("new"), ClaimAsk("done"), ClaimAsk("busy")])
     assert [r.status for r in results] == [ClaimStatus.CLAIMED, ClaimStatus.DONE, ClaimStatus.BUSY]
 
 
 async def test_only_the_owner_renews_releases_or_completes(redis: fakeredis.FakeAsyncRedis) -> None:
     """Renew, release and complete with another replica's token change nothing."""
     a, b = redis_store(redis, "a"), redis_store(redis, "b")
-    claim = await a.claim("m3", False)
+    claim = await claim_one(a, "m3")
     forged = "b:1"
     assert await b.renew([Lease("m3", forged)]) == [False]
     assert await b.release("m3", forged) is False
-    assert await b.complete("m3", forged, cache_hit=False) is CompleteStatus.LOST
+    assert await complete_one(b, "m3", forged) is CompleteStatus.LOST
     assert await redis.get(KEYS.claim("m3")) == claim.token.encode()
     assert await a.release("m3", claim.token) is True
-    assert (await b.claim("m3", False)).status is ClaimStatus.CLAIMED
+    assert (await claim_one(b, "m3")).status is ClaimStatus.CLAIMED
 
 
 async def test_memory_store_dedups_within_the_process() -> None:
@@ -96,9 +130,20 @@ async def test_memory_store_dedups_within_the_process() -> None:
     size bound."""
     store = MemoryClaimStore(TokenSource("m"), lease_s=30, dedup_ttl_s=600, max_done=2)
     for message_id in ("a", "b", "c"):
-        claim = await store.claim(message_id, False)
+        claim = await claim_one(store, message_id)
         assert claim.status is ClaimStatus.CLAIMED
-        assert (await store.claim(message_id, False)).status is ClaimStatus.BUSY
-        assert await store.complete(message_id, claim.token, False) is CompleteStatus.IN_MEMORY
-    assert (await store.claim("c", False)).status is ClaimStatus.DONE
-    assert (await store.claim("a", False)).status is ClaimStatus.CLAIMED  # forgotten: bound is 2
+        assert (await claim_one(store, message_id)).status is ClaimStatus.BUSY
+        assert await complete_one(store, message_id, claim.token) is CompleteStatus.IN_MEMORY
+    assert (await claim_one(store, "c")).status is ClaimStatus.DONE
+    assert (await claim_one(store, "a")).status is ClaimStatus.CLAIMED  # forgotten: bound is 2
+
+
+def test_the_counters_the_scripts_write_are_metric_names() -> None:
+    """Every counter name a claim script spells is a ``CounterName``, so ``stats`` shows it."""
+    names = {name.value for name in CounterName}
+    for script in (CLAIM, COMPLETE, WRITE_BACK):
+        header = re.search(r"^local ([A-Z_, ]+) = (.+)$", script.source, re.MULTILINE)
+        assert header is not None, script.name
+        spelled = re.findall(r"'(\w+)'", header.group(2))
+        assert len(spelled) == len(header.group(1).split(",")), script.name
+        assert set(spelled) <= names, script.name

@@ -32,11 +32,13 @@ COMMANDS = [
 
 @pytest.mark.parametrize("args", COMMANDS)
 def test_hiredis_packing_matches_redis_py(args: tuple[object, ...]) -> None:
+    """Each command (binary, Unicode, numbers, multi-word names) packs to redis-py's own bytes."""
     expected = b"".join(Connection().pack_command(*args))  # type: ignore[arg-type]
     assert b"".join(pack_with_hiredis(args)) == expected  # type: ignore[arg-type]
 
 
 def test_an_argument_redis_cannot_take_is_a_data_error() -> None:
+    """An argument Redis cannot encode fails as redis-py's ``DataError``, as with its packer."""
     with pytest.raises(DataError):
         pack_with_hiredis(("SET", "k", None))  # type: ignore[arg-type]
 
@@ -50,6 +52,7 @@ def test_an_argument_redis_cannot_take_is_a_data_error() -> None:
     ],
 )
 def test_every_kind_of_connection_packs_with_hiredis(url: str, base: type) -> None:
+    """TCP, TLS and Unix-socket clients made by ``make_redis`` all pack with hiredis."""
     client = make_redis(url, 1.0)
     made = client.connection_pool.connection_class
     assert issubclass(made, base)

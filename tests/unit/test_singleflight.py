@@ -6,17 +6,14 @@ import asyncio
 
 import pytest
 
-from worker.classification.singleflight import (
-    ClusterFlight,
-    ClusterLocks,
-    Entry,
-    LockState,
-    WaitOutcome,
-)
+from worker.classification.locks import ClusterLocks, Entry, LockState, Looked, WaitOutcome
+from worker.classification.singleflight import ClusterFlight
 from worker.core.errors import ClassifierUnavailable
+from worker.redisio.keys import RedisKeys
 from worker.redisio.link import RedisLink, make_redis
 
-ENTRY = Entry("unit:value", "unit:lock")
+KEYS = RedisKeys("unit:")
+ENTRY = Entry(KEYS.cache("c", "h"), KEYS.lock("c", "h"))
 
 
 class TextStore:
@@ -32,19 +29,51 @@ class TextStore:
 
 
 class Computation:
-    """A computation that takes ``delay_s``, counts its runs and can be told to fail."""
+    """A computation that takes ``delay_s``, counts its runs, signals its start and can be told
+    to fail."""
 
     def __init__(self, delay_s: float = 0.1) -> None:
         self.delay_s = delay_s
         self.runs = 0
         self.fail = False
+        self.started = asyncio.Event()
 
     async def __call__(self) -> str:
         self.runs += 1
+        self.started.set()
         await asyncio.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("classifier failed")
         return "answer"
+
+
+async def run(flight: ClusterFlight, compute: Computation) -> tuple[str, bool]:
+    """``run_many`` for ``ENTRY`` alone: ``(value, computed_here)``, or its exception raised."""
+
+    async def compute_many(owned: list[int]) -> list[str | Exception]:
+        try:
+            return [await compute()]
+        except Exception as exc:
+            return [exc]
+
+    async def compute_alone(index: int) -> str:
+        return await compute()
+
+    answer = (await flight.run_many([ENTRY], compute_many, compute_alone, TextStore()))[0]
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
+
+
+async def look(locks: ClusterLocks) -> Looked:
+    """``lookup_or_lock_many`` for ``ENTRY`` alone."""
+    return (await locks.lookup_or_lock_many([ENTRY]))[0]
+
+
+async def waiting(flight: ClusterFlight) -> None:
+    """Return once ``flight`` waits for another owner."""
+    while not flight.snapshot()["single_flight_cluster_waits"]:
+        await asyncio.sleep(0.005)
 
 
 async def test_lookup_or_lock_returns_the_value_or_one_lock(links: list[RedisLink]) -> None:
@@ -52,13 +81,13 @@ async def test_lookup_or_lock_returns_the_value_or_one_lock(links: list[RedisLin
     storing the value and releasing the lock happen together, and only the owner can release."""
     a, b = ClusterLocks(links[0]), ClusterLocks(links[1])
     try:
-        state, token, _ = await a.lookup_or_lock(ENTRY)
+        state, token, _ = await look(a)
         assert state is LockState.ACQUIRED
-        assert (await b.lookup_or_lock(ENTRY))[0] is LockState.HELD
+        assert (await look(b))[0] is LockState.HELD
         await b.store_and_release(ENTRY, "not-the-owner", None, 60)
-        assert (await b.lookup_or_lock(ENTRY))[0] is LockState.HELD
+        assert (await look(b))[0] is LockState.HELD
         await a.store_and_release(ENTRY, token, b"answer", 60)
-        assert await b.lookup_or_lock(ENTRY) == (LockState.FOUND, "", b"answer")
+        assert await look(b) == (LockState.FOUND, "", b"answer")
         assert await links[0].client.exists(ENTRY.lock_key) == 0
         assert 0 < await links[0].client.ttl(ENTRY.value_key) <= 60
     finally:
@@ -72,9 +101,9 @@ async def test_owner_renews_its_lock_and_a_dead_owner_lets_it_lapse(
     """A held lock outlives its TTL while its owner runs, and lapses soon after the owner stops."""
     a, b = ClusterLocks(links[0], ttl_s=0.3), ClusterLocks(links[1], ttl_s=0.3)
     try:
-        assert (await a.lookup_or_lock(ENTRY))[0] is LockState.ACQUIRED
+        assert (await look(a))[0] is LockState.ACQUIRED
         await asyncio.sleep(0.8)
-        assert (await b.lookup_or_lock(ENTRY))[0] is LockState.HELD
+        assert (await look(b))[0] is LockState.HELD
         await a.aclose()  # the owner "dies": renewals stop, the lock is not released
         assert await b.wait(ENTRY, 1.0) == (WaitOutcome.RELEASED, None)
     finally:
@@ -88,9 +117,7 @@ async def test_concurrent_misses_on_three_replicas_compute_once(links: list[Redi
     compute = Computation()
     flights = [ClusterFlight(ClusterLocks(link), wait_s=5) for link in links]
     try:
-        results = await asyncio.gather(
-            *(f.run(ENTRY, compute, TextStore()) for f in flights for _ in range(3))
-        )
+        results = await asyncio.gather(*(run(f, compute) for f in flights for _ in range(3)))
         assert compute.runs == 1
         assert sorted(computed for _, computed in results) == [False] * 8 + [True]
         assert all(answer == "answer" for answer, _ in results)
@@ -108,9 +135,9 @@ async def test_an_owners_failure_is_shared_with_its_waiters(links: list[RedisLin
     try:
         compute.fail = True
         loop = asyncio.get_running_loop()
-        owner_task = loop.create_task(owner.run(ENTRY, compute, TextStore()))
-        await asyncio.sleep(0.03)
-        waiter_task = loop.create_task(waiter.run(ENTRY, compute, TextStore()))
+        owner_task = loop.create_task(run(owner, compute))
+        await compute.started.wait()
+        waiter_task = loop.create_task(run(waiter, compute))
         with pytest.raises(RuntimeError):
             await owner_task
         with pytest.raises(ClassifierUnavailable, match="failed on another replica"):
@@ -118,7 +145,7 @@ async def test_an_owners_failure_is_shared_with_its_waiters(links: list[RedisLin
         assert compute.runs == 1
         assert waiter.snapshot()["single_flight_shared_failures"] == 1
         compute.fail = False  # a failure mark does not block the next attempt
-        assert await waiter.run(ENTRY, compute, TextStore()) == ("answer", True)
+        assert await run(waiter, compute) == ("answer", True)
     finally:
         await owner.aclose()
         await waiter.aclose()
@@ -131,10 +158,10 @@ async def test_a_waiter_takes_over_when_the_owner_is_cancelled(links: list[Redis
     owner, waiter = (ClusterFlight(ClusterLocks(link), wait_s=5) for link in links[:2])
     try:
         loop = asyncio.get_running_loop()
-        owner_task = loop.create_task(owner.run(ENTRY, compute, TextStore()))
-        await asyncio.sleep(0.03)
-        waiter_task = loop.create_task(waiter.run(ENTRY, compute, TextStore()))
-        await asyncio.sleep(0.05)
+        owner_task = loop.create_task(run(owner, compute))
+        await compute.started.wait()
+        waiter_task = loop.create_task(run(waiter, compute))
+        await waiting(waiter)
         owner_task.cancel()
         assert await waiter_task == ("answer", True)
         assert waiter.snapshot()["single_flight_takeovers"] == 1
@@ -150,9 +177,9 @@ async def test_the_wait_is_bounded(links: list[RedisLink]) -> None:
     stuck = ClusterLocks(links[0])
     waiter = ClusterFlight(ClusterLocks(links[1]), wait_s=0.3)
     try:
-        assert (await stuck.lookup_or_lock(ENTRY))[0] is LockState.ACQUIRED
+        assert (await look(stuck))[0] is LockState.ACQUIRED
         started = asyncio.get_running_loop().time()
-        assert await waiter.run(ENTRY, Computation(0), TextStore()) == ("answer", True)
+        assert await run(waiter, Computation(0)) == ("answer", True)
         assert 0.3 <= asyncio.get_running_loop().time() - started < 0.6
         assert waiter.snapshot()["single_flight_wait_timeouts"] == 1
         assert await links[0].client.get(ENTRY.value_key) == b"answer"
@@ -168,7 +195,7 @@ async def test_without_a_reachable_redis_it_computes_directly() -> None:
     flight = ClusterFlight(ClusterLocks(link), wait_s=5)
     compute = Computation(0)
     try:
-        assert await flight.run(ENTRY, compute, TextStore()) == ("answer", True)
+        assert await run(flight, compute) == ("answer", True)
         assert compute.runs == 1
     finally:
         await flight.aclose()

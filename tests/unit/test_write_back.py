@@ -7,14 +7,11 @@ from collections.abc import AsyncIterator
 import fakeredis
 import pytest
 
+from tests.unit.test_dedup import complete_one
 from worker.claims.fallback import FallbackClaimStore
-from worker.claims.store import (
-    ClaimAsk,
-    CompleteStatus,
-    MemoryClaimStore,
-    RedisClaimStore,
-    TokenSource,
-)
+from worker.claims.memory_store import MemoryClaimStore
+from worker.claims.protocol import ClaimAsk, CompleteStatus, Completion, TokenSource
+from worker.claims.redis_store import RedisClaimStore
 from worker.observability.counters import Counters
 from worker.observability.metrics import CounterName
 from worker.redisio.keys import RedisKeys
@@ -25,6 +22,7 @@ KEYS = RedisKeys("wb:")
 
 @pytest.fixture
 async def link() -> AsyncIterator[RedisLink]:
+    """A connected link to a fresh fake Redis."""
     made = RedisLink(fakeredis.FakeAsyncRedis(), "redis://fake:6379/0")
     assert await made.connect()
     yield made
@@ -56,9 +54,9 @@ async def test_a_completion_whose_answer_was_lost_is_not_counted_twice(link: Red
     claims = store(link)
     claim = (await claims.claim_many([ClaimAsk("m-1")]))[0]
     redis_only = RedisClaimStore(link.client, KEYS, TokenSource("x"), lease_s=30, dedup_ttl_s=600)
-    assert await redis_only.complete("m-1", claim.token, True) is CompleteStatus.IN_REDIS
+    assert await complete_one(redis_only, "m-1", claim.token, True) is CompleteStatus.IN_REDIS
     link.state = LinkState.DISCONNECTED  # the answer was lost: Redis looks away
-    assert await claims.complete("m-1", claim.token, True) is CompleteStatus.DEFERRED
+    assert await complete_one(claims, "m-1", claim.token, True) is CompleteStatus.DEFERRED
     link.state = LinkState.CONNECTED
     await claims.write_back()
     assert (await stats(link)).get(CounterName.PROCESSED) == 1
@@ -74,10 +72,12 @@ async def test_completions_made_offline_are_marked_done_and_counted_on_return(
     taken = await claims.claim_many([ClaimAsk("a"), ClaimAsk("b"), ClaimAsk("c")])
     assert await link.client.exists(*(KEYS.attempts(m) for m in "abc")) == 3
     link.state = LinkState.DISCONNECTED
-    statuses = [
-        await claims.complete(m, c.token, hit)
-        for m, c, hit in zip("abc", taken, (True, False, False), strict=True)
-    ]
+    statuses = await claims.complete_many(
+        [
+            Completion(m, c.token, hit)
+            for m, c, hit in zip("abc", taken, (True, False, False), strict=True)
+        ]
+    )
     assert statuses == [CompleteStatus.DEFERRED] * 3
     assert await stats(link) == {}
     link.state = LinkState.CONNECTED

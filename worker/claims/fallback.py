@@ -19,27 +19,29 @@ from collections.abc import Sequence
 
 import structlog
 
-from worker.claims.store import (
-    MAX_SCRIPT_BATCH,
-    WRITE_BACK_LUA,
+from worker.claims.memory_store import MemoryClaimStore
+from worker.claims.protocol import (
     ClaimAsk,
     ClaimResult,
     ClaimStatus,
     CompleteStatus,
     Completion,
     Lease,
-    MemoryClaimStore,
-    RedisClaimStore,
 )
+from worker.claims.redis_store import RedisClaimStore
 from worker.core.errors import StoreUnavailable
 from worker.observability.counters import Counters
 from worker.observability.metrics import CounterName
-from worker.redisio.keys import RedisKeys
+from worker.redisio.batching import MAX_SCRIPT_BATCH
+from worker.redisio.keys import THROUGHPUT_BUCKET_TTL_S, RedisKeys
 from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+from worker.redisio.scripts import LuaScript
 
 log = structlog.get_logger("worker.claims")
 
 STRICT_RETRY_MAX_S = 1.0
+
+WRITE_BACK = LuaScript("worker.claims", "write_back.lua")
 
 
 class FallbackClaimStore:
@@ -73,8 +75,9 @@ class FallbackClaimStore:
         self._strict = strict
         self._fallback_after_s = fallback_after_s
         self._memory_announced = False
-        # (message ID, what the write-back counts: see WRITE_BACK_LUA)
+        # (message ID, what the write-back counts: see write_back.lua)
         self._finished_offline: list[tuple[str, str]] = []
+        self._write_back_script = WRITE_BACK.register(link.client)
         link.on_recovery(self.write_back)
 
     def _in_memory(self, token: str) -> bool:
@@ -187,27 +190,29 @@ class FallbackClaimStore:
 
     async def write_back(self) -> None:
         """Record in Redis the IDs finished while it was unreachable (and count those claimed in
-        Redis, unless their completion reached Redis after all: see ``WRITE_BACK_LUA``)."""
+        Redis, unless their completion reached Redis after all: see write_back.lua)."""
         self._memory_announced = False
         finished, self._finished_offline = self._finished_offline, []
         if not finished:
             return
         total = len(finished)
-        script = self._link.client.register_script(WRITE_BACK_LUA)
         try:
             while finished:
                 chunk = finished[:MAX_SCRIPT_BATCH]
-                keys = [self._keys.stats]
-                for message_id, _ in chunk:
-                    keys += (self._keys.done(message_id), self._keys.attempts(message_id))
-                args = [str(self._dedup_ttl_s), "900", *(kind for _, kind in chunk)]
-                args.append(self._keys.throughput(0)[:-1])  # the bucket prefix
-                await script(keys=keys, args=args)
+                await self._write_back_chunk(chunk)
                 del finished[: len(chunk)]
         except REDIS_UNAVAILABLE:
             self._finished_offline = finished + self._finished_offline
             raise
         log.info("done_markers_written_back", count=total)
+
+    async def _write_back_chunk(self, chunk: list[tuple[str, str]]) -> None:
+        keys = [self._keys.stats]
+        for message_id, _ in chunk:
+            keys += (self._keys.done(message_id), self._keys.attempts(message_id))
+        args = [str(self._dedup_ttl_s), str(THROUGHPUT_BUCKET_TTL_S), *(kind for _, kind in chunk)]
+        args.append(self._keys.throughput_stem)
+        await self._write_back_script(keys=keys, args=args)
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import structlog
 
-from worker.claims.store import ClaimStore, Lease
+from worker.claims.protocol import ClaimStore, Lease
 
 log = structlog.get_logger("worker.claims.leases")
 

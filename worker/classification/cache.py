@@ -1,15 +1,14 @@
 """The classification cache: a bounded local LRU in front of Redis, keyed by normalised text.
 
 A key covers the key-format version, the classifier's identity (kind, version, model, prompt,
-label set ...) and a hash of the normalised text, so a classification stored under a key can never
-change: serving it from the local tier is always safe, and changing the classifier makes old
-entries miss instead of going stale. Hits are counted per tier.
+label set ...) and a hash of the normalised text (see ``text``), so a classification stored under
+a key can never change: serving it from the local tier is always safe, and changing the classifier
+makes old entries miss instead of going stale. Hits are counted per tier.
 """
 
 from __future__ import annotations
 
 import hashlib
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Final
@@ -26,16 +25,6 @@ log = structlog.get_logger("worker.classification.cache")
 
 # Bump when the text normalisation or the stored value's format changes: every key then changes.
 KEY_FORMAT_VERSION: Final = 2
-
-
-def normalise(text: str) -> str:
-    """Unicode NFKC, whitespace runs folded to one space, ends trimmed."""
-    return " ".join(unicodedata.normalize("NFKC", text).split())
-
-
-def text_hash(text: str) -> str:
-    """128-bit hash of the normalised text: the cache key's text part, and what logs may show."""
-    return hashlib.blake2b(normalise(text).encode(), digest_size=16).hexdigest()
 
 
 def classifier_key(identity: str) -> str:
@@ -132,7 +121,7 @@ class ClassificationCache:
 
     def lock_key(self, hashed_text: str) -> str:
         """The single-flight lock of one entry (see ``singleflight``)."""
-        return f"{self._keys.prefix}lock:{self._classifier_key}:{hashed_text}"
+        return self._keys.lock(self._classifier_key, hashed_text)
 
     def get_local(self, hashed_text: str) -> Classification | None:
         """The local tier alone (counted as a local hit when found)."""

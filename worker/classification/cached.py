@@ -5,17 +5,31 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, cast, runtime_checkable
 
-from worker.classification.cache import ClassificationCache, text_hash
+from worker.classification.cache import ClassificationCache
 from worker.classification.classifiers.base import Classification, Classifier, Immediate
-from worker.classification.singleflight import ClusterFlight, Entry
+from worker.classification.locks import Entry
+from worker.classification.singleflight import ClusterFlight
+from worker.classification.text import text_hash
 from worker.core.errors import ClassifierUnavailable, PermanentError, TransientError
 from worker.core.gathering import answered, gather_into
 from worker.observability.counters import Counters
 from worker.observability.metrics import CounterName
 
 Classified = tuple[Classification, bool]  # (classification, served_from_cache)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What ``classify_many`` does with each text (by index)."""
+
+    out: list[Classified | Exception | None]
+    leaders: dict[str, int] = field(default_factory=dict)  # first index of each text looked up
+    followers: list[int] = field(default_factory=list)  # a repeat of a leader: shares its answer
+    # in flight in another task of the replica: waits for it
+    elsewhere: dict[int, asyncio.Future[Classification]] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -87,83 +101,76 @@ class CachedClassifier:
         return result, True
 
     async def classify_many(self, texts: Sequence[str]) -> list[Classified | Exception]:
-        """``classify`` for each of ``texts``, with the same answers and tallies, but one Redis
-        round trip per step for all of them (``ClusterFlight.run_many``) and no task per text.
-        Each answer is ``(classification, served_from_cache)`` or that text's exception."""
-        out: list[Classified | Exception | None] = [None] * len(texts)
+        """Each of ``texts`` classified, with one Redis round trip per step for all of them
+        (``ClusterFlight.run_many``) and no task per text. Each answer is ``(classification,
+        served_from_cache)`` or that text's exception."""
         keys = [text_hash(text) for text in texts]
-        leaders: dict[str, int] = {}  # the first index of each text this call looks up
-        followers: list[int] = []  # a text already led in this call: shares its answer
-        elsewhere: list[int] = []  # in flight in another task: waits through ``classify``
         shared = self._flight is not None and self._cache.shared
-        for index, key in enumerate(keys):
-            if key in leaders:
-                followers.append(index)
-            elif key in self._inflight:
-                elsewhere.append(index)
-            elif shared and (found := self._cache.get_local(key)) is not None:
-                out[index] = (found, True)
-            else:
-                leaders[key] = index
-        if leaders:
-            loop = asyncio.get_running_loop()
-            futures = {key: loop.create_future() for key in leaders}
-            self._inflight.update(futures)
-            try:
-                answers = await self._lead(texts, leaders, shared)
-            except BaseException as exc:
-                for future in futures.values():
-                    _share_failure(future, exc)
-                raise
-            finally:
-                for key in leaders:
-                    del self._inflight[key]
-            for (key, index), answer in zip(leaders.items(), answers, strict=True):
-                out[index] = answer
-                if isinstance(answer, Exception):
-                    _share_failure(futures[key], answer)
-                else:
-                    futures[key].set_result(answer[0])
-        for index in followers:
-            led = out[leaders[keys[index]]]
-            assert led is not None
-            if isinstance(led, Exception):
-                out[index] = led
-            else:
+        plan = self._plan(keys, shared)
+        if plan.leaders:
+            await self._lead_in_flight(texts, plan, shared)
+        for index in plan.followers:
+            led = plan.out[plan.leaders[keys[index]]]
+            if isinstance(led, tuple):
                 self.local_waits += 1
-                out[index] = (led[0], True)
-        if elsewhere:
-            await gather_into(out, elsewhere, (self.classify(texts[i]) for i in elsewhere))
-        return answered(out, len(texts))
+                led = (led[0], True)
+            plan.out[index] = led
+        if plan.elsewhere:
+            waits = (self._share(future) for future in plan.elsewhere.values())
+            await gather_into(plan.out, list(plan.elsewhere), waits)
+        return answered(plan.out, len(texts))
+
+    def _plan(self, keys: list[str], shared: bool) -> _Plan:
+        """Sort the texts: served by the local tier, led here, or following another's flight."""
+        plan = _Plan([None] * len(keys))
+        for index, key in enumerate(keys):
+            if key in plan.leaders:
+                plan.followers.append(index)
+            elif (future := self._inflight.get(key)) is not None:
+                plan.elsewhere[index] = future
+            elif shared and (found := self._cache.get_local(key)) is not None:
+                plan.out[index] = (found, True)
+            else:
+                plan.leaders[key] = index
+        return plan
+
+    async def _share(self, future: asyncio.Future[Classification]) -> Classified:
+        """The answer of a text another task of this replica is classifying."""
+        self.local_waits += 1
+        return await asyncio.shield(future), True
+
+    async def _lead_in_flight(self, texts: Sequence[str], plan: _Plan, shared: bool) -> None:
+        """Classify the leaders, each under a future other tasks may wait on meanwhile."""
+        loop = asyncio.get_running_loop()
+        futures = {key: loop.create_future() for key in plan.leaders}
+        self._inflight.update(futures)
+        try:
+            answers = await self._lead([texts[i] for i in plan.leaders.values()], plan, shared)
+        except BaseException as exc:
+            for future in futures.values():
+                _share_failure(future, exc)
+            raise
+        finally:
+            for key in plan.leaders:
+                del self._inflight[key]
+        for (key, index), answer in zip(plan.leaders.items(), answers, strict=True):
+            plan.out[index] = answer
+            if isinstance(answer, Exception):
+                _share_failure(futures[key], answer)
+            else:
+                futures[key].set_result(answer[0])
 
     async def _lead(
-        self, texts: Sequence[str], leaders: dict[str, int], shared: bool
+        self, texts: list[str], plan: _Plan, shared: bool
     ) -> list[Classified | Exception]:
-        """Look up, compute and store the texts at ``leaders`` (one per distinct text)."""
-        indices = list(leaders.values())
-        hashes = list(leaders)
+        """Look up, compute and store ``texts`` (one per distinct text, keys ``plan.leaders``)."""
+        hashes = list(plan.leaders)
         if shared and self._flight is not None:
-            entries = [self._entry(k) for k in hashes]
-
-            async def compute_many(owned: list[int]) -> list[Classification | Exception]:
-                return await self._call_many([texts[indices[i]] for i in owned])
-
-            async def compute(position: int) -> Classification:
-                return await self._call(texts[indices[position]])
-
-            answers = await self._flight.run_many(entries, compute_many, compute, self._cache)
-            out: list[Classified | Exception] = []
-            for key, answer in zip(hashes, answers, strict=True):
-                if isinstance(answer, Exception):
-                    out.append(answer)
-                else:
-                    self._cache.remember(key, answer[0], shared=not answer[1])
-                    out.append((answer[0], not answer[1]))
-            return out
+            return await self._lead_shared(self._flight, hashes, texts)
         found = [await self._cache.get(key) for key in hashes]  # no Redis: nothing suspends
         missing = [i for i, f in enumerate(found) if f is None]
-        computed = iter(await self._call_many([texts[indices[i]] for i in missing]))
-        out = []
+        computed = iter(await self._call_many([texts[i] for i in missing]))
+        out: list[Classified | Exception] = []
         for key, hit in zip(hashes, found, strict=True):
             if hit is not None:
                 out.append((hit, True))
@@ -171,10 +178,32 @@ class CachedClassifier:
             result = next(computed)
             if not isinstance(result, Exception):
                 await self._cache.put(key, result)
-                result_out: Classified | Exception = (result, False)
+                out.append((result, False))
             else:
-                result_out = result
-            out.append(result_out)
+                out.append(result)
+        return out
+
+    async def _lead_shared(
+        self, flight: ClusterFlight, hashes: list[str], texts: list[str]
+    ) -> list[Classified | Exception]:
+        """``_lead`` through the cluster single flight: once for every replica."""
+
+        async def compute_many(owned: list[int]) -> list[Classification | Exception]:
+            return await self._call_many([texts[i] for i in owned])
+
+        async def compute(position: int) -> Classification:
+            return await self._call(texts[position])
+
+        entries = [self._entry(key) for key in hashes]
+        answers = await flight.run_many(entries, compute_many, compute, self._cache)
+        out: list[Classified | Exception] = []
+        for key, answer in zip(hashes, answers, strict=True):
+            if isinstance(answer, Exception):
+                out.append(answer)
+                continue
+            value, computed = answer
+            self._cache.remember(key, value, shared=not computed)
+            out.append((value, not computed))
         return out
 
     async def _call_many(self, texts: list[str]) -> list[Classification | Exception]:

@@ -1,9 +1,9 @@
 """A cluster-wide limit on LLM calls per second, and a shared pause when the provider says "429".
 
-Pacing is GCRA in its reservation form, kept in one Redis key (``{prefix}llm:rate``) on the Redis
-clock so every replica shares it and their clocks do not matter. Each call reserves the next free
-slot: ``slot = max(next_free, now - burst × interval)``, then ``next_free = slot + interval``,
-and the caller sleeps until its slot. After a quiet spell ``burst + 1`` calls go out at once
+Pacing is GCRA in its reservation form (``scripts/reserve.lua``), kept in one Redis key
+(``RedisKeys.llm_rate``) on the Redis clock so every replica shares it and their clocks do not
+matter. Each call reserves the next free slot: ``slot = max(next_free, now - burst × interval)``,
+then ``next_free = slot + interval``, and the caller sleeps until its slot. After a quiet spell ``burst + 1`` calls go out at once
 (``burst = ceil(LLM_MAX_RPS / 10)``), then they are evenly spaced.
 
 The bound: any one-second window sees at most ``ceil(LLM_MAX_RPS) + burst`` calls. A window holds
@@ -16,9 +16,9 @@ prefetch-worth of deliveries works through them before its first calls leave; 25
 Each replica keeps at most one reservation outstanding (its callers queue locally, in order), so a
 caller that gives up while queued wastes no slot and reservations never run far ahead of real calls.
 
-A 429 answer's ``Retry-After`` becomes a cool-down (``{prefix}llm:cooldown``, only ever lengthened):
-while it lasts no replica starts a call, so waits for ``Retry-After`` hold across replicas and across
-the worker's own retries of a message.
+A 429 answer's ``Retry-After`` becomes a cool-down (``RedisKeys.llm_cooldown``, only ever
+lengthened, ``scripts/cool_down.lua``): while it lasts no replica starts a call, so waits for
+``Retry-After`` hold across replicas and across the worker's own retries of a message.
 
 Without Redis (or while it is unreachable) the same algorithm runs inside the process: the limit
 then holds per replica.
@@ -34,38 +34,12 @@ import structlog
 
 from worker.redisio.keys import RedisKeys
 from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+from worker.redisio.scripts import LuaScript
 
 log = structlog.get_logger("worker.classification.ratelimit")
 
-# Returns {reserved, wait_us}: reserved = 0 means a cool-down is on; ask again after wait_us.
-RESERVE_LUA: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cool_ms = redis.call('PTTL', KEYS[2])
-if cool_ms > 0 then
-  return {0, cool_ms * 1000}
-end
-local interval = tonumber(ARGV[1])
-if interval <= 0 then
-  return {1, 0}
-end
-local stored = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-local slot = math.max(stored, now - tonumber(ARGV[2]))
-local next_free = slot + interval
-redis.call('SET', KEYS[1], string.format('%.0f', next_free),
-  'PX', math.floor((next_free - now) / 1000) + 1000)
-return {1, math.max(0, slot - now)}
-"""
-
-# Lengthens the cool-down to ARGV[1] ms from now; never shortens one already longer.
-COOL_DOWN_LUA: Final = """
-local ms = tonumber(ARGV[1])
-if redis.call('PTTL', KEYS[1]) < ms then
-  redis.call('SET', KEYS[1], '1', 'PX', ms)
-end
-return 1
-"""
-
+RESERVE = LuaScript("worker.classification", "reserve.lua")
+COOL_DOWN = LuaScript("worker.classification", "cool_down.lua")
 
 # How late a call may leave after its slot without breaking the bound (see the module docstring).
 LAG_ALLOWANCE_S: Final = 0.05
@@ -123,14 +97,14 @@ class RateLimiter:
         interval_us = math.ceil(interval_s(max_rps) * 1_000_000)
         self._interval_us = str(interval_us)
         self._burst_us = str(burst_for(max_rps) * interval_us)
-        self._rate_key = f"{keys.prefix}llm:rate"
-        self._cool_key = f"{keys.prefix}llm:cooldown"
+        self._rate_key = keys.llm_rate
+        self._cool_key = keys.llm_cooldown
         self._local = LocalPacer(max_rps)
         # One outstanding reservation per replica: only needed when there are slots to reserve.
         self._turn = asyncio.Lock() if max_rps > 0 else None
         if self._link is not None:
-            self._reserve_script = self._link.client.register_script(RESERVE_LUA)
-            self._cool_down_script = self._link.client.register_script(COOL_DOWN_LUA)
+            self._reserve_script = RESERVE.register(self._link.client)
+            self._cool_down_script = COOL_DOWN.register(self._link.client)
         self.waits = 0
         self.wait_ms = 0
         self.cool_downs = 0

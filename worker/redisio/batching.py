@@ -3,6 +3,9 @@
 Each message awaits ``submit(request)`` as if it were a single call. Requests submitted in the same
 event-loop turn, and those that arrive while a batch is in flight, are handed to ``run_batch``
 together. Under load batches grow by themselves; a lone message waits only for the next loop turn.
+
+``in_script_batches`` is the other half: a batch a caller already holds, cut into script calls of
+at most ``MAX_SCRIPT_BATCH`` items.
 """
 
 from __future__ import annotations
@@ -13,6 +16,18 @@ from typing import Generic, TypeVar
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+
+MAX_SCRIPT_BATCH = 512  # items per script call: bounds how long one call blocks Redis
+
+
+async def in_script_batches(
+    run: Callable[[list[Req]], Awaitable[Sequence[Resp]]], items: Sequence[Req]
+) -> list[Resp]:
+    """``run`` over ``items`` in slices of at most ``MAX_SCRIPT_BATCH``, answers in order."""
+    answers: list[Resp] = []
+    for start in range(0, len(items), MAX_SCRIPT_BATCH):
+        answers += await run(list(items[start : start + MAX_SCRIPT_BATCH]))
+    return answers
 
 
 class MicroBatcher(Generic[Req, Resp]):

@@ -12,6 +12,9 @@
 {p}tp:{epoch_second}          integer     messages processed in that second, TTL 15 min
 {p}replica:{replica_id}       JSON        heartbeat of a live replica, TTL 3 heartbeats
 {p}replicas                   set         replica IDs that have sent a heartbeat
+
+A *stem* is a key without its last part (``{p}done:``): the claim scripts receive stems and the
+message IDs, and join them in Lua, so a call carries one argument per ID instead of three keys.
 """
 
 from __future__ import annotations
@@ -27,24 +30,58 @@ class RedisKeys:
 
     prefix: str
 
+    @property
+    def done_stem(self) -> str:
+        return f"{self.prefix}done:"
+
+    @property
+    def claim_stem(self) -> str:
+        return f"{self.prefix}claim:"
+
+    @property
+    def attempts_stem(self) -> str:
+        return f"{self.prefix}attempts:"
+
+    @property
+    def throughput_stem(self) -> str:
+        """The throughput buckets' stem: scripts append the Redis clock's second to it."""
+        return f"{self.prefix}tp:"
+
     def done(self, message_id: str) -> str:
-        return f"{self.prefix}done:{message_id}"
+        return self.done_stem + message_id
 
     def claim(self, message_id: str) -> str:
-        return f"{self.prefix}claim:{message_id}"
+        return self.claim_stem + message_id
 
     def attempts(self, message_id: str) -> str:
-        return f"{self.prefix}attempts:{message_id}"
+        return self.attempts_stem + message_id
 
     def cache(self, classifier_key: str, text_hash: str) -> str:
         return f"{self.prefix}cache:{classifier_key}:{text_hash}"
+
+    def lock(self, classifier_key: str, text_hash: str) -> str:
+        """The single-flight lock next to ``cache(classifier_key, text_hash)``."""
+        return f"{self.prefix}lock:{classifier_key}:{text_hash}"
+
+    @property
+    def llm_rate(self) -> str:
+        return f"{self.prefix}llm:rate"
+
+    @property
+    def llm_cooldown(self) -> str:
+        return f"{self.prefix}llm:cooldown"
 
     @property
     def stats(self) -> str:
         return f"{self.prefix}stats"
 
     def throughput(self, epoch_second: int) -> str:
-        return f"{self.prefix}tp:{epoch_second}"
+        return f"{self.throughput_stem}{epoch_second}"
+
+    @property
+    def throughput_pattern(self) -> str:
+        """A ``SCAN MATCH`` pattern for every throughput bucket."""
+        return f"{self.throughput_stem}*"
 
     def replica(self, replica_id: str) -> str:
         return f"{self.prefix}replica:{replica_id}"
@@ -52,3 +89,8 @@ class RedisKeys:
     @property
     def replicas(self) -> str:
         return f"{self.prefix}replicas"
+
+    @property
+    def everything(self) -> str:
+        """A ``SCAN MATCH`` pattern for every key of the deployment (demo and bench clean-up)."""
+        return f"{self.prefix}*"

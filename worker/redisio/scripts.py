@@ -1,0 +1,45 @@
+"""Loading the Lua scripts: ``.lua`` files shipped beside the code that calls them.
+
+Each package keeps its scripts in a ``scripts/`` folder (package data, see ``pyproject.toml``);
+each file documents at its top what it takes in KEYS and ARGV and what it answers. A script's text
+is read once per process; ``register`` gives a client's handle to it, which runs ``EVALSHA`` and,
+when the server does not know the script yet (``NOSCRIPT``: a restart, a failover), loads it and
+runs it again (redis-py's ``AsyncScript``). Register once, in a component's constructor.
+
+Scripts are never assembled from strings: a counter name a script writes is spelled in the script
+(behaviour tests compare it with ``CounterName``), anything else comes in KEYS or ARGV.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    """The script ``scripts/{name}`` of the package ``package``."""
+
+    package: str
+    name: str
+
+    @property
+    def source(self) -> str:
+        return _read(self.package, self.name)
+
+    def register(self, client: Redis) -> AsyncScript:
+        """``client``'s handle to this script (no round trip: the script is loaded on first use)."""
+        return client.register_script(self.source)
+
+
+@functools.cache
+def _read(package: str, name: str) -> str:
+    return resources.files(package).joinpath("scripts", name).read_text(encoding="utf-8")
+
+
+# Owner-checked renewal of a batch of leases or locks: claims and the single flight both use it.
+RENEW = LuaScript("worker.redisio", "renew.lua")
