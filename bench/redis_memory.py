@@ -17,7 +17,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from worker.claims.store import RedisClaimStore, TokenSource
+from worker.claims.protocol import TokenSource
+from worker.claims.redis_store import RedisClaimStore
 from worker.redisio.keys import RedisKeys
 
 
@@ -49,7 +50,7 @@ async def measure(url: str, count: int, prefix: str = "neiromatrius:") -> dict[s
     finally:
         await store.aclose()
         written = [keys.done(i) for i in ids]
-        written += [k async for k in client.scan_iter(match=f"{prefix}tp:*")]
+        written += [k async for k in client.scan_iter(match=keys.throughput_pattern)]
         written.append(keys.stats)
         for start in range(0, len(written), 5_000):
             await client.unlink(*written[start : start + 5_000])

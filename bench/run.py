@@ -45,6 +45,7 @@ from worker.amqp.results import ResultOut
 from worker.cli import publish
 from worker.cli.replicas import ReplicaGroup, ReplicaNames, replica_env
 from worker.cli.samples import generate_sample
+from worker.redisio.keys import RedisKeys
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL") or "amqp://guest:guest@127.0.0.1:5672/"
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
@@ -342,7 +343,8 @@ async def cleanup(names: ReplicaNames) -> None:
         await connection.close()
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
-        keys = [k async for k in client.scan_iter(match=f"{names.key_prefix}*", count=5000)]
+        pattern = RedisKeys(names.key_prefix).everything
+        keys = [k async for k in client.scan_iter(match=pattern, count=5000)]
         for start in range(0, len(keys), 5000):
             await client.unlink(*keys[start : start + 5000])
     finally:

@@ -28,7 +28,8 @@ from tests.integration.support import (
     wait_counter,
 )
 from worker.amqp.broker import CONNECTION_NAME
-from worker.claims.store import ClaimStatus, CompleteStatus, RedisClaimStore, TokenSource
+from worker.claims.protocol import ClaimStatus, CompleteStatus, TokenSource
+from worker.claims.redis_store import RedisClaimStore
 from worker.observability.metrics import CounterName
 from worker.redisio.keys import RedisKeys
 

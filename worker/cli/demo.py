@@ -421,8 +421,8 @@ class Demo:
         if self.options.redis_url:
             client = make_redis(self.options.redis_url, self.settings.redis_timeout_s)
             try:
-                prefix = f"{self.names.key_prefix}*"
-                keys = [k async for k in client.scan_iter(match=prefix, count=1000)]
+                pattern = RedisKeys(self.names.key_prefix).everything
+                keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
                 for start in range(0, len(keys), 500):
                     await client.delete(*keys[start : start + 500])
             except REDIS_UNAVAILABLE:

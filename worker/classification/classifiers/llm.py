@@ -34,7 +34,6 @@ import httpx
 import orjson
 import structlog
 
-from worker.classification.cache import normalise
 from worker.classification.classifiers.llm_http import (
     ERROR_KINDS,
     AttemptFailed,
@@ -52,6 +51,7 @@ from worker.classification.classifiers.llm_prompt import (
     fingerprint,
 )
 from worker.classification.ratelimit import RateLimiter
+from worker.classification.text import normalise
 from worker.core.classification import Classification
 from worker.core.errors import ClassifierUnavailable
 from worker.core.redaction import redact_url, scrub
