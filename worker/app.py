@@ -16,23 +16,32 @@ from dataclasses import dataclass
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 
+from worker.amqp import fastpath
 from worker.amqp.acks import Acker
 from worker.amqp.broker import CONNECTION_NAME, Broker, Topology, connect
 from worker.claims.fallback import FallbackClaimStore
 from worker.claims.leases import LeaseKeeper
-from worker.claims.store import ClaimStore, MemoryClaimStore, RedisClaimStore, TokenSource
+from worker.claims.memory_store import MemoryClaimStore
+from worker.claims.protocol import ClaimStore, TokenSource
+from worker.claims.redis_store import RedisClaimStore
 from worker.classification.cache import ClassificationCache, LocalCache
 from worker.classification.cached import CachedClassifier
+from worker.classification.classifiers.base import Classifier
 from worker.classification.classifiers.factory import build_classifier
-from worker.classification.singleflight import LOCK_TTL_S, ClusterFlight, ClusterLocks
+from worker.classification.locks import LOCK_TTL_S, ClusterLocks
+from worker.classification.singleflight import ClusterFlight
 from worker.core.gc_tuning import tune_for_throughput
 from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
 from worker.observability.counters import ClusterReporter, Counters, ReplicaIdentity
 from worker.observability.http import MonitorServer, ReplicaView
 from worker.observability.stats import QueueNames
+from worker.processing.claiming import Claimer
 from worker.processing.consumer import ConsumerLimits, MessageConsumer
+from worker.processing.failures import Failures
 from worker.processing.faults import Faults
+from worker.processing.pipeline import Pipeline
+from worker.processing.stopping import Stopping
 from worker.redisio.keys import RedisKeys
 from worker.redisio.link import FALLBACK_IN_MEMORY, RedisLink, make_redis
 
@@ -50,6 +59,21 @@ class _Live:
     consumer: MessageConsumer | None = None
     broker: Broker | None = None
     consuming: bool = False
+
+    def in_flight(self) -> int:
+        return self.consumer.in_flight if self.consumer else 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Base:
+    """What every part of a replica is built from."""
+
+    settings: Settings
+    identity: ReplicaIdentity
+    keys: RedisKeys
+    counters: Counters
+    link: RedisLink | None
+    live: _Live
 
 
 def topology_of(settings: Settings) -> Topology:
@@ -142,32 +166,173 @@ async def _summaries(counters: Counters, live: _Live) -> None:
         await asyncio.sleep(SUMMARY_INTERVAL_S)
         log.info(
             "progress",
-            in_flight=live.consumer.in_flight if live.consumer else 0,
+            in_flight=live.in_flight(),
             per_second_60s=round(counters.throughput(60), 1),
             **counters.snapshot(),
         )
 
 
+def build_link(settings: Settings) -> RedisLink | None:
+    if not settings.redis_enabled:
+        return None
+    return RedisLink(
+        make_redis(settings.redis_url, settings.redis_timeout_s),
+        settings.redis_url,
+        secrets=settings.secrets,
+        fallback=STRICT_FALLBACK if settings.redis_failure_mode == "strict" else FALLBACK_IN_MEMORY,
+    )
+
+
+async def build_cached_classifier(
+    stack: AsyncExitStack, base: _Base, classifier: Classifier
+) -> CachedClassifier:
+    """The classifier behind its two cache tiers and, with Redis, the cluster's single flight."""
+    settings, link = base.settings, base.link
+    cache = ClassificationCache(
+        LocalCache(settings.local_cache_size),
+        link=link,
+        keys=base.keys,
+        identity=classifier.identity,
+        ttl_s=settings.cache_ttl_s,
+    )
+    stack.push_async_callback(cache.aclose)
+    flight = None
+    if link is not None:
+        # A dead owner's lock lapses no later than its claims do.
+        locks = ClusterLocks(link, ttl_s=min(LOCK_TTL_S, settings.claim_lease_s))
+        flight = ClusterFlight(locks, wait_s=settings.single_flight_wait_s)
+    cached = CachedClassifier(classifier, cache, base.counters, flight=flight)
+    stack.push_async_callback(cached.aclose)
+    return cached
+
+
+async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedClassifier) -> None:
+    """The monitoring server and, with Redis, the heartbeats and the counters' flushes."""
+    settings, link, live = base.settings, base.link, base.live
+    view = ReplicaView(
+        identity=base.identity,
+        counters=base.counters,
+        link=link,
+        keys=base.keys,
+        in_flight=live.in_flight,
+        broker_connected=lambda: live.broker is not None and live.broker.connected,
+        consuming=lambda: live.consuming and not _waiting_for_redis(settings, link, live),
+        queue_names=QueueNames(settings.input_queue, settings.dead_letter_queue),
+        classifier_tallies=cached.snapshot,
+        connection=lambda: live.broker.connection if live.broker else None,
+    )
+    await stack.enter_async_context(MonitorServer(view, settings.stats_host, settings.stats_port))
+    if link is not None:
+        reporter = ClusterReporter(
+            link,
+            base.keys,
+            base.counters,
+            base.identity,
+            lambda: {"in_flight": live.in_flight()},
+            interval_s=settings.heartbeat_interval_s,
+        )
+        await stack.enter_async_context(reporter)
+
+
+async def build_broker(stack: AsyncExitStack, base: _Base, stop: asyncio.Event) -> Broker | None:
+    """The broker connection (retried until reachable) and the declared topology."""
+    settings = base.settings
+    name = f"{CONNECTION_NAME}/{base.identity.replica_id}"
+    connection = await connect_broker(settings, stop, name=name)
+    if connection is None:
+        return None
+    stack.push_async_callback(connection.close)
+    broker = Broker(connection, topology_of(settings), app_id=base.identity.replica_id)
+    await broker.declare()
+    return broker
+
+
+def build_consumer(
+    base: _Base,
+    *,
+    broker: Broker,
+    claims: ClaimStore,
+    leases: LeaseKeeper,
+    classifier: CachedClassifier,
+    acker: Acker,
+) -> MessageConsumer:
+    """The inbox, its claimer and its pipeline, with the failures' handling they share."""
+    settings, counters = base.settings, base.counters
+    stopping = Stopping()
+    failures = Failures(
+        outbox=broker,
+        claims=claims,
+        counters=counters,
+        max_attempts=settings.max_attempts,
+        stopping=stopping,
+        retry_delay_ms=broker.topology.retry_delay_ms,
+    )
+    pipeline = Pipeline(
+        outbox=broker,
+        claims=claims,
+        leases=leases,
+        classifier=classifier,
+        failures=failures,
+        counters=counters,
+        hooks=Faults.parse(settings.fault_injection),
+    )
+    limits = ConsumerLimits(settings.max_message_bytes, settings.max_attempts, settings.prefetch)
+    return MessageConsumer(
+        limits=limits,
+        claimer=Claimer(claims, stopping),
+        pipeline=pipeline,
+        failures=failures,
+        acker=acker,
+        counters=counters,
+        stopping=stopping,
+    )
+
+
+async def consume_until_stopped(
+    base: _Base, broker: Broker, consumer: MessageConsumer, acker: Acker, stop: asyncio.Event
+) -> bool:
+    """Consume until ``stop`` is set, then stop consuming and drain; ``True`` if in time."""
+    settings, counters, live = base.settings, base.counters, base.live
+    tune_for_throughput()  # start-up is done (see worker.core.gc_tuning)
+    queue = await broker.consumer_queue(settings.prefetch)
+    # aiormq's deliveries go straight to a plain function (see worker.amqp.delivery).
+    consumer_tag = await queue.consume(consumer.on_delivery, raw=True)
+    live.consuming = True
+    summaries = asyncio.get_running_loop().create_task(_summaries(counters, live))
+    log.info(
+        "replica_started",
+        replica=base.identity.replica_id,
+        queue=settings.input_queue,
+        prefetch=settings.prefetch,
+        redis="configured" if base.link else "none",
+    )
+    await stop.wait()
+    log.info("replica_stopping", in_flight=consumer.in_flight)
+    live.consuming = False
+    summaries.cancel()
+    with contextlib.suppress(Exception):
+        await queue.cancel(consumer_tag)
+    drained = await consumer.drain(settings.drain_timeout_s)
+    await acker.drain()
+    log.info("replica_stopped", drained=drained, **counters.snapshot())
+    return drained
+
+
 async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
     """Run one replica until ``stop`` is set; ``True`` if it drained everything in time."""
-    identity = ReplicaIdentity.create(settings.replica_id)
-    keys = RedisKeys(settings.redis_key_prefix)
-    faults = Faults.parse(settings.fault_injection)
-    counters = Counters(cluster=settings.redis_enabled)
-    link: RedisLink | None = None
-    if settings.redis_enabled:
-        link = RedisLink(
-            make_redis(settings.redis_url, settings.redis_timeout_s),
-            settings.redis_url,
-            secrets=settings.secrets,
-            fallback=STRICT_FALLBACK
-            if settings.redis_failure_mode == "strict"
-            else FALLBACK_IN_MEMORY,
-        )
+    Faults.parse(settings.fault_injection)  # a bad spec stops start-up before anything connects
+    fastpath.install(settings.amqp_fast_path)  # the only place aiormq is patched
+    link = build_link(settings)
+    base = _Base(
+        settings=settings,
+        identity=ReplicaIdentity.create(settings.replica_id),
+        keys=RedisKeys(settings.redis_key_prefix),
+        counters=Counters(cluster=settings.redis_enabled),
+        link=link,
+        live=_Live(),
+    )
     # Built before connecting anything, so that a bad classifier setting stops start-up at once.
     classifier = build_classifier(settings, link=link)
-    live = _Live()
-
     async with AsyncExitStack() as stack:
         stack.push_async_callback(classifier.aclose)
         if link is not None:
@@ -175,107 +340,19 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
             await link.connect()
         else:
             log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
-
-        claims = build_claims(settings, link, keys, counters, identity)
+        claims = build_claims(settings, link, base.keys, base.counters, base.identity)
         stack.push_async_callback(claims.aclose)
-        cache = ClassificationCache(
-            LocalCache(settings.local_cache_size),
-            link=link,
-            keys=keys,
-            identity=classifier.identity,
-            ttl_s=settings.cache_ttl_s,
-        )
-        stack.push_async_callback(cache.aclose)
-        flight = (
-            ClusterFlight(
-                # A dead owner's lock lapses no later than its claims do.
-                ClusterLocks(link, ttl_s=min(LOCK_TTL_S, settings.claim_lease_s)),
-                wait_s=settings.single_flight_wait_s,
-            )
-            if link is not None
-            else None
-        )
-        cached_classifier = CachedClassifier(classifier, cache, counters, flight=flight)
-        stack.push_async_callback(cached_classifier.aclose)
-
-        view = ReplicaView(
-            identity=identity,
-            counters=counters,
-            link=link,
-            keys=keys,
-            in_flight=lambda: live.consumer.in_flight if live.consumer else 0,
-            broker_connected=lambda: live.broker is not None and live.broker.connected,
-            consuming=lambda: live.consuming and not _waiting_for_redis(settings, link, live),
-            queue_names=QueueNames(settings.input_queue, settings.dead_letter_queue),
-            classifier_tallies=cached_classifier.snapshot,
-            connection=lambda: live.broker.connection if live.broker else None,
-        )
-        await stack.enter_async_context(
-            MonitorServer(view, settings.stats_host, settings.stats_port)
-        )
-        if link is not None:
-            await stack.enter_async_context(
-                ClusterReporter(
-                    link,
-                    keys,
-                    counters,
-                    identity,
-                    lambda: {"in_flight": live.consumer.in_flight if live.consumer else 0},
-                    interval_s=settings.heartbeat_interval_s,
-                )
-            )
-
-        connection = await connect_broker(
-            settings, stop, name=f"{CONNECTION_NAME}/{identity.replica_id}"
-        )
-        if connection is None:
+        cached = await build_cached_classifier(stack, base, classifier)
+        await start_monitoring(stack, base, cached)
+        broker = base.live.broker = await build_broker(stack, base, stop)
+        if broker is None:
             return True
-        stack.push_async_callback(connection.close)
-        broker = live.broker = Broker(connection, topology_of(settings), app_id=identity.replica_id)
-        await broker.declare()
-
-        leases = await stack.enter_async_context(
-            LeaseKeeper(
-                claims, lease_s=settings.claim_lease_s, work_timeout_s=settings.work_timeout_s
-            )
+        leases = LeaseKeeper(
+            claims, lease_s=settings.claim_lease_s, work_timeout_s=settings.work_timeout_s
         )
+        await stack.enter_async_context(leases)
         acker = Acker()
-        consumer = live.consumer = MessageConsumer(
-            limits=ConsumerLimits(
-                settings.max_message_bytes, settings.max_attempts, settings.prefetch
-            ),
-            broker=broker,
-            claims=claims,
-            leases=leases,
-            classifier=cached_classifier,
-            acker=acker,
-            counters=counters,
-            faults=faults,
+        consumer = base.live.consumer = build_consumer(
+            base, broker=broker, claims=claims, leases=leases, classifier=cached, acker=acker
         )
-        tune_for_throughput()  # start-up is done (see worker.core.gc_tuning)
-        queue = await broker.consumer_queue(settings.prefetch)
-        # aiormq's deliveries go straight to a plain function (see worker.amqp.delivery).
-        consumer_tag = await queue.consume(consumer.on_delivery, raw=True)
-        live.consuming = True
-        summaries = asyncio.get_running_loop().create_task(_summaries(counters, live))
-        log.info(
-            "replica_started",
-            replica=identity.replica_id,
-            queue=settings.input_queue,
-            prefetch=settings.prefetch,
-            classifier=classifier.identity,
-            redis="configured" if link else "none",
-        )
-
-        await stop.wait()
-
-        log.info("replica_stopping", in_flight=consumer.in_flight)
-        live.consuming = False
-        summaries.cancel()
-        with contextlib.suppress(Exception):
-            await queue.cancel(consumer_tag)
-        drained = await consumer.drain(settings.drain_timeout_s)
-        await acker.drain()
-        log.info("replica_stopped", drained=drained, **counters.snapshot())
-        return drained
-    return True
+        return await consume_until_stopped(base, broker, consumer, acker, stop)

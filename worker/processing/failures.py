@@ -7,47 +7,45 @@ delivery after ``REQUEUE_PAUSE_S``, so that it cannot come straight back in a ho
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import structlog
 
 from worker.amqp.acks import Outcome
-from worker.amqp.broker import DETAIL_HEADER, Broker, attempt_of
+from worker.amqp.broker import DETAIL_HEADER, attempt_of
 from worker.amqp.delivery import Delivery
-from worker.claims.store import ClaimResult, ClaimStore
+from worker.claims.protocol import ClaimStore
 from worker.core.errors import InvalidMessage, PermanentError, PublishFailed, TransientError
-from worker.core.models import ChatMessage
 from worker.observability.counters import Counters
 from worker.observability.metrics import CounterName
+from worker.processing.stopping import Stopping
+from worker.processing.work import Outbox, Work
 
 log = structlog.get_logger("worker.processing.failures")
 
 REQUEUE_PAUSE_S = 1.0
 EXPECTED_FAILURES = (TransientError, PermanentError, TimeoutError)
 
-Claimed = tuple[Delivery, ChatMessage, ClaimResult]
-
 
 class Failures:
-    """Dead letters and retries of one replica's messages.
-
-    ``pause(seconds)`` waits, or less if the replica is stopping (``True`` then).
-    """
+    """Dead letters and retries of one replica's messages."""
 
     def __init__(
         self,
         *,
-        broker: Broker,
+        outbox: Outbox,
         claims: ClaimStore,
         counters: Counters,
         max_attempts: int,
-        pause: Callable[[float], Awaitable[bool]],
+        stopping: Stopping,
+        retry_delay_ms: Callable[[int], int],
     ) -> None:
-        self._broker = broker
+        self._outbox = outbox
         self._claims = claims
         self._counters = counters
         self._max_attempts = max_attempts
-        self._pause = pause
+        self._pause = stopping.pause
+        self._retry_delay_ms = retry_delay_ms
 
     async def reject(self, delivery: Delivery, exc: InvalidMessage) -> Outcome:
         return await self.dead_letter(delivery, exc.reason, exc.detail, attempt_of(delivery))
@@ -58,7 +56,7 @@ class Failures:
         """Publish to the dead-letter queue, then ack; if that publish fails, requeue after a pause."""
         log.warning("message_dead_lettered", reason=reason, detail=detail, attempts=attempts)
         try:
-            await self._broker.dead_letter(delivery, reason, detail, attempts)
+            await self._outbox.dead_letter(delivery, reason, detail, attempts)
         except PublishFailed as publish_exc:
             log.warning("dead_letter_publish_failed", error=str(publish_exc))
             await self._pause(REQUEUE_PAUSE_S)
@@ -66,13 +64,18 @@ class Failures:
         self._counters.record(CounterName.DEAD_LETTERED)
         return Outcome.ACK
 
-    async def failed(self, item: Claimed, attempt: int, exc: BaseException) -> Outcome:
+    async def failed(self, work: Work, exc: BaseException) -> Outcome:
         """Release the claim of a message whose work failed, then retry or dead-letter it."""
-        delivery, message, claim = item
         if not isinstance(exc, EXPECTED_FAILURES):
             log.error("message_work_failed", exc_info=exc)
-        await self._claims.release(message.message_id, claim.token)
-        return await self._retry_or_dead_letter(delivery, attempt, exc)
+        await self._claims.release(work.message.message_id, work.token)
+        return await self._retry_or_dead_letter(work.delivery, work.attempt, exc)
+
+    async def over_limit(self, work: Work) -> Outcome:
+        """Release a claim whose attempt is past ``MAX_ATTEMPTS`` by its header (the limit was
+        lowered), then dead-letter it: ``work.attempt`` attempts were made before."""
+        await self._claims.release(work.message.message_id, work.token)
+        return await self.exhausted(work.delivery, work.attempt)
 
     async def exhausted(self, delivery: Delivery, attempts: int) -> Outcome:
         """Dead-letter a message whose attempts were all used up without one finishing."""
@@ -101,9 +104,9 @@ class Failures:
             log.warning(
                 "message_retry_scheduled",
                 error=error,
-                delay_ms=self._broker.topology.retry_delay_ms(attempt),
+                delay_ms=self._retry_delay_ms(attempt),
             )
-            await self._broker.schedule_retry(delivery, attempt, error)
+            await self._outbox.schedule_retry(delivery, attempt, error)
             self._counters.record(CounterName.RETRIED)
         except PublishFailed as publish_exc:
             log.warning("retry_publish_failed", error=str(publish_exc))

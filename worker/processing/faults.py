@@ -13,6 +13,7 @@ import signal
 from dataclasses import dataclass
 
 from worker.core.errors import ClassifierUnavailable, ConfigError
+from worker.processing.hooks import Hooks
 
 POINTS = frozenset(
     {"kill_after_claim", "kill_after_publish", "kill_after_complete", "fail_classify"}
@@ -20,7 +21,9 @@ POINTS = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
-class Faults:
+class Faults(Hooks):
+    """The fault points, as the pipeline's hooks: each fires where its name says."""
+
     rules: tuple[tuple[str, str], ...] = ()
 
     @classmethod
@@ -43,3 +46,15 @@ class Faults:
                 if point == "fail_classify":
                     raise ClassifierUnavailable("injected classification failure")
                 os.kill(os.getpid(), signal.SIGKILL)
+
+    def before_process(self, message_id: str) -> None:
+        self.hit("kill_after_claim", message_id)
+
+    def before_classify(self, message_id: str) -> None:
+        self.hit("fail_classify", message_id)
+
+    def after_publish(self, message_id: str) -> None:
+        self.hit("kill_after_publish", message_id)
+
+    def after_complete(self, message_id: str) -> None:
+        self.hit("kill_after_complete", message_id)

@@ -1,0 +1,65 @@
+"""What a claim's answer means for one delivery, decided once, by a pure function.
+
+Every claimed message, whether it was claimed by a pass, after waiting for a busy claim, or alone
+as a suspect, goes through ``triage``; the caller acts on the verdict and nothing else:
+
+=================  ====================================================================
+verdict            what the caller does
+=================  ====================================================================
+``DUPLICATE``      ack, count ``duplicates`` (the producer sent the ID twice)
+``DONE_AGAIN``     ack, count ``redelivered_done`` (a redelivery or retry of a done ID)
+``EXHAUSTED``      dead-letter as ``retries_exhausted`` with ``attempts`` started
+``OVER_LIMIT``     release the claim, then dead-letter (``MAX_ATTEMPTS`` lowered since)
+``SUSPECT``        re-claim and work on it alone (two of its attempts vanished)
+``BUSY``           hold the delivery, re-claim after ``retry_after_s``
+``WORK``           classify, publish, complete: attempt number ``attempt``
+=================  ====================================================================
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import NamedTuple
+
+from worker.claims.protocol import ClaimResult, ClaimStatus
+
+
+class Verdict(Enum):
+    DUPLICATE = "duplicate"
+    DONE_AGAIN = "done_again"
+    EXHAUSTED = "exhausted"
+    OVER_LIMIT = "over_limit"
+    SUSPECT = "suspect"
+    BUSY = "busy"
+    WORK = "work"
+
+
+class Triage(NamedTuple):
+    """The verdict, with the attempt being made (``WORK``) or the attempts already made
+    (``EXHAUSTED``, ``OVER_LIMIT``, ``SUSPECT``)."""
+
+    verdict: Verdict
+    attempt: int = 0
+
+
+def triage(
+    claim: ClaimResult, *, header_attempt: int, seen_before: bool, max_attempts: int
+) -> Triage:
+    """Decide what ``claim`` means for a delivery whose attempt header says ``header_attempt``.
+
+    The store counts attempts when a claim is taken (``claim.attempt``); the header survives a
+    Redis outage and a memory store's restart: the attempt is the larger of the two.
+    """
+    status = claim.status
+    if status is ClaimStatus.DONE:
+        return Triage(Verdict.DONE_AGAIN if seen_before else Verdict.DUPLICATE)
+    if status is ClaimStatus.BUSY:
+        return Triage(Verdict.BUSY)
+    if status is ClaimStatus.SUSPECT:
+        return Triage(Verdict.SUSPECT, claim.attempt)
+    if status is ClaimStatus.EXHAUSTED:
+        return Triage(Verdict.EXHAUSTED, claim.attempt)
+    attempt = max(header_attempt, claim.attempt)
+    if attempt > max_attempts:
+        return Triage(Verdict.OVER_LIMIT, attempt - 1)
+    return Triage(Verdict.WORK, attempt)
