@@ -83,6 +83,7 @@ class ReplicaProcess:
         self.name = name
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._port: int | None = None
 
     def start(self) -> Self:
         self._log = self.log_path.open("ab")
@@ -147,8 +148,10 @@ class ReplicaProcess:
 
     @property
     def stats_port(self) -> int:
-        """The port of its monitoring server, as it logged it."""
-        return int(self._logged(LISTENING_EVENT)["port"])
+        """The port of its monitoring server, as it logged it (read once: it does not change)."""
+        if self._port is None:
+            self._port = int(self._logged(LISTENING_EVENT)["port"])
+        return self._port
 
     @property
     def started_at(self) -> float:
