@@ -1,19 +1,19 @@
-"""Helpers for integration tests: replicas as real processes, a results sink, publishing."""
+"""Helpers for integration tests: replicas as real processes, a results sink, publishing.
+
+Replicas are started and watched by the package's harness (``worker.cli.replicas``), the same one
+the demo and the benchmark use.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,106 +24,17 @@ from hypothesis import strategies as st
 
 from tests.conftest import RABBITMQ_URL, Names
 from worker.cli import publish
+from worker.cli.replicas import ReplicaGroup, ReplicaProcess
 from worker.observability.metrics import CounterName
 
-
-class Replica:
-    """One ``neiromatrius-worker run`` process; its log (JSON lines) goes to a file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Replica:
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run"],
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def events(self) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log_text().splitlines():
-            try:
-                found.append(json.loads(line))
-            except ValueError:
-                continue
-        return found
-
-    async def wait_for_log(self, text: str, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if text in self.log_text():
-                return
-            if self.process is not None and self.process.poll() is not None:
-                raise AssertionError(
-                    f"replica exited ({self.process.returncode}) before logging "
-                    f"{text!r}:\n{self.log_text()[-3000:]}"
-                )
-            await asyncio.sleep(0.05)
-        raise AssertionError(
-            f"replica did not log {text!r} in {timeout_s}s:\n{self.log_text()[-3000:]}"
-        )
-
-    async def started(self, timeout_s: float = 20.0) -> Replica:
-        await self.wait_for_log("replica_started", timeout_s)
-        return self
-
-    @property
-    def stats_port(self) -> int:
-        for event in self.events():
-            if event.get("event") == "monitoring_listening":
-                return int(event["port"])
-        raise AssertionError("replica has not logged its monitoring port")
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-
-    async def wait_exit(self, timeout_s: float = 30.0) -> int:
-        assert self.process is not None
-        deadline = time.monotonic() + timeout_s
-        while self.process.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"replica did not exit within {timeout_s}s")
-            await asyncio.sleep(0.05)
-        return self.process.returncode
-
-    def stop_now(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        if hasattr(self, "_log"):
-            self._log.close()
+Replica = ReplicaProcess  # the package's harness: one ``neiromatrius-worker run`` process
 
 
-class Replicas:
-    """Starts replicas for a test and makes sure none outlives it."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self._tmp_path = tmp_path
-        self.all: list[Replica] = []
-
-    def start(self, env: dict[str, str]) -> Replica:
-        replica = Replica(env, self._tmp_path / f"replica-{len(self.all)}.log").start()
-        self.all.append(replica)
-        return replica
+class Replicas(ReplicaGroup):
+    """Starts replicas for a test (logs in its ``tmp_path``) and makes sure none outlives it."""
 
     def close(self) -> None:
-        for replica in self.all:
-            replica.stop_now()
+        self.kill()
 
 
 async def bind_results(
