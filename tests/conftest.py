@@ -1,8 +1,15 @@
-"""Fixtures shared by every test: where the real Redis and RabbitMQ are, and unique names per test.
+"""Fixtures shared by every test: where the real Redis and RabbitMQ are, unique names per test, and
+an environment of its own for every test.
 
 Integration tests find the services through the same variables as production (``REDIS_URL``,
-``RABBITMQ_URL``), defaulting to the local ones on 127.0.0.1. Every test gets its own queue,
-exchange and key-prefix names, and everything it created is removed afterwards.
+``RABBITMQ_URL``), read once from the outer environment when the tests are collected and
+defaulting to the local ones on 127.0.0.1. Every test gets its own queue, exchange and key-prefix
+names, and everything it created is removed afterwards.
+
+Every test runs in a folder of its own, with none of the variables ``Settings`` reads, so neither
+a ``.env`` in the checkout nor the developer's shell reaches its settings or its replicas: a test
+sets what it needs. ``AMQP_FAST_PATH`` is the exception: CI runs the integration tests with the
+fast path on and off by setting it outside.
 """
 
 from __future__ import annotations
@@ -10,55 +17,54 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aio_pika
 import pytest
 import redis.asyncio as aioredis
 
+from worker.cli.replicas import ReplicaNames, replica_env
+from worker.core.settings import Settings
+
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL") or "amqp://guest:guest@127.0.0.1:5672/"
+KEPT_FROM_OUTSIDE = frozenset({"AMQP_FAST_PATH"})
 
 
-@dataclass(frozen=True)
-class Names:
+def leaking_variables(environ: dict[str, str] | os._Environ[str]) -> list[str]:
+    """The variables of ``environ`` a test must not see: every one ``Settings`` reads (in any
+    case: it reads them case-insensitively) and the OpenTelemetry SDK's, but the kept ones."""
+    read = {name.upper() for name in Settings.model_fields} - KEPT_FROM_OUTSIDE
+    return [name for name in environ if name.upper() in read or name.upper().startswith("OTEL_")]
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each test starts in its own folder, without the outer settings (see the module docstring)."""
+    for name in leaking_variables(os.environ):
+        monkeypatch.delenv(name)
+    # Settings reads ``.env`` from the working directory, and so do the replicas a test starts.
+    monkeypatch.chdir(tmp_path)
+
+
+class Names(ReplicaNames):
     """The broker and Redis names one test uses."""
 
-    tag: str
+    __slots__ = ()
 
-    @property
-    def input_queue(self) -> str:
-        return f"test.{self.tag}.in"
-
-    @property
-    def results_exchange(self) -> str:
-        return f"test.{self.tag}.out"
-
-    @property
-    def dead_letter_queue(self) -> str:
-        return f"test.{self.tag}.dead"
-
-    @property
-    def key_prefix(self) -> str:
-        return f"test:{self.tag}:"
+    @classmethod
+    def create(cls, tag: str) -> Names:
+        return cls(tag, f"test.{tag}.in", f"test.{tag}.out", f"test.{tag}.dead", f"test:{tag}:")
 
     def env(self, *, redis: bool = True, **extra: str) -> dict[str, str]:
         """Environment for a replica or CLI process of this test."""
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in {"REDIS_URL", "RABBITMQ_URL", "FAULT_INJECTION", "PYTEST_CURRENT_TEST"}
-        }
-        env.update(
+        env = replica_env(
+            os.environ,
+            self,
+            # Set here or left out: a test's replica sees only the services it is told about.
+            drop={"REDIS_URL", "RABBITMQ_URL", "FAULT_INJECTION", "PYTEST_CURRENT_TEST"},
             RABBITMQ_URL=RABBITMQ_URL,
-            INPUT_QUEUE=self.input_queue,
-            RESULTS_EXCHANGE=self.results_exchange,
-            DEAD_LETTER_QUEUE=self.dead_letter_queue,
-            REDIS_KEY_PREFIX=self.key_prefix,
-            STATS_PORT="0",
-            STATS_HOST="127.0.0.1",
-            LOG_FORMAT="json",
             LOG_LEVEL="info",
             RETRY_BASE_DELAY_S="0.2",
             HEARTBEAT_INTERVAL_S="0.5",
@@ -71,9 +77,8 @@ class Names:
 
 
 @pytest.fixture
-def names() -> Iterator[Names]:
-    tag = uuid.uuid4().hex[:10]
-    return Names(tag)
+def names() -> Names:
+    return Names.create(uuid.uuid4().hex[:10])
 
 
 @pytest.fixture
