@@ -3,24 +3,44 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from worker.amqp.acks import Acker, Outcome
 
 
 class RecordingChannel:
-    """A channel that records the frames it is asked to send (the seam ``AckChannel``)."""
+    """A channel that records the frames it is asked to send (the seam ``AckChannel``), and wakes
+    a waiting test at every frame and every time the acker looks at it (once or twice a flush)."""
 
     def __init__(self) -> None:
-        self.is_closed = False
+        self.closed = False
+        self.looks = 0
         self.frames: list[tuple[str, int, bool]] = []
+        self.activity = asyncio.Event()
+
+    @property
+    def is_closed(self) -> bool:
+        self.looks += 1
+        self.activity.set()
+        return self.closed
 
     async def basic_ack(self, delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
         self.frames.append(("ack", delivery_tag, multiple))
+        self.activity.set()
 
     async def basic_nack(
         self, delivery_tag: int, multiple: bool = False, requeue: bool = True, wait: bool = True
     ) -> None:
         self.frames.append(("nack", delivery_tag, multiple))
+        self.activity.set()
+
+    async def until(self, condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
+        """Wait, woken by the channel's activity, until ``condition`` holds."""
+        async with asyncio.timeout(timeout_s):
+            while not condition():
+                self.activity.clear()
+                await self.activity.wait()
+        await settle_all()  # the flush that woke us runs to its end
 
 
 def acked_tags(frames: list[tuple[str, int, bool]], tracked: list[int]) -> set[int]:
@@ -61,8 +81,7 @@ async def test_in_flight_delivery_is_never_covered_by_a_multiple_ack() -> None:
         acker.settle(channel, tag, Outcome.ACK)
     await settle_all()
     assert channel.frames == [("ack", 2, True)]  # 4 and 5 wait for 3 a little
-    await asyncio.sleep(0.08)
-    await settle_all()
+    await channel.until(lambda: len(channel.frames) >= 3)  # the hold is over: 4 and 5 go alone
     assert 3 not in acked_tags(channel.frames, [1, 2, 3, 4, 5])
     assert acked_tags(channel.frames, [1, 2, 3, 4, 5]) == {1, 2, 4, 5}
     assert ("ack", 2, True) in channel.frames
@@ -87,7 +106,7 @@ async def test_deliveries_of_a_closed_channel_are_dropped() -> None:
     """After the channel closed, its deliveries are not acknowledged (the broker redelivers them)."""
     channel, acker = RecordingChannel(), Acker()
     acker.track(channel, 1)
-    channel.is_closed = True
+    channel.closed = True
     acker.settle(channel, 1, Outcome.ACK)
     await settle_all()
     assert channel.frames == []
@@ -107,8 +126,10 @@ async def test_deliveries_settled_behind_one_in_flight_join_its_multiple_ack() -
     acker.settle(channel, 1, Outcome.ACK)
     await settle_all()
     assert channel.frames == [("ack", 5, True)]
-    await asyncio.sleep(0.25)
-    assert channel.frames == [("ack", 5, True)]  # nothing left for the timer
+    looked = channel.looks
+    # The hold's timer flushes again (it looks at the channel): nothing is left for it to send.
+    await channel.until(lambda: channel.looks > looked)
+    assert channel.frames == [("ack", 5, True)]
 
 
 async def test_shutdown_sends_what_is_held_at_once() -> None:
