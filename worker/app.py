@@ -37,7 +37,7 @@ from worker.observability.counters import ClusterReporter, Counters, ReplicaIden
 from worker.observability.http import MonitorServer, ReplicaView
 from worker.observability.stats import QueueNames
 from worker.processing.claiming import Claimer
-from worker.processing.consumer import ConsumerLimits, MessageConsumer
+from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.failures import Failures
 from worker.processing.faults import Faults
 from worker.processing.pipeline import Pipeline

@@ -28,7 +28,7 @@ from worker.core.classification import Classification
 from worker.core.models import ChatMessage
 from worker.observability.counters import Counters
 from worker.processing.claiming import Claimer
-from worker.processing.consumer import ConsumerLimits, MessageConsumer
+from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.failures import Failures
 from worker.processing.hooks import Hooks
 from worker.processing.pipeline import Pipeline

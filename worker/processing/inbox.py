@@ -42,7 +42,7 @@ from worker.processing.stopping import Stopping
 from worker.processing.triage import Triage, Verdict, triage
 from worker.processing.work import Claimed, Work
 
-log = structlog.get_logger("worker.processing.consumer")
+log = structlog.get_logger("worker.processing.inbox")
 
 DONE = ClaimResult(ClaimStatus.DONE)
 
