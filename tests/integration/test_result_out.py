@@ -1,17 +1,30 @@
-"""Results leave in batches against the real broker: each one confirmed, intact, in order."""
+"""Results against the real broker, with the fast path on (one write per loop turn) and off (aiormq's
+``basic_publish``): each one confirmed, intact, in order."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import aio_pika
 import aiormq
 import pytest
 
 from tests.conftest import Names
+from worker.amqp import fastpath
 from worker.amqp.broker import PUBLISH_ERRORS
+from worker.amqp.fastpath import FastPath
 from worker.amqp.results import ResultOut
 from worker.core.errors import PermanentError
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "stock"])
+def fast_path(request: pytest.FixtureRequest) -> Iterator[FastPath]:
+    """This process on the fast path, then on the stock libraries; stock again afterwards."""
+    fast = fastpath.install(request.param)
+    assert fast.active is request.param, fast.reason
+    yield fast
+    fastpath.uninstall()
 
 
 async def bound_queue(
@@ -44,11 +57,16 @@ async def drain(
 
 
 async def test_a_turns_results_are_confirmed_and_arrive_whole_and_in_order(
-    names: Names, amqp: aio_pika.abc.AbstractRobustConnection
+    names: Names, amqp: aio_pika.abc.AbstractRobustConnection, fast_path: FastPath
 ) -> None:
+    """Every result of a turn is confirmed and arrives with its body, properties and label, in
+    order, beside a plain publish on the same channel; directly only on the fast path."""
     channel, queue = await bound_queue(amqp, names.results_exchange)
     raw = await underlay(channel)
-    out = ResultOut(lambda: underlay(channel), names.results_exchange, app_id="replica-t")
+    out = ResultOut(
+        lambda: underlay(channel), names.results_exchange, app_id="replica-t", fast_path=fast_path
+    )
+    assert out.direct is fast_path.active
     frame_max = raw.max_content_size
     bodies = [f'{{"n": {i}}}'.encode() for i in range(499)] + [b"x" * (frame_max * 2 + 17)]
     # A publish through aiormq's own path on the same channel, mid-batch, keeps its own tag.
@@ -73,10 +91,11 @@ async def test_a_turns_results_are_confirmed_and_arrive_whole_and_in_order(
 
 
 async def test_an_unsendable_id_fails_alone(
-    names: Names, amqp: aio_pika.abc.AbstractRobustConnection
+    names: Names, amqp: aio_pika.abc.AbstractRobustConnection, fast_path: FastPath
 ) -> None:
+    """A message_id too long for AMQP fails its own result as permanent; the others go out."""
     channel, queue = await bound_queue(amqp, names.results_exchange)
-    out = ResultOut(lambda: underlay(channel), names.results_exchange)
+    out = ResultOut(lambda: underlay(channel), names.results_exchange, fast_path=fast_path)
     good = out.publish(b"{}", "k", "fine")
     bad = out.publish(b"{}", "k", "я" * 200)
     await asyncio.wait_for(good, timeout=5)
@@ -86,8 +105,10 @@ async def test_an_unsendable_id_fails_alone(
 
 
 async def test_a_closed_channel_fails_the_waiting_results_instead_of_hanging(
-    names: Names, amqp: aio_pika.abc.AbstractRobustConnection
+    names: Names, amqp: aio_pika.abc.AbstractRobustConnection, fast_path: FastPath
 ) -> None:
+    """Results waiting on a channel the broker closes fail with a retryable publish error, and so
+    do results queued afterwards."""
     connection = await aiormq.connect(str(amqp.url))
     try:
         channel = await connection.channel(publisher_confirms=True)
@@ -98,7 +119,7 @@ async def test_a_closed_channel_fails_the_waiting_results_instead_of_hanging(
 
         # Publishing to an exchange that does not exist makes the broker close the channel; the
         # waiting results fail with errors the broker maps to PublishFailed, and so do later ones.
-        out = ResultOut(current, f"{names.results_exchange}.missing")
+        out = ResultOut(current, f"{names.results_exchange}.missing", fast_path=fast_path)
         pending = [out.publish(b"{}", "k", f"id-{i}") for i in range(20)]
         outcomes = await asyncio.wait_for(
             asyncio.gather(*pending, return_exceptions=True), timeout=10

@@ -1,4 +1,4 @@
-"""The frames ``ResultOut`` packs by hand are, byte for byte, the ones pamqp marshals."""
+"""The frames the direct publisher packs by hand are, byte for byte, the ones pamqp marshals."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from worker.amqp.results import body_frames, content_header
+from worker.amqp.fastpath.publishing import body_frames, content_header
 
 
 def pamqp_header(channel: int, size: int, message_id: str, app_id: str | None) -> bytes:

@@ -130,9 +130,12 @@ class Acker:
             await self._send_nack(window.channel, tag)
         if ack_upto is not None:
             await self._send_ack(window.channel, ack_upto, multiple=True)
-        if not window.settled_at:
-            return
-        # Settled, behind a delivery still in flight: alone, once they have waited long enough.
+        if window.settled_at:
+            await self._flush_overdue(window, hold_s)
+
+    async def _flush_overdue(self, window: _Window, hold_s: float) -> None:
+        """Settled, behind a delivery still in flight: alone, once they have waited long enough."""
+        tags = window.tags
         due = asyncio.get_running_loop().time() - hold_s
         for tag, settled_at in list(window.settled_at.items()):
             if settled_at > due:

@@ -1,50 +1,67 @@
-"""RabbitMQ: the connection, the topology every replica declares, and what the worker publishes.
+"""The broker as the worker uses it: declare the topology, consume, publish what the worker sends.
 
-Topology (all durable):
-- ``INPUT_QUEUE``: the messages, consumed by every replica;
-- ``RESULTS_EXCHANGE`` (topic): one result per unique message, routing key = the label;
-- ``DEAD_LETTER_QUEUE``: messages that cannot be processed, with ``x-death-reason`` and detail;
-- ``{INPUT_QUEUE}.retry.{delay}ms``: one holding queue per retry delay; a message waits there for
-  its TTL, then RabbitMQ dead-letters it back to the input queue (no hot requeue loop).
-
-The connection is aio-pika's robust one (channels, queues and consumers are restored after a
-reconnection), reconnecting with backoff: at once, then after half as long as the broker has been
-away, between ``RECONNECT_MIN_S`` and ``RECONNECT_MAX_S``. Deliveries unacknowledged when the
-connection dropped are redelivered by the broker; the claim protocol keeps them from being
-processed twice.
+Results go out through ``worker.amqp.results`` (batched per loop turn, confirmed); retries and
+dead letters are copies of the delivery published with confirms through aio-pika. The topology
+(names, headers, attempt numbers) lives in ``worker.amqp.topology`` and the connection in
+``worker.amqp.connection``; their public names are importable from here too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import aio_pika
 import aiormq
 import orjson
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aiormq.exceptions import ChannelInvalidStateError
 
-from worker.amqp.delivery import Delivery, DirectChannel, DirectQueue
-from worker.amqp.fastpath import frames
+from worker.amqp.connection import (
+    CONNECTION_NAME,
+    RECONNECT_MAX_S,
+    RECONNECT_MIN_S,
+    BackoffRobustConnection,
+    connect,
+)
+from worker.amqp.delivery import Consuming, Delivery, OnDelivery, consume
+from worker.amqp.fastpath import FastPath, current
+from worker.amqp.fastpath.inline import DirectQueue
 from worker.amqp.results import ResultOut
-from worker.classification.classifiers.base import Classification
+from worker.amqp.topology import (
+    ATTEMPT_HEADER,
+    DETAIL_HEADER,
+    DROPPED_HEADERS_HEADER,
+    MAX_ATTEMPT_HEADER,
+    REASON_HEADER,
+    Topology,
+    attempt_of,
+)
+from worker.core.classification import Classification
 from worker.core.errors import PermanentError, PublishFailed
 from worker.core.models import ChatMessage
 
-ATTEMPT_HEADER = "x-neiromatrius-attempt"
-REASON_HEADER = "x-death-reason"
-DETAIL_HEADER = "x-death-detail"
-MAX_ATTEMPT_HEADER = 1_000  # a forged attempt header must not make the delay computation explode
-DROPPED_HEADERS_HEADER = "x-neiromatrius-dropped-headers"
+__all__ = [
+    "ATTEMPT_HEADER",
+    "CONNECTION_NAME",
+    "DETAIL_HEADER",
+    "DROPPED_HEADERS_HEADER",
+    "HEADER_ENCODING_ERRORS",
+    "MAX_ATTEMPT_HEADER",
+    "PUBLISH_ERRORS",
+    "REASON_HEADER",
+    "RECONNECT_MAX_S",
+    "RECONNECT_MIN_S",
+    "BackoffRobustConnection",
+    "Broker",
+    "Topology",
+    "attempt_of",
+    "connect",
+    "publish_failed",
+]
+
 # What pamqp raises for a header value it cannot encode (nothing was sent then).
 HEADER_ENCODING_ERRORS: tuple[type[BaseException], ...] = (
     TypeError,
@@ -52,15 +69,15 @@ HEADER_ENCODING_ERRORS: tuple[type[BaseException], ...] = (
     OverflowError,
     struct.error,
 )
-RECONNECT_MIN_S = 0.5
-RECONNECT_MAX_S = 15.0
-CONNECTION_NAME = "neiromatrius-worker"
+# What a publish raises when the broker or the connection fails it: worth a retry. Any other
+# exception is a bug and propagates as one. aiormq raises ``ChannelInvalidStateError`` (a
+# ``RuntimeError``, not an ``AMQPError``) for a channel that is closed or closing; aio-pika's
+# ``AMQPError`` is aiormq's.
 PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
-    aio_pika.exceptions.AMQPError,
     aiormq.exceptions.AMQPError,
+    ChannelInvalidStateError,
     ConnectionError,
     asyncio.TimeoutError,
-    RuntimeError,
 )
 
 
@@ -69,82 +86,20 @@ def publish_failed(exc: BaseException) -> PublishFailed:
     return PublishFailed(f"publish of a result failed: {type(exc).__name__}")
 
 
-@dataclass(frozen=True, slots=True)
-class Topology:
-    input_queue: str
-    results_exchange: str
-    dead_letter_queue: str
-    retry_base_delay_s: float
-    max_attempts: int
-
-    def retry_delay_ms(self, attempt: int) -> int:
-        """Delay before attempt ``attempt + 1``: the base, doubled after each failure, at most 1 h."""
-        doublings = min(max(attempt, 1), 64) - 1
-        return int(min(self.retry_base_delay_s * 2**doublings, 3_600) * 1000)
-
-    def retry_queue(self, attempt: int) -> str:
-        return f"{self.input_queue}.retry.{self.retry_delay_ms(attempt)}ms"
-
-
-def attempt_of(message: Delivery) -> int:
-    """Which attempt this delivery is by its header (1 for a message never retried)."""
-    value = (message.headers or {}).get(ATTEMPT_HEADER, 1)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        return 1
-    return min(value, MAX_ATTEMPT_HEADER)
-
-
-class BackoffRobustConnection(aio_pika.RobustConnection):
-    """aio-pika's robust connection, waiting longer between attempts the longer the broker is away.
-
-    aio-pika sleeps ``reconnect_interval`` after each failed attempt; here that value is computed
-    when read: the configured minimum while connected, then half the outage so far (at most
-    ``RECONNECT_MAX_S``), so attempts come at roughly 1.5 times the previous delay.
-    """
-
-    CHANNEL_CLASS = DirectChannel  # its queues can hand deliveries over raw (worker.amqp.delivery)
-    _min_interval_s: float = RECONNECT_MIN_S
-    _lost_at: float | None = None
-
-    @property
-    def reconnect_interval(self) -> float:
-        if self.connected.is_set():
-            self._lost_at = None
-            return self._min_interval_s
-        now = time.monotonic()
-        if self._lost_at is None:
-            self._lost_at = now
-        return min(RECONNECT_MAX_S, max(self._min_interval_s, (now - self._lost_at) / 2))
-
-    @reconnect_interval.setter
-    def reconnect_interval(self, value: float) -> None:
-        self._min_interval_s = float(value)
-
-
-async def connect(url: str, *, name: str = CONNECTION_NAME) -> AbstractRobustConnection:
-    """A robust connection named ``name`` (shown by ``rabbitmqctl list_connections``), reading
-    frames with ``worker.amqp.fastpath.frames``."""
-    frames.install()
-    extra: dict[str, Any] = {}
-    if "reconnect_interval" not in parse_qs(urlsplit(url).query):
-        extra["reconnect_interval"] = RECONNECT_MIN_S
-    connection: AbstractRobustConnection = await aio_pika.connect_robust(
-        url,
-        client_properties={"connection_name": name},
-        connection_class=BackoffRobustConnection,
-        **extra,
-    )
-    return connection
-
-
 class Broker:
     """Declares the topology and publishes results, retries and dead letters with confirms."""
 
     def __init__(
-        self, connection: AbstractRobustConnection, topology: Topology, *, app_id: str = ""
+        self,
+        connection: AbstractRobustConnection,
+        topology: Topology,
+        *,
+        app_id: str = "",
+        fast_path: FastPath | None = None,
     ) -> None:
         self.connection = connection
         self.topology = topology
+        self.fast_path = fast_path or current()  # by default what this process installed
         self._app_id = app_id or None  # on every result: which replica published it
         self._channel: AbstractChannel | None = None
         self._results: AbstractExchange | None = None
@@ -169,7 +124,9 @@ class Broker:
             t.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         self._channel = channel
-        self._results_out = ResultOut(self._underlay, t.results_exchange, app_id=self._app_id)
+        self._results_out = ResultOut(
+            self._underlay, t.results_exchange, app_id=self._app_id, fast_path=self.fast_path
+        )
 
     async def _underlay(self) -> aiormq.Channel:
         assert self._channel is not None, "declare() first"
@@ -177,12 +134,20 @@ class Broker:
         assert isinstance(channel, aiormq.Channel)
         return channel
 
+    async def consume(self, prefetch: int, on_delivery: OnDelivery) -> Consuming:
+        """Consume the input queue on a channel of its own (so publishes never wait behind
+        deliveries), handing each delivery to ``on_delivery`` (``worker.amqp.delivery``)."""
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        return await consume(channel, self.topology.input_queue, on_delivery)
+
     async def consumer_queue(self, prefetch: int) -> DirectQueue:
-        """A channel of its own for consuming, so publishes never wait behind deliveries."""
+        """The input queue on a channel of its own, for ``consume(..., raw=True)`` (fast path
+        only). Superseded by ``consume``, which works both ways; kept until its callers move."""
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         queue = await channel.declare_queue(self.topology.input_queue, durable=True)
-        assert isinstance(queue, DirectQueue), "connect() makes DirectChannels"
+        assert isinstance(queue, DirectQueue), "connect() with the fast path makes DirectChannels"
         return queue
 
     async def _publish(

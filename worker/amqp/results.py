@@ -1,124 +1,39 @@
-"""Results out: every result published in one event-loop turn leaves in a single socket write.
+"""Results out: published with confirms, in the order they were queued, either way.
 
-aiormq's ``basic_publish`` takes the channel lock, arms a timeout, writes three frames and waits
-for the writer to drain them, once per message; at thousands of results a second that machinery
-cost more than the rest of a message's work. Here results are queued, and one flush per loop turn
-marshals them all into one payload under the channel lock, registering one confirmation future per
-result in the channel's own table (``confirmations``), as ``basic_publish`` does (the caller's own
-future is registered, so no future of aiormq's store is made per result; see ``_Watch``). The broker
-confirms each result (or several at once); each caller still waits for its own confirmation, so a
-result is never taken as published before the broker has it.
-
-The frames are the ones ``basic_publish`` writes, built with less work: the ``Basic.Publish`` frame
-is the same bytes for every result with the same label, so it is marshalled once per label, and
-the content header (four properties) is packed directly; ``tests/unit/test_result_out.py`` holds
-both byte for byte to pamqp's own marshalling.
+``ResultOut.publish`` queues a result and returns a future that resolves when the broker confirms
+it (or fails if the broker rejects it or the channel closes first); one flush per event-loop turn
+sends what that turn queued. With the fast path active (``worker.amqp.fastpath``) the flush is
+one socket write for the whole batch (``worker.amqp.fastpath.publishing``); on the stock
+libraries each result is aiormq's own ``basic_publish`` with confirms, started in queue order (the
+channel lock keeps that order). A result is never taken as published before the broker has it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import struct
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import cast
+from typing import Any
 
-import pamqp.frame
 from aiormq import Channel
-from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
-from pamqp.constants import FRAME_END
 
+from worker.amqp.fastpath import FastPath, current
+from worker.amqp.fastpath.publishing import (
+    CONTENT_TYPE,
+    MAX_SHORTSTR,
+    PERSISTENT,
+    DirectPublisher,
+    Outgoing,
+)
 from worker.core.errors import PermanentError
-
-_CONTENT_HEADER_FRAME = 2
-_BODY_FRAME = 3
-_BASIC_CLASS = 60
-_FLAG_CONTENT_TYPE = 0x8000
-_FLAG_DELIVERY_MODE = 0x1000
-_FLAG_MESSAGE_ID = 0x0080
-_FLAG_APP_ID = 0x0008
-_END = bytes([FRAME_END])
-CONTENT_TYPE = b"application/json"
-PERSISTENT = 2
-
-
-def _shortstr(value: bytes) -> bytes:
-    if len(value) > 255:
-        raise ValueError("longer than an AMQP short string (255 bytes)")
-    return bytes([len(value)]) + value
-
-
-def content_header(channel: int, body_size: int, message_id: str, app_id: str | None) -> bytes:
-    """The content header frame of a persistent JSON result: what pamqp marshals for
-    ``Basic.Properties(content_type, delivery_mode=2, message_id, app_id)``."""
-    flags = _FLAG_CONTENT_TYPE | _FLAG_DELIVERY_MODE | _FLAG_MESSAGE_ID
-    tail = _shortstr(message_id.encode())
-    if app_id:
-        flags |= _FLAG_APP_ID
-        tail += _shortstr(app_id.encode())
-    payload = (
-        struct.pack(">HHQH", _BASIC_CLASS, 0, body_size, flags)
-        + _shortstr(CONTENT_TYPE)
-        + bytes([PERSISTENT])
-        + tail
-    )
-    return struct.pack(">BHI", _CONTENT_HEADER_FRAME, channel, len(payload)) + payload + _END
-
-
-def body_frames(channel: int, body: bytes, max_content: int) -> bytes:
-    """``body`` cut into content body frames of at most ``max_content`` bytes each."""
-    parts = []
-    for start in range(0, len(body), max_content):
-        chunk = body[start : start + max_content]
-        parts.append(struct.pack(">BHI", _BODY_FRAME, channel, len(chunk)) + chunk + _END)
-    return b"".join(parts)
-
-
-@dataclass(slots=True)
-class _Pending:
-    body: bytes
-    routing_key: str
-    message_id: str
-    done: asyncio.Future[object]
-
-
-class _Watch:
-    """The results in flight on one channel, failed together if the channel closes under them.
-
-    aiormq rejects the futures of its own store when a channel closes; one future of that store
-    per channel (``closed``) stands for all the results in flight on it, instead of one per result.
-    ``in_flight`` is pruned from the front (results are confirmed roughly in order) on each flush.
-    """
-
-    __slots__ = ("channel", "closed", "in_flight")
-
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
-        self.in_flight: deque[asyncio.Future[object]] = deque()
-        self.closed = channel.create_future()
-        self.closed.add_done_callback(self.fail_in_flight)
-
-    def fail_in_flight(self, closed: asyncio.Future[object]) -> None:
-        error = (
-            asyncio.CancelledError() if closed.cancelled() else closed.exception()
-        ) or ConnectionError("the channel closed before the broker confirmed the result")
-        while self.in_flight:
-            done = self.in_flight.popleft()
-            if not done.done():
-                done.set_exception(error)
-
-    def prune(self) -> None:
-        while self.in_flight and self.in_flight[0].done():
-            self.in_flight.popleft()
 
 
 class ResultOut:
     """Publishes results to ``exchange`` with confirms, batched per event-loop turn.
 
     ``get_channel`` returns the current aiormq channel (in confirm mode); it changes when the
-    robust connection reconnects, so it is asked on every flush.
+    robust connection reconnects, so it is asked on every flush. ``fast_path`` (by default what
+    this process installed) decides whether results go out directly.
     """
 
     def __init__(
@@ -127,14 +42,20 @@ class ResultOut:
         exchange: str,
         *,
         app_id: str | None = None,
+        fast_path: FastPath | None = None,
     ) -> None:
         self._get_channel = get_channel
         self._exchange = exchange
         self._app_id = app_id
-        self._pending: list[_Pending] = []
-        self._publish_frames: dict[tuple[int, str], bytes] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._watch: _Watch | None = None  # of the channel results go out on now
+        self._pending: list[Outgoing] = []
+        self._tasks: set[asyncio.Future[Any]] = set()
+        fast = fast_path or current()
+        self._direct = DirectPublisher(exchange, app_id) if fast.active else None
+
+    @property
+    def direct(self) -> bool:
+        """Whether results leave through the fast path's direct publisher."""
+        return self._direct is not None
 
     def publish(self, body: bytes, routing_key: str, message_id: str) -> asyncio.Future[object]:
         """Queue one result; the future resolves when the broker confirms it, or raises if the
@@ -142,31 +63,22 @@ class ResultOut:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[object] = loop.create_future()
         if not self._pending:
-            task = loop.create_task(self._flush())  # runs after this turn's results are queued
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        self._pending.append(_Pending(body, routing_key, message_id, done))
+            self._keep(loop.create_task(self._flush()))  # after this turn's results are queued
+        self._pending.append(Outgoing(body, routing_key, message_id, done))
         return done
+
+    def _keep(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
         try:
             channel = await self._get_channel()
-            watch = self._watch_of(channel)
-            async with channel.lock:  # publishes on this channel keep their delivery-tag order
-                payload, tags = self._frame(channel, batch)
-                written = False
-                try:
-                    await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
-                    written = True
-                finally:
-                    if not written:  # the broker never saw them: give their tags back
-                        for tag in tags:
-                            channel.confirmations.pop(tag, None)
-                        channel.delivery_tag -= len(tags)
-            watch.in_flight.extend(item.done for item in batch)
-            if watch.closed.done():  # it closed while we wrote: nobody will confirm them
-                watch.fail_in_flight(watch.closed)
+            if self._direct is not None:
+                await self._direct.write(channel, batch)
+            else:
+                self._basic_publish(channel, batch)
         except asyncio.CancelledError:
             for item in batch:
                 item.done.cancel()
@@ -176,48 +88,44 @@ class ResultOut:
                 if not item.done.done():
                     item.done.set_exception(exc)
 
-    def _watch_of(self, channel: Channel) -> _Watch:
-        """The watch of ``channel``, new after a reconnection (the old one still fails what was
-        in flight on the old channel when that closes)."""
-        watch = self._watch
-        if watch is None or watch.channel is not channel or watch.closed.done():
-            watch = self._watch = _Watch(channel)
-        watch.prune()
-        return watch
-
-    def _frame(self, channel: Channel, batch: list[_Pending]) -> tuple[bytes, list[int]]:
-        """Frames for every result in ``batch``, each one's future registered as its
-        confirmation (the broker's ack resolves it, a nack fails it); one that cannot be encoded
-        fails alone. Returns the payload and the delivery tags used."""
-        parts: list[bytes] = []
-        tags: list[int] = []
-        number = channel.number
-        max_content = channel.max_content_size
-        confirmations = cast(dict[int, asyncio.Future[object]], channel.confirmations)
+    def _basic_publish(self, channel: Channel, batch: list[Outgoing]) -> None:
+        """Each result through aiormq's ``basic_publish``, started in order (its tasks take the
+        channel lock in the order they start)."""
         for item in batch:
-            try:
-                header = content_header(number, len(item.body), item.message_id, self._app_id)
-            except ValueError as exc:
+            if len(item.message_id.encode()) > MAX_SHORTSTR:
                 item.done.set_exception(
-                    PermanentError(f"the result's message_id cannot be sent over AMQP: {exc}")
+                    PermanentError("the result's message_id cannot be sent over AMQP: too long")
                 )
                 continue
-            parts += (
-                self._publish_frame(number, item.routing_key),
-                header,
-                body_frames(number, item.body, max_content),
+            properties = Basic.Properties(
+                content_type=CONTENT_TYPE.decode(),
+                delivery_mode=PERSISTENT,
+                message_id=item.message_id,
+                app_id=self._app_id,
             )
-            channel.delivery_tag += 1
-            confirmations[channel.delivery_tag] = item.done
-            tags.append(channel.delivery_tag)
-        return b"".join(parts), tags
+            sent = asyncio.ensure_future(
+                channel.basic_publish(
+                    item.body,
+                    exchange=self._exchange,
+                    routing_key=item.routing_key,
+                    properties=properties,
+                )
+            )
+            self._keep(sent)
+            sent.add_done_callback(_settle(item.done))
 
-    def _publish_frame(self, channel: int, routing_key: str) -> bytes:
-        key = (channel, routing_key)
-        frame = self._publish_frames.get(key)
-        if frame is None:
-            method = Basic.Publish(exchange=self._exchange, routing_key=routing_key)
-            frame = pamqp.frame.marshal(method, channel)
-            if len(self._publish_frames) < 1024:  # labels are few; a bound all the same
-                self._publish_frames[key] = frame
-        return frame
+
+def _settle(done: asyncio.Future[object]) -> Callable[[asyncio.Future[Any]], None]:
+    """A callback passing ``basic_publish``'s outcome on to the caller's future."""
+
+    def settled(sent: asyncio.Future[Any]) -> None:
+        if done.done():
+            return
+        if sent.cancelled():
+            done.cancel()
+        elif (error := sent.exception()) is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(sent.result())
+
+    return settled

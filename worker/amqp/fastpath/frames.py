@@ -13,9 +13,9 @@ frame, and any of the four that does not decode to exactly its own length, goes 
 so a malformed frame fails the way it always did.
 
 ``install()`` has aiormq use it for the connections opened afterwards in this process (and their
-reconnections). It relies on an aiormq internal, the module-level ``FrameReceiver`` that
-``Connection.connect`` instantiates; aiormq is pinned, and the tests above and the integration
-suite exercise it.
+reconnections); ``uninstall()`` gives aiormq its own back. It relies on an aiormq internal, the
+module-level ``FrameReceiver`` that ``Connection.connect`` instantiates: only
+``worker.amqp.fastpath.switch`` calls ``install()``, after checking the version and that internal.
 """
 
 from __future__ import annotations
@@ -153,11 +153,19 @@ def decode_frame(
         raise InvalidFrameError(str(exc)) from exc
 
 
+# aiormq's own, kept to give it back (this module is imported before anything swaps it).
+STOCK_FRAME_RECEIVER: Final[type[aiormq.connection.FrameReceiver]] = aiormq.connection.FrameReceiver
+
+
 class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
     """aiormq's frame receiver, reading the socket in large pieces (see the module docstring)."""
 
+    made = 0  # how many connections read with it in this process: what the tests look at
+    stock = STOCK_FRAME_RECEIVER  # what it stands in for: what the switch checks once installed
+
     def __init__(self, reader: asyncio.StreamReader) -> None:
         super().__init__(reader)
+        BufferedFrameReceiver.made += 1
         self._data = b""
         self._at = 0
 
@@ -215,5 +223,16 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
 
 
 def install() -> None:
-    """Have aiormq read frames with ``BufferedFrameReceiver`` on connections opened from now on."""
+    """Have aiormq read frames with ``BufferedFrameReceiver`` on connections opened from now on
+    (``worker.amqp.fastpath.switch`` checks first that this still takes effect)."""
     aiormq.connection.FrameReceiver = BufferedFrameReceiver  # type: ignore[misc]
+
+
+def uninstall() -> None:
+    """Give aiormq its own frame receiver back (connections already open keep theirs)."""
+    if aiormq.connection.FrameReceiver is BufferedFrameReceiver:
+        aiormq.connection.FrameReceiver = STOCK_FRAME_RECEIVER  # type: ignore[misc]
+
+
+def installed() -> bool:
+    return aiormq.connection.FrameReceiver is BufferedFrameReceiver
