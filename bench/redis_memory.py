@@ -17,7 +17,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from worker.claims.protocol import TokenSource
+from worker.claims.protocol import ClaimAsk, Completion, TokenSource
 from worker.claims.redis_store import RedisClaimStore
 from worker.redisio.keys import RedisKeys
 
@@ -37,9 +37,9 @@ async def measure(url: str, count: int, prefix: str = "neiromatrius:") -> dict[s
         before = await used_memory(client)
         for start in range(0, count, 2_000):
             chunk = ids[start : start + 2_000]
-            claims = await asyncio.gather(*(store.claim(i, False) for i in chunk))
-            await asyncio.gather(
-                *(store.complete(i, c.token, False) for i, c in zip(chunk, claims, strict=True))
+            claims = await store.claim_many([ClaimAsk(i) for i in chunk])
+            await store.complete_many(
+                [Completion(i, c.token, False) for i, c in zip(chunk, claims, strict=True)]
             )
         after = await used_memory(client)
         return {

@@ -47,7 +47,7 @@ WRITE_BACK = LuaScript("worker.claims", "write_back.lua")
 class FallbackClaimStore:
     """A ``ClaimStore`` that routes each call to Redis or to memory by the link's state.
 
-    ``claim``/``claim_many`` raise ``StoreUnavailable`` while the claim must wait for Redis (the
+    ``claim_many`` raises ``StoreUnavailable`` while the claim must wait for Redis (the
     first ``fallback_after_s`` of an outage, or all of it when ``strict``).
     """
 
@@ -93,18 +93,6 @@ class FallbackClaimStore:
             self._memory_announced = True
             log.warning("claims_in_memory", outage_s=round(self._link.outage_s, 1))
 
-    async def claim(self, message_id: str, redelivered: bool, suspect_at: int = 0) -> ClaimResult:
-        if self._memory.is_done(message_id):
-            return ClaimResult(ClaimStatus.DONE)
-        if self._link.available:
-            try:
-                return await self._redis.claim(message_id, redelivered, suspect_at)  # batched
-            except REDIS_UNAVAILABLE as exc:
-                self._link.report_failure(exc)
-        self._fall_back()
-        self._counters.record(CounterName.DEGRADED)
-        return await self._memory.claim(message_id, redelivered, suspect_at)
-
     async def claim_many(self, requests: Sequence[ClaimAsk]) -> list[ClaimResult]:
         done_here = [self._memory.is_done(ask.message_id) for ask in requests]
         if not any(done_here):
@@ -123,43 +111,41 @@ class FallbackClaimStore:
         self._counters.record(CounterName.DEGRADED, len(requests))
         return await self._memory.claim_many(requests)
 
-    async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus:
-        if not self._in_memory(token):
-            if self._strict:
-                return await self._complete_in_redis(message_id, token, cache_hit)
-            if self._link.available:
-                try:
-                    return await self._redis.complete(message_id, token, cache_hit)
-                except REDIS_UNAVAILABLE as exc:
-                    self._link.report_failure(exc)
-            # The lease was ours when Redis went away; finish here and tell Redis later.
-            self._memory.mark_done(message_id)
-            self._finished_offline.append((message_id, "2" if cache_hit else "1"))
-            return CompleteStatus.DEFERRED
-        if await self._memory.complete(message_id, token, cache_hit) is CompleteStatus.LOST:
-            return CompleteStatus.LOST
-        self._finished_offline.append((message_id, "0"))
-        return CompleteStatus.IN_MEMORY
-
     async def complete_many(self, items: Sequence[Completion]) -> list[CompleteStatus]:
         """One script call when every claim is in Redis and Redis is there; otherwise each
-        completion on its own, as ``complete`` does it."""
+        completion on its own (``_complete_one``)."""
         if self._link.available and not any(self._in_memory(i.token) for i in items):
             try:
                 return await self._redis.complete_many(items)
             except REDIS_UNAVAILABLE as exc:
                 self._link.report_failure(exc)
-        return [await self.complete(i.message_id, i.token, i.cache_hit) for i in items]
+        return [await self._complete_one(item) for item in items]
 
-    async def _complete_in_redis(
-        self, message_id: str, token: str, cache_hit: bool
-    ) -> CompleteStatus:
+    async def _complete_one(self, item: Completion) -> CompleteStatus:
+        if not self._in_memory(item.token):
+            if self._strict:
+                return await self._complete_in_redis(item)
+            if self._link.available:
+                try:
+                    return (await self._redis.complete_many([item]))[0]
+                except REDIS_UNAVAILABLE as exc:
+                    self._link.report_failure(exc)
+            # The lease was ours when Redis went away; finish here and tell Redis later.
+            self._memory.mark_done(item.message_id)
+            self._finished_offline.append((item.message_id, "2" if item.cache_hit else "1"))
+            return CompleteStatus.DEFERRED
+        if (await self._memory.complete_many([item]))[0] is CompleteStatus.LOST:
+            return CompleteStatus.LOST
+        self._finished_offline.append((item.message_id, "0"))
+        return CompleteStatus.IN_MEMORY
+
+    async def _complete_in_redis(self, item: Completion) -> CompleteStatus:
         """Strict mode: wait for Redis to take the done marker (the delivery stays unacknowledged)."""
         delay_s = 0.1
         while True:
             if self._link.available:
                 try:
-                    return await self._redis.complete(message_id, token, cache_hit)
+                    return (await self._redis.complete_many([item]))[0]
                 except REDIS_UNAVAILABLE as exc:
                     self._link.report_failure(exc)
             await asyncio.sleep(delay_s)

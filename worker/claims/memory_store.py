@@ -63,9 +63,6 @@ class MemoryClaimStore:
     async def claim_many(self, requests: Sequence[ClaimAsk]) -> list[ClaimResult]:
         return [self._claim(ask) for ask in requests]
 
-    async def claim(self, message_id: str, redelivered: bool, suspect_at: int = 0) -> ClaimResult:
-        return self._claim(ClaimAsk(message_id, redelivered, suspect_at))
-
     def _claim(self, ask: ClaimAsk) -> ClaimResult:
         message_id = ask.message_id
         if self.is_done(message_id):
@@ -100,9 +97,6 @@ class MemoryClaimStore:
     def _owns(self, message_id: str, token: str) -> bool:
         held = self._claims.get(message_id)
         return held is not None and held[0] == token and held[1] > time.monotonic()
-
-    async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus:
-        return self._complete(Completion(message_id, token, cache_hit))
 
     async def complete_many(self, items: Sequence[Completion]) -> list[CompleteStatus]:
         return [self._complete(item) for item in items]

@@ -90,15 +90,9 @@ class ClaimStore(Protocol):
 
     lease_s: float
 
-    async def claim(
-        self, message_id: str, redelivered: bool, suspect_at: int = 0
-    ) -> ClaimResult: ...
-
     async def claim_many(self, requests: Sequence[ClaimAsk]) -> list[ClaimResult]:
         """Claim several IDs at once: one round trip for the batch."""
         ...
-
-    async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus: ...
 
     async def complete_many(self, items: Sequence[Completion]) -> list[CompleteStatus]:
         """Complete several claims at once: one round trip for the batch."""

@@ -80,13 +80,8 @@ class RedisClaimStore:
         self._complete_script = COMPLETE.register(redis)
         self._renew_script = RENEW.register(redis)
         self._release_script = RELEASE.register(redis)
-        self._claims: MicroBatcher[ClaimRequest, ClaimResult] = MicroBatcher(self._claim_batch)
-        self._completions: MicroBatcher[Completion, bool] = MicroBatcher(self._complete_batch)
+        # Releases come one message at a time (failures, shutdown): concurrent ones share a call.
         self._releases: MicroBatcher[Lease, bool] = MicroBatcher(self._release_batch)
-
-    async def claim(self, message_id: str, redelivered: bool, suspect_at: int = 0) -> ClaimResult:
-        request = ClaimRequest(message_id, self._tokens.next(), redelivered, suspect_at)
-        return await self._claims.submit(request)
 
     async def claim_many(self, requests: Sequence[ClaimAsk]) -> list[ClaimResult]:
         batch = [
@@ -94,10 +89,6 @@ class RedisClaimStore:
             for ask in requests
         ]
         return await in_script_batches(self._claim_batch, batch)
-
-    async def complete(self, message_id: str, token: str, cache_hit: bool) -> CompleteStatus:
-        done = await self._completions.submit(Completion(message_id, token, cache_hit))
-        return CompleteStatus.IN_REDIS if done else CompleteStatus.LOST
 
     async def complete_many(self, items: Sequence[Completion]) -> list[CompleteStatus]:
         done = await in_script_batches(self._complete_batch, items)
@@ -138,5 +129,4 @@ class RedisClaimStore:
         return [bool(x) for x in await self._release_script(keys=keys, args=args)]
 
     async def aclose(self) -> None:
-        for batcher in (self._claims, self._completions, self._releases):
-            await batcher.aclose()
+        await self._releases.aclose()

@@ -40,7 +40,7 @@ class Reporting(Protocol):
 
 
 class CachedClassifier:
-    """``classify(text)`` -> (classification, served_from_cache).
+    """``classify_many(texts)`` -> per text (classification, served_from_cache) or its exception.
 
     Concurrent requests for the same text share one computation (single flight): the first one
     looks in the cache and, on a miss, asks the classifier (through ``flight`` when the replicas
@@ -62,43 +62,6 @@ class CachedClassifier:
         self._flight = flight
         self._inflight: dict[str, asyncio.Future[Classification]] = {}
         self.local_waits = 0
-
-    async def classify(self, text: str) -> tuple[Classification, bool]:
-        key = text_hash(text)
-        shared = self._inflight.get(key)
-        if shared is not None:
-            self.local_waits += 1
-            return await asyncio.shield(shared), True
-        future: asyncio.Future[Classification] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            result, computed = await self._lookup_or_compute(text, key)
-            future.set_result(result)
-            return result, not computed
-        except BaseException as exc:
-            if not future.done():
-                _share_failure(future, exc)
-            raise
-        finally:
-            del self._inflight[key]
-
-    async def _lookup_or_compute(self, text: str, key: str) -> tuple[Classification, bool]:
-        """``(classification, computed_here)``."""
-        if self._flight is not None and self._cache.shared:
-            found = self._cache.get_local(key)
-            if found is not None:
-                return found, False
-            # One script call looks Redis up and, on a miss, takes the text's cluster lock.
-            entry = self._entry(key)
-            result, computed = await self._flight.run(entry, lambda: self._call(text), self._cache)
-            self._cache.remember(key, result, shared=not computed)
-            return result, computed
-        cached = await self._cache.get(key)
-        if cached is not None:
-            return cached, False
-        result = await self._call(text)
-        await self._cache.put(key, result)
-        return result, True
 
     async def classify_many(self, texts: Sequence[str]) -> list[Classified | Exception]:
         """Each of ``texts`` classified, with one Redis round trip per step for all of them

@@ -89,29 +89,14 @@ class ClusterLocks:
         self._store_script = STORE_AND_RELEASE.register(client)
         self._renew_script = RENEW.register(client)
         self._mark_failed_script = MARK_FAILED.register(client)
-        self._lookups: MicroBatcher[tuple[Entry, str], bytes | int] = MicroBatcher(
-            self._lookup_batch
-        )
         self._writes: MicroBatcher[_Write, int] = MicroBatcher(self._write_batch)
         self._probes: MicroBatcher[Entry, tuple[bytes | None, bytes | None]] = MicroBatcher(
             self._probe_batch
         )
 
-    async def lookup_or_lock(self, entry: Entry) -> Looked:
-        """``(FOUND, "", value)``, ``(ACQUIRED, token, None)``, ``(HELD | UNAVAILABLE, "", None)``;
-        micro-batched with the other look-ups of this replica's event-loop turn."""
-        if not self._link.available:
-            return UNAVAILABLE
-        token = self._new_token()
-        try:
-            answer = await self._lookups.submit((entry, token))
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
-            return UNAVAILABLE
-        return self._lookup_answer(entry, token, answer)
-
     async def lookup_or_lock_many(self, entries: Sequence[Entry]) -> list[Looked]:
-        """``lookup_or_lock`` for several entries, in one script call per ``MAX_SCRIPT_BATCH``."""
+        """Per entry ``(FOUND, "", value)``, ``(ACQUIRED, token, None)`` or ``(HELD |
+        UNAVAILABLE, "", None)``, in one script call per ``MAX_SCRIPT_BATCH``."""
         if not self._link.available:
             return [UNAVAILABLE] * len(entries)
         asks = [(entry, self._new_token()) for entry in entries]
@@ -255,5 +240,5 @@ class ClusterLocks:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
-        for batcher in (self._lookups, self._writes, self._probes):
+        for batcher in (self._writes, self._probes):
             await batcher.aclose()

@@ -29,9 +29,10 @@ from typing import Protocol, TypeVar
 
 import structlog
 
-from worker.classification.locks import ClusterLocks, Entry, LockState, WaitOutcome
+from worker.classification.locks import ClusterLocks, Entry, LockState, Looked, WaitOutcome
 from worker.core.errors import ClassifierUnavailable
 from worker.core.gathering import answered, gather_into
+from worker.redisio.batching import MicroBatcher
 
 log = structlog.get_logger("worker.classification.singleflight")
 
@@ -57,17 +58,12 @@ class ClusterFlight:
     def __init__(self, locks: ClusterLocks, *, wait_s: float) -> None:
         self._locks = locks
         self._wait_s = wait_s
+        # Entries settled alone look up again one by one: those of one loop turn share a call.
+        self._lookups: MicroBatcher[Entry, Looked] = MicroBatcher(locks.lookup_or_lock_many)
         self.waits = 0
         self.wait_timeouts = 0
         self.takeovers = 0
         self.shared_failures = 0
-
-    async def run(
-        self, entry: Entry, compute: Callable[[], Awaitable[T]], store: Store[T]
-    ) -> Flown[T]:
-        """``(value, computed_here)``: the shared value, or ``compute`` it and store it, once for
-        all replicas sharing the Redis."""
-        return await self._settle(entry, compute, store)
 
     async def run_many(
         self,
@@ -106,7 +102,7 @@ class ClusterFlight:
         """One entry through the protocol: look up or lock, then own, or wait and try again."""
         deadline = asyncio.get_running_loop().time() + self._wait_s
         while True:
-            state, token, raw = await self._locks.lookup_or_lock(entry)
+            state, token, raw = await self._lookups.submit(entry)
             if state is LockState.FOUND and raw is not None:
                 return await self._read(entry, raw, compute, store)
             if state is LockState.UNAVAILABLE:
@@ -202,6 +198,7 @@ class ClusterFlight:
         return value
 
     async def aclose(self) -> None:
+        await self._lookups.aclose()
         await self._locks.aclose()
 
     def snapshot(self) -> dict[str, int]:
