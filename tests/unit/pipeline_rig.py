@@ -28,9 +28,9 @@ from worker.core.classification import Classification
 from worker.core.models import ChatMessage
 from worker.observability.counters import Counters
 from worker.processing.claiming import Claimer
-from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.failures import Failures
 from worker.processing.hooks import Hooks
+from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.pipeline import Pipeline
 from worker.processing.stopping import Stopping
 from worker.redisio.keys import RedisKeys
@@ -145,7 +145,11 @@ class Rig:
 
 @asynccontextmanager
 async def rig(
-    *, hooks: Hooks | None = None, max_attempts: int = 3, lease_s: float = 5.0
+    *,
+    hooks: Hooks | None = None,
+    max_attempts: int = 3,
+    lease_s: float = 5.0,
+    classify_delay_s: float = 0.0,
 ) -> AsyncIterator[Rig]:
     """A consumer wired as ``worker.app`` wires it, on the memory store and recording fakes."""
     stopping = QuickStopping()
@@ -169,7 +173,9 @@ async def rig(
     cache = ClassificationCache(
         LocalCache(100), link=None, keys=RedisKeys("t:"), identity="kw", ttl_s=60
     )
-    classifier = CachedClassifier(KeywordClassifier.default(), cache, counters, flight=None)
+    classifier = CachedClassifier(
+        KeywordClassifier.default(classify_delay_s), cache, counters, flight=None
+    )
     async with LeaseKeeper(store, lease_s=lease_s, work_timeout_s=10) as leases:
         pipeline = Pipeline(
             outbox=outbox,

@@ -149,7 +149,7 @@ async def test_a_suspect_is_worked_on_alone() -> None:
     """An ID two of whose attempts vanished is claimed again only when nothing else is in work,
     and then processed once, on its own."""
     hooks = InWork()
-    async with rig(hooks=hooks, lease_s=0.05) as r:
+    async with rig(hooks=hooks, lease_s=0.05, classify_delay_s=0.05) as r:
         for _ in range(2):  # two attempts started, their replicas gone: the leases lapse
             await r.store.claim_many([ClaimAsk("suspect")])
             await asyncio.sleep(0.06)

@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 from aiormq.abc import DeliveredMessage
+from structlog.contextvars import bound_contextvars
 
 from worker.amqp.acks import Acker, Outcome
 from worker.amqp.broker import attempt_of
@@ -149,11 +150,14 @@ class MessageConsumer:
         if delivery in self._unsettled:
             self._settle(delivery, outcome)
 
-    async def _finish(self, delivery: Delivery, step: Awaitable[Outcome]) -> None:
+    async def _finish(
+        self, delivery: Delivery, step: Awaitable[Outcome], message_id: str | None = None
+    ) -> None:
         """Run one delivery's remaining step and settle it exactly once, whatever happens."""
         outcome = Outcome.REQUEUE
         try:
-            outcome = await step
+            with bound_contextvars(message_id=message_id or delivery.message_id):
+                outcome = await step
         except Exception:
             log.exception("message_handling_failed")
             await self._stopping.pause(REQUEUE_PAUSE_S)  # requeued at once, it could come back
@@ -227,10 +231,11 @@ class MessageConsumer:
                 self._followups.follow(item)
             elif verdict is Verdict.EXHAUSTED:
                 exhausted = self._failures.exhausted(item.delivery, attempt)
-                steps.append(self._finish(item.delivery, exhausted))
+                steps.append(self._finish(item.delivery, exhausted, item.message.message_id))
             else:  # Verdict.OVER_LIMIT
                 work = Work(item.delivery, item.message, item.claim.token, attempt)
-                steps.append(self._finish(item.delivery, self._failures.over_limit(work)))
+                over_limit = self._failures.over_limit(work)
+                steps.append(self._finish(item.delivery, over_limit, item.message.message_id))
         if batch:
             steps.append(self._work(batch))
         await run_all(steps)
