@@ -4,12 +4,16 @@ redelivered meanwhile from being processed twice."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+import aio_pika
 import pytest
 import redis.asyncio as aioredis
 
@@ -28,7 +32,7 @@ from tests.integration.support import (
     wait_counter,
 )
 from worker.amqp.broker import CONNECTION_NAME
-from worker.claims.protocol import ClaimStatus, CompleteStatus, TokenSource
+from worker.claims.protocol import ClaimAsk, ClaimStatus, CompleteStatus, Completion, TokenSource
 from worker.claims.redis_store import RedisClaimStore
 from worker.observability.metrics import CounterName
 from worker.redisio.keys import RedisKeys
@@ -57,6 +61,42 @@ async def wait_ready(replicas: list[Replica], status: int, timeout_s: float) -> 
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"readiness did not become {status} within {timeout_s}s")
+
+
+def own_stats(port: int) -> dict[str, Any]:
+    """The replica's own part of its stats document: its counters and the deliveries in hand."""
+    url = f"http://127.0.0.1:{port}/api/monitoring/stats"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        own: dict[str, Any] = json.loads(reply.read())["replica"]
+    return own
+
+
+async def wait_own(
+    replica: Replica, holds: Callable[[dict[str, Any]], bool], what: str, timeout_s: float = 30
+) -> dict[str, Any]:
+    """Poll the replica's own stats until ``holds`` is true of them; those stats."""
+    deadline = time.monotonic() + timeout_s
+    while not holds(own := await asyncio.to_thread(own_stats, replica.stats_port)):
+        assert time.monotonic() < deadline, f"{what} did not happen in {timeout_s}s: {own}"
+        await asyncio.sleep(0.05)
+    return own
+
+
+async def wait_results(sink: ResultSink, count: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sink.total < count:
+        assert time.monotonic() < deadline, f"{sink.total} of {count} results in {timeout_s}s"
+        await asyncio.sleep(0.02)
+
+
+async def ready_messages(connection: aio_pika.abc.AbstractRobustConnection, queue: str) -> int:
+    """Messages waiting in ``queue`` for a consumer (not those delivered, unacknowledged)."""
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+    finally:
+        await channel.close()
 
 
 def unconfirmed_results(replicas: list[Replica]) -> set[str]:
@@ -92,8 +132,7 @@ async def test_broker_outage_reconnects_and_processes_nothing_twice(
             for replica in both:
                 await replica.started()
             await publish_bodies(names, messages)
-            while sink.total < 60:
-                await asyncio.sleep(0.02)
+            await wait_results(sink, 60)
 
             proxy.cut()
             cut_at = time.monotonic()
@@ -143,8 +182,7 @@ async def test_connection_closed_by_the_broker_is_restored(
             )
             await replica.started()
             await publish_bodies(names, messages)
-            while sink.total < 50:
-                await asyncio.sleep(0.02)
+            await wait_results(sink, 50)
             name = f"{CONNECTION_NAME}/{replica_id}"
             (before,) = await asyncio.to_thread(broker_connections, name)
             await asyncio.to_thread(close_broker_connections, [before])
@@ -166,7 +204,10 @@ async def test_connection_closed_by_the_broker_is_restored(
 
 @pytest.mark.skipif(not rabbitmqctl_usable(), reason="needs rabbitmqctl for the local broker")
 async def test_a_delivery_held_when_its_channel_closes_is_neither_claimed_nor_counted(
-    names: Names, redis_client: aioredis.Redis, amqp: object, tmp_path: Path
+    names: Names,
+    redis_client: aioredis.Redis,
+    amqp: aio_pika.abc.AbstractRobustConnection,
+    tmp_path: Path,
 ) -> None:
     """A delivery waiting for a claim another replica holds, when the broker closes the
     replica's connection, is given up: its redelivered copy is the one counted (a redelivery of
@@ -179,14 +220,15 @@ async def test_a_delivery_held_when_its_channel_closes_is_neither_claimed_nor_co
         lease_s=60,
         dedup_ttl_s=600,
     )
-    held = await other.claim("held-1", redelivered=False)
+    (held,) = await other.claim_many([ClaimAsk("held-1")])
     assert held.status is ClaimStatus.CLAIMED
     replicas = Replicas(tmp_path)
     try:
         replica = replicas.start(names.env(REPLICA_ID=replica_id))
         await replica.started()
         await publish_bodies(names, [body("held-1", "Где мой заказ?")])
-        await asyncio.sleep(1.0)  # the delivery found the claim busy and polls it
+        # In the replica's hands: it finds the claim busy and polls it.
+        await wait_own(replica, lambda own: own["in_flight"] == 1, "the delivery")
         name = f"{CONNECTION_NAME}/{replica_id}"
         (before,) = await asyncio.to_thread(broker_connections, name)
         await asyncio.to_thread(close_broker_connections, [before])
@@ -194,14 +236,28 @@ async def test_a_delivery_held_when_its_channel_closes_is_neither_claimed_nor_co
         while await asyncio.to_thread(broker_connections, name) in ([], [before]):
             assert time.monotonic() < deadline, "the replica did not reconnect"
             await asyncio.sleep(0.2)
-        await asyncio.sleep(1.0)  # the redelivered copy found the claim busy too
+        # The broker gave the copy it took back to the new channel: it finds the claim busy too.
+        deadline = time.monotonic() + 30
+        while await ready_messages(amqp, names.input_queue) > 0:
+            assert time.monotonic() < deadline, "the copy was not redelivered"
+            await asyncio.sleep(0.05)
+        await wait_own(replica, lambda own: own["in_flight"] == 1, "the redelivery")
 
-        assert await other.complete("held-1", held.token, cache_hit=False) is (
+        assert await other.complete_many([Completion("held-1", held.token, False)]) == [
             CompleteStatus.IN_REDIS
+        ]
+        # Both copies are over once nothing is in hand; what the replica counted is final then.
+        own = await wait_own(
+            replica,
+            lambda own: (
+                own["in_flight"] == 0 and own["counters"][CounterName.REDELIVERED_DONE] >= 1
+            ),
+            "the end of both copies",
         )
-        await wait_counter(redis_client, names, CounterName.REDELIVERED_DONE, 1)
-        await asyncio.sleep(2.0)  # both copies poll at least every 0.5 s, and counters flush
-        counters = await cluster_counters(redis_client, names)
+        assert own["counters"][CounterName.REDELIVERED_DONE] == 1
+        assert own["counters"][CounterName.DUPLICATES] == 0
+        assert own["counters"][CounterName.PROCESSED] == 0
+        counters = await wait_counter(redis_client, names, CounterName.REDELIVERED_DONE, 1)
         assert counters[CounterName.REDELIVERED_DONE] == 1
         assert counters[CounterName.DUPLICATES] == 0
         assert counters[CounterName.PROCESSED] == 1  # the other replica's
