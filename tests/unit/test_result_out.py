@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pamqp.frame
 import pytest
+from aiormq.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
+from worker.amqp.broker import PUBLISH_ERRORS
 from worker.amqp.fastpath.publishing import body_frames, content_header
 
 
@@ -47,3 +49,12 @@ def test_body_frames_match_pamqp_split_at_the_frame_limit(size: int) -> None:
         pamqp.frame.marshal(ContentBody(body[i : i + 100]), 3) for i in range(0, size, 100)
     )
     assert body_frames(3, body, 100) == expected
+
+
+def test_a_bug_is_not_a_publish_error_but_a_closed_channel_is() -> None:
+    """A ``RuntimeError`` from a bug propagates instead of becoming a retry; aiormq's closed-channel
+    error (itself a ``RuntimeError``) and the broker's AMQP errors are retried."""
+    assert not isinstance(RuntimeError("a bug"), PUBLISH_ERRORS)
+    assert isinstance(ChannelInvalidStateError("closed"), PUBLISH_ERRORS)
+    assert isinstance(ChannelNotFoundEntity("no exchange"), PUBLISH_ERRORS)
+    assert isinstance(ConnectionResetError(), PUBLISH_ERRORS)
