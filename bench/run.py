@@ -43,7 +43,7 @@ from bench.cpu import Services, cpu_seconds
 from bench.redis_memory import measure as measure_redis_memory
 from worker.amqp.results import ResultOut
 from worker.cli import publish
-from worker.cli.replicas import ReplicaGroup, ReplicaNames, replica_env
+from worker.cli.replicas import ReplicaGroup, ReplicaNames, listen_for_results, replica_env
 from worker.cli.samples import generate_sample
 from worker.redisio.keys import RedisKeys
 
@@ -184,22 +184,16 @@ def median_of(runs: list[Outcome]) -> Outcome:
 
 async def result_latencies(names: ReplicaNames, rate: float, seconds: float) -> list[float]:
     """Publish at ``rate`` for ``seconds`` with a send timestamp; collect publish-to-result times."""
-    connection = await aio_pika.connect_robust(RABBITMQ_URL)
     latencies: list[float] = []
+
+    async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        sent_at = orjson.loads(message.body).get("sent_at")
+        if sent_at is not None:
+            latencies.append(time.time() - float(sent_at))
+
+    connection = await aio_pika.connect_robust(RABBITMQ_URL)
     try:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(
-            names.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange, routing_key="#")
-
-        async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            sent_at = orjson.loads(message.body).get("sent_at")
-            if sent_at is not None:
-                latencies.append(time.time() - float(sent_at))
-
-        await queue.consume(on_result, no_ack=True)
+        await listen_for_results(connection, names.results_exchange, on_result)
         count = int(rate * seconds)
         paced = [
             publish.Outgoing(

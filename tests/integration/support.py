@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import RABBITMQ_URL, Names
 from worker.cli import publish
-from worker.cli.replicas import ReplicaGroup, ReplicaProcess
+from worker.cli.replicas import ReplicaGroup, ReplicaProcess, listen_for_results
 from worker.observability.metrics import CounterName
 
 Replica = ReplicaProcess  # the package's harness: one ``neiromatrius-worker run`` process
@@ -43,13 +43,7 @@ async def bind_results(
     on_result: Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]],
 ) -> None:
     """Consume every result of the test's results exchange (declared here if need be)."""
-    channel = await connection.channel()
-    exchange = await channel.declare_exchange(
-        names.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-    )
-    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await queue.bind(exchange, routing_key="#")
-    await queue.consume(on_result, no_ack=True)
+    await listen_for_results(connection, names.results_exchange, on_result)
 
 
 class ResultSink:

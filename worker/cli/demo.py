@@ -30,12 +30,17 @@ from worker.cli.demo_setup import (
     DemoFailed,
     DemoOptions,
     demo_names,
-    listen_for_results,
     preflight,
     remove_broker_objects,
     remove_redis_keys,
 )
-from worker.cli.replicas import ReplicaError, ReplicaGroup, ReplicaProcess, replica_env
+from worker.cli.replicas import (
+    ReplicaError,
+    ReplicaGroup,
+    ReplicaProcess,
+    listen_for_results,
+    replica_env,
+)
 from worker.cli.samples import SamplePlan, generate_sample
 from worker.core.settings import Settings
 
@@ -123,7 +128,9 @@ class Demo:
         observed = None
         try:
             try:
-                await listen_for_results(connection, self.names, self.results.on_result)
+                await listen_for_results(
+                    connection, self.names.results_exchange, self.results.on_result
+                )
                 self.err.write(f"demo: starting {o.replicas} replicas (run {self.names.tag})\n")
                 await self.start_replicas()
                 observed = await self.observe(plan)

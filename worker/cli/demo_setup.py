@@ -1,25 +1,22 @@
-"""What the demo sets up and removes around a run: its names, the reachability check, the results
-listener, and the clean-up of its queues, exchange and Redis keys."""
+"""What the demo sets up and removes around a run: its names, the reachability check, and the
+clean-up of its queues, exchange and Redis keys."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TextIO
 
 import aio_pika
 
-from worker.amqp.broker import Topology
+from worker.app import topology_of
 from worker.cli.replicas import ReplicaNames
 from worker.core.redaction import redact_url
 from worker.core.settings import Settings
 from worker.observability.stats import QUEUE_PROBE_ERRORS
 from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
-
-OnResult = Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]
 
 
 class DemoFailed(Exception):
@@ -51,16 +48,6 @@ def demo_names() -> ReplicaNames:
     )
 
 
-def demo_topology(settings: Settings, names: ReplicaNames) -> Topology:
-    return Topology(
-        input_queue=names.input_queue,
-        results_exchange=names.results_exchange,
-        dead_letter_queue=names.dead_letter_queue,
-        retry_base_delay_s=settings.retry_base_delay_s,
-        max_attempts=settings.max_attempts,
-    )
-
-
 async def preflight(settings: Settings, redis_url: str) -> aio_pika.abc.AbstractConnection:
     """Reach the broker (and Redis), so a wrong URL is one clear line, not a hang."""
     where = redact_url(settings.rabbitmq_url)
@@ -85,22 +72,10 @@ async def preflight(settings: Settings, redis_url: str) -> aio_pika.abc.Abstract
     return connection
 
 
-async def listen_for_results(
-    connection: aio_pika.abc.AbstractConnection, names: ReplicaNames, on_result: OnResult
-) -> None:
-    """Bind a queue of the demo's own to every routing key of the run's results exchange."""
-    channel = await connection.channel()
-    exchange = await channel.declare_exchange(
-        names.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-    )
-    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await queue.bind(exchange, routing_key="#")
-    await queue.consume(on_result, no_ack=True)
-
-
 async def remove_broker_objects(settings: Settings, names: ReplicaNames) -> None:
     """Delete the run's queues (retry queues included) and exchange, each step on its own."""
-    topology = demo_topology(settings, names)
+    # The retry queues are named after the input queue, as the replicas named them.
+    topology = topology_of(settings.model_copy(update={"input_queue": names.input_queue}))
     queues = [names.input_queue, names.dead_letter_queue]
     queues += [topology.retry_queue(a) for a in range(1, settings.max_attempts)]
     with contextlib.suppress(*QUEUE_PROBE_ERRORS):

@@ -15,13 +15,14 @@ import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from signal import SIGTERM, Signals
 from typing import IO, Any, Self
 
+import aio_pika
 import orjson
 
 STARTED_EVENT = "replica_started"
@@ -33,6 +34,9 @@ HARNESS_ENV: Mapping[str, str] = {
     "STATS_HOST": "127.0.0.1",
     "STATS_PORT": "0",
 }
+
+
+OnResult = Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]
 
 
 class ReplicaError(Exception):
@@ -72,6 +76,20 @@ def replica_env(
     env.update(HARNESS_ENV)
     env.update(settings)
     return env
+
+
+async def listen_for_results(
+    connection: aio_pika.abc.AbstractConnection, results_exchange: str, on_result: OnResult
+) -> None:
+    """Hand every result the replicas publish on ``results_exchange`` to ``on_result``, through
+    a queue of the listener's own bound to every routing key (declared here if need be)."""
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange(
+        results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(exchange, routing_key="#")
+    await queue.consume(on_result, no_ack=True)
 
 
 class ReplicaProcess:
