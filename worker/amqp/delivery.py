@@ -132,7 +132,11 @@ async def consume(
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         try:
-            on_delivery(Delivery.of_incoming(message))
+            delivery = Delivery.of_incoming(message)
+        except ChannelInvalidStateError:  # closed before its task ran: the broker redelivers it
+            return
+        try:
+            on_delivery(delivery)
         except Exception:  # like the inline reader: this delivery stays unsettled, others go on
             log.exception("consumer_callback_failed")
 
