@@ -1,9 +1,8 @@
 """The composition root: builds every component of a replica from ``Settings`` and runs it.
 
-Start-up: logging is configured by the caller; Redis (optional), the monitoring server, the broker
-(retried until reachable), the topology, then consuming. Shutdown, in this order: stop consuming,
-drain messages in progress within ``DRAIN_TIMEOUT_S``, send the last acknowledgements, flush
-counters, close the channel and connection, close Redis.
+Start-up: Redis (optional), the monitoring server, the broker (retried until reachable), the
+topology, then consuming. Shutdown: stop consuming, drain messages in progress within
+``DRAIN_TIMEOUT_S``, send the last acknowledgements, flush counters, close the broker, then Redis.
 """
 
 from __future__ import annotations
@@ -14,16 +13,14 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import structlog
-from aio_pika.abc import AbstractRobustConnection
 
 from worker.amqp import fastpath
 from worker.amqp.acks import Acker
-from worker.amqp.broker import CONNECTION_NAME, Broker, Topology, connect
-from worker.claims.fallback import FallbackClaimStore
+from worker.amqp.broker import CONNECTION_NAME, Broker, Topology
+from worker.amqp.connection import connect_until_stopped
+from worker.claims.factory import build_claim_store
 from worker.claims.leases import LeaseKeeper
-from worker.claims.memory_store import MemoryClaimStore
-from worker.claims.protocol import ClaimStore, TokenSource
-from worker.claims.redis_store import RedisClaimStore
+from worker.claims.protocol import ClaimStore
 from worker.classification.cache import ClassificationCache, LocalCache
 from worker.classification.cached import CachedClassifier
 from worker.classification.classifiers.base import Classifier
@@ -31,25 +28,23 @@ from worker.classification.classifiers.factory import build_classifier
 from worker.classification.locks import LOCK_TTL_S, ClusterLocks
 from worker.classification.singleflight import ClusterFlight
 from worker.core.gc_tuning import tune_for_throughput
-from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
-from worker.observability.counters import ClusterReporter, Counters, ReplicaIdentity
+from worker.observability.counters import ClusterReporter, Counters, ReplicaIdentity, log_progress
 from worker.observability.http import MonitorServer, ReplicaView
 from worker.observability.stats import QueueNames
 from worker.processing.claiming import Claimer
-from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.failures import Failures
 from worker.processing.faults import Faults
+from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.pipeline import Pipeline
 from worker.processing.stopping import Stopping
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import FALLBACK_IN_MEMORY, RedisLink, make_redis
+from worker.redisio.link import FALLBACK_IN_MEMORY, FALLBACK_STRICT, RedisLink, make_redis
 
 log = structlog.get_logger("worker.app")
 
 IN_MEMORY_LINE = "In-memory mode: no REDIS_URL, claims, cache and counters are per replica"
 SUMMARY_INTERVAL_S = 30.0
-STRICT_FALLBACK = "none (REDIS_FAILURE_MODE=strict): no new message is taken until Redis is back"
 
 
 @dataclass(slots=True)
@@ -63,6 +58,12 @@ class _Live:
     def in_flight(self) -> int:
         return self.consumer.in_flight if self.consumer else 0
 
+    def waiting_for_redis(self, strict: bool, link: RedisLink | None) -> bool:
+        """Whether messages wait for Redis now: claims on hold, or strict mode while it is away."""
+        if self.consumer is not None and self.consumer.paused:
+            return True
+        return strict and link is not None and not link.available
+
 
 @dataclass(frozen=True, slots=True)
 class _Base:
@@ -74,120 +75,25 @@ class _Base:
     counters: Counters
     link: RedisLink | None
     live: _Live
-
-
-def topology_of(settings: Settings) -> Topology:
-    return Topology(
-        input_queue=settings.input_queue,
-        results_exchange=settings.results_exchange,
-        dead_letter_queue=settings.dead_letter_queue,
-        retry_base_delay_s=settings.retry_base_delay_s,
-        max_attempts=settings.max_attempts,
-    )
-
-
-async def connect_broker(
-    settings: Settings, stop: asyncio.Event, *, name: str = CONNECTION_NAME
-) -> AbstractRobustConnection | None:
-    """Connect, retrying with backoff while the broker is down; ``None`` if asked to stop first."""
-    delay_s = 0.5
-    where = redact_url(settings.rabbitmq_url)
-    while not stop.is_set():
-        try:
-            return await connect(settings.rabbitmq_url, name=name)
-        except (TimeoutError, OSError, ConnectionError) as exc:
-            log.warning(
-                "broker_unreachable",
-                broker=where,
-                retry_in_s=delay_s,
-                error=scrub(f"{type(exc).__name__}: {exc}", settings.secrets),
-            )
-        except Exception as exc:  # aiormq raises its own types for refused logins and the like
-            log.warning(
-                "broker_connect_failed",
-                broker=where,
-                retry_in_s=delay_s,
-                error=scrub(f"{type(exc).__name__}: {exc}", settings.secrets),
-            )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=delay_s)
-        delay_s = min(delay_s * 2, 10.0)
-    return None
-
-
-def build_claims(
-    settings: Settings,
-    link: RedisLink | None,
-    keys: RedisKeys,
-    counters: Counters,
-    identity: ReplicaIdentity,
-) -> ClaimStore:
-    memory_prefix = f"{identity.replica_id}/memory"
-    memory = MemoryClaimStore(
-        TokenSource(memory_prefix),
-        lease_s=settings.claim_lease_s,
-        dedup_ttl_s=settings.dedup_ttl_s,
-        max_done=settings.memory_dedup_size,
-        max_attempts=settings.max_attempts,
-    )
-    if link is None:
-        return memory
-    redis_store = RedisClaimStore(
-        link.client,
-        keys,
-        TokenSource(identity.replica_id),
-        lease_s=settings.claim_lease_s,
-        dedup_ttl_s=settings.dedup_ttl_s,
-        max_attempts=settings.max_attempts,
-    )
-    return FallbackClaimStore(
-        redis_store,
-        memory,
-        link=link,
-        keys=keys,
-        counters=counters,
-        memory_token_prefix=memory_prefix,
-        dedup_ttl_s=settings.dedup_ttl_s,
-        strict=settings.redis_failure_mode == "strict",
-        fallback_after_s=settings.redis_fallback_after_s,
-    )
-
-
-def _waiting_for_redis(settings: Settings, link: RedisLink | None, live: _Live) -> bool:
-    """Whether messages wait for Redis now: strict mode while it is away, or claims on hold."""
-    if live.consumer is not None and live.consumer.paused:
-        return True
-    strict = settings.redis_failure_mode == "strict"
-    return strict and link is not None and not link.available
-
-
-async def _summaries(counters: Counters, live: _Live) -> None:
-    while True:
-        await asyncio.sleep(SUMMARY_INTERVAL_S)
-        log.info(
-            "progress",
-            in_flight=live.in_flight(),
-            per_second_60s=round(counters.throughput(60), 1),
-            **counters.snapshot(),
-        )
+    classifier: Classifier
 
 
 def build_link(settings: Settings) -> RedisLink | None:
+    """The link to Redis; ``None`` (and the contract's in-memory line) without ``REDIS_URL``."""
     if not settings.redis_enabled:
+        log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
         return None
     return RedisLink(
         make_redis(settings.redis_url, settings.redis_timeout_s),
         settings.redis_url,
         secrets=settings.secrets,
-        fallback=STRICT_FALLBACK if settings.redis_failure_mode == "strict" else FALLBACK_IN_MEMORY,
+        fallback=FALLBACK_STRICT if settings.redis_failure_mode == "strict" else FALLBACK_IN_MEMORY,
     )
 
 
-async def build_cached_classifier(
-    stack: AsyncExitStack, base: _Base, classifier: Classifier
-) -> CachedClassifier:
+async def build_cached_classifier(stack: AsyncExitStack, base: _Base) -> CachedClassifier:
     """The classifier behind its two cache tiers and, with Redis, the cluster's single flight."""
-    settings, link = base.settings, base.link
+    settings, link, classifier = base.settings, base.link, base.classifier
     cache = ClassificationCache(
         LocalCache(settings.local_cache_size),
         link=link,
@@ -209,6 +115,7 @@ async def build_cached_classifier(
 async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedClassifier) -> None:
     """The monitoring server and, with Redis, the heartbeats and the counters' flushes."""
     settings, link, live = base.settings, base.link, base.live
+    strict = settings.redis_failure_mode == "strict"
     view = ReplicaView(
         identity=base.identity,
         counters=base.counters,
@@ -216,7 +123,7 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
         keys=base.keys,
         in_flight=live.in_flight,
         broker_connected=lambda: live.broker is not None and live.broker.connected,
-        consuming=lambda: live.consuming and not _waiting_for_redis(settings, link, live),
+        consuming=lambda: live.consuming and not live.waiting_for_redis(strict, link),
         queue_names=QueueNames(settings.input_queue, settings.dead_letter_queue),
         classifier_tallies=cached.snapshot,
         connection=lambda: live.broker.connection if live.broker else None,
@@ -238,11 +145,13 @@ async def build_broker(stack: AsyncExitStack, base: _Base, stop: asyncio.Event) 
     """The broker connection (retried until reachable) and the declared topology."""
     settings = base.settings
     name = f"{CONNECTION_NAME}/{base.identity.replica_id}"
-    connection = await connect_broker(settings, stop, name=name)
+    connection = await connect_until_stopped(
+        settings.rabbitmq_url, stop, name=name, secrets=settings.secrets
+    )
     if connection is None:
         return None
     stack.push_async_callback(connection.close)
-    broker = Broker(connection, topology_of(settings), app_id=base.identity.replica_id)
+    broker = Broker(connection, Topology.of(settings), app_id=base.identity.replica_id)
     await broker.declare()
     return broker
 
@@ -294,24 +203,26 @@ async def consume_until_stopped(
     """Consume until ``stop`` is set, then stop consuming and drain; ``True`` if in time."""
     settings, counters, live = base.settings, base.counters, base.live
     tune_for_throughput()  # start-up is done (see worker.core.gc_tuning)
-    queue = await broker.consumer_queue(settings.prefetch)
-    # aiormq's deliveries go straight to a plain function (see worker.amqp.delivery).
-    consumer_tag = await queue.consume(consumer.on_delivery, raw=True)
+    consuming = await broker.consume(settings.prefetch, consumer.on_delivery)
     live.consuming = True
-    summaries = asyncio.get_running_loop().create_task(_summaries(counters, live))
+    summaries = asyncio.get_running_loop().create_task(
+        log_progress(counters, live.in_flight, SUMMARY_INTERVAL_S)
+    )
     log.info(
         "replica_started",
         replica=base.identity.replica_id,
         queue=settings.input_queue,
         prefetch=settings.prefetch,
+        classifier=base.classifier.identity,
         redis="configured" if base.link else "none",
+        inline_deliveries=consuming.inline,
     )
     await stop.wait()
     log.info("replica_stopping", in_flight=consumer.in_flight)
     live.consuming = False
     summaries.cancel()
     with contextlib.suppress(Exception):
-        await queue.cancel(consumer_tag)
+        await consuming.cancel()
     drained = await consumer.drain(settings.drain_timeout_s)
     await acker.drain()
     log.info("replica_stopped", drained=drained, **counters.snapshot())
@@ -330,19 +241,19 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
         counters=Counters(cluster=settings.redis_enabled),
         link=link,
         live=_Live(),
+        # Built before connecting anything, so that a bad classifier setting stops start-up.
+        classifier=build_classifier(settings, link=link),
     )
-    # Built before connecting anything, so that a bad classifier setting stops start-up at once.
-    classifier = build_classifier(settings, link=link)
     async with AsyncExitStack() as stack:
-        stack.push_async_callback(classifier.aclose)
+        stack.push_async_callback(base.classifier.aclose)
         if link is not None:
             stack.push_async_callback(link.aclose)
             await link.connect()
-        else:
-            log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
-        claims = build_claims(settings, link, base.keys, base.counters, base.identity)
+        claims = build_claim_store(
+            settings, link, base.keys, base.counters, replica_id=base.identity.replica_id
+        )
         stack.push_async_callback(claims.aclose)
-        cached = await build_cached_classifier(stack, base, classifier)
+        cached = await build_cached_classifier(stack, base)
         await start_monitoring(stack, base, cached)
         broker = base.live.broker = await build_broker(stack, base, stop)
         if broker is None:

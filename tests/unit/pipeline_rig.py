@@ -130,11 +130,13 @@ class Rig:
         properties = spec.Basic.Properties(headers=dict(headers) if headers else None)
         self.channel.delivered.append(tag)
         self.consumer.on_delivery(
-            DeliveredMessage(
-                delivery=spec.Basic.Deliver("ctag", tag, redelivered, "", "q"),
-                header=ContentHeader(0, len(raw), properties),
-                body=raw,
-                channel=self.channel,  # type: ignore[arg-type]
+            Delivery(
+                DeliveredMessage(
+                    delivery=spec.Basic.Deliver("ctag", tag, redelivered, "", "q"),
+                    header=ContentHeader(0, len(raw), properties),
+                    body=raw,
+                    channel=self.channel,  # type: ignore[arg-type]
+                )
             )
         )
         return tag

@@ -28,7 +28,6 @@ from worker.amqp.connection import (
 )
 from worker.amqp.delivery import Consuming, Delivery, OnDelivery, consume
 from worker.amqp.fastpath import FastPath, current
-from worker.amqp.fastpath.inline import DirectQueue
 from worker.amqp.results import ResultOut
 from worker.amqp.topology import (
     ATTEMPT_HEADER,
@@ -140,15 +139,6 @@ class Broker:
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         return await consume(channel, self.topology.input_queue, on_delivery)
-
-    async def consumer_queue(self, prefetch: int) -> DirectQueue:
-        """The input queue on a channel of its own, for ``consume(..., raw=True)`` (fast path
-        only). Superseded by ``consume``, which works both ways; kept until its callers move."""
-        channel = await self.connection.channel()
-        await channel.set_qos(prefetch_count=prefetch)
-        queue = await channel.declare_queue(self.topology.input_queue, durable=True)
-        assert isinstance(queue, DirectQueue), "connect() with the fast path makes DirectChannels"
-        return queue
 
     async def _publish(
         self, exchange: AbstractExchange, message: aio_pika.Message, key: str, *, mandatory: bool

@@ -8,15 +8,21 @@ and the claim protocol keeps them from being processed twice.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aio_pika
+import structlog
 from aio_pika.abc import AbstractRobustConnection
 
 from worker.amqp.fastpath import FastPath, current
 from worker.amqp.fastpath.inline import DirectChannel
+from worker.core.redaction import redact_url, scrub
+
+log = structlog.get_logger("worker.amqp.connection")
 
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 15.0
@@ -72,3 +78,30 @@ async def connect(
         **extra,
     )
     return connection
+
+
+async def connect_until_stopped(
+    url: str,
+    stop: asyncio.Event,
+    *,
+    name: str = CONNECTION_NAME,
+    secrets: tuple[str, ...] = (),
+) -> AbstractRobustConnection | None:
+    """Connect, retrying with backoff while the broker is down; ``None`` if asked to stop first.
+    ``secrets`` are masked in the warnings (the URL's password is never printed)."""
+    delay_s = RECONNECT_MIN_S
+    where = redact_url(url)
+    while not stop.is_set():
+        try:
+            return await connect(url, name=name)
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            event = "broker_unreachable"
+            error = scrub(f"{type(exc).__name__}: {exc}", secrets)
+        except Exception as exc:  # aiormq raises its own types for refused logins and the like
+            event = "broker_connect_failed"
+            error = scrub(f"{type(exc).__name__}: {exc}", secrets)
+        log.warning(event, broker=where, retry_in_s=delay_s, error=error)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay_s)
+        delay_s = min(delay_s * 2, RECONNECT_MAX_S)
+    return None

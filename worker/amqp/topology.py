@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from worker.core.settings import Settings
+
 if TYPE_CHECKING:
     from worker.amqp.delivery import Delivery
 
@@ -30,6 +32,17 @@ class Topology:
     dead_letter_queue: str
     retry_base_delay_s: float
     max_attempts: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Topology:
+        """The topology a deployment's settings name."""
+        return cls(
+            input_queue=settings.input_queue,
+            results_exchange=settings.results_exchange,
+            dead_letter_queue=settings.dead_letter_queue,
+            retry_base_delay_s=settings.retry_base_delay_s,
+            max_attempts=settings.max_attempts,
+        )
 
     def retry_delay_ms(self, attempt: int) -> int:
         """Delay before attempt ``attempt + 1``: the base, doubled after each failure, at most 1 h."""

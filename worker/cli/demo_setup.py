@@ -11,7 +11,7 @@ from typing import TextIO
 
 import aio_pika
 
-from worker.app import topology_of
+from worker.amqp.topology import Topology
 from worker.cli.replicas import ReplicaNames
 from worker.core.redaction import redact_url
 from worker.core.settings import Settings
@@ -75,7 +75,7 @@ async def preflight(settings: Settings, redis_url: str) -> aio_pika.abc.Abstract
 async def remove_broker_objects(settings: Settings, names: ReplicaNames) -> None:
     """Delete the run's queues (retry queues included) and exchange, each step on its own."""
     # The retry queues are named after the input queue, as the replicas named them.
-    topology = topology_of(settings.model_copy(update={"input_queue": names.input_queue}))
+    topology = Topology.of(settings.model_copy(update={"input_queue": names.input_queue}))
     queues = [names.input_queue, names.dead_letter_queue]
     queues += [topology.retry_queue(a) for a in range(1, settings.max_attempts)]
     with contextlib.suppress(*QUEUE_PROBE_ERRORS):

@@ -214,3 +214,15 @@ class ClusterReporter:
             with contextlib.suppress(*REDIS_UNAVAILABLE):
                 await self._link.client.delete(self._keys.replica(self._identity.replica_id))
                 await self._link.client.srem(self._keys.replicas, self._identity.replica_id)  # type: ignore[misc]
+
+
+async def log_progress(counters: Counters, in_flight: Callable[[], int], interval_s: float) -> None:
+    """Log a ``progress`` line every ``interval_s``: in flight, throughput, this replica's counts."""
+    while True:
+        await asyncio.sleep(interval_s)
+        log.info(
+            "progress",
+            in_flight=in_flight(),
+            per_second_60s=round(counters.throughput(60), 1),
+            **counters.snapshot(),
+        )

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from aiormq.abc import DeliveredMessage
 from structlog.contextvars import bound_contextvars
 
 from worker.amqp.acks import Acker, Outcome
@@ -104,9 +103,8 @@ class MessageConsumer:
         """True while deliveries wait for the claim store (Redis) before they can be claimed."""
         return self._claimer.paused
 
-    def on_delivery(self, raw: DeliveredMessage) -> None:
+    def on_delivery(self, delivery: Delivery) -> None:
         """Take a delivery (in arrival order) and make sure a pass will pick it up."""
-        delivery = Delivery(raw)
         self._acker.track(delivery.channel, delivery.delivery_tag)
         self._unsettled.add(delivery)
         self._inbox.append(delivery)

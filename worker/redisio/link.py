@@ -39,6 +39,7 @@ REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
 CONNECTED_LINE = "✅ Redis cache connected"
 FAILED_LINE = "⚠️ Redis connection failed"
 FALLBACK_IN_MEMORY = "in-memory claims, cache and counters until Redis is back"
+FALLBACK_STRICT = "none (REDIS_FAILURE_MODE=strict): no new message is taken until Redis is back"
 
 
 class LinkState(StrEnum):

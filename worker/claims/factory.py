@@ -1,0 +1,54 @@
+"""The claim store a replica's settings call for: Redis with the memory store as its fallback,
+or the memory store alone without Redis."""
+
+from __future__ import annotations
+
+from worker.claims.fallback import FallbackClaimStore
+from worker.claims.memory_store import MemoryClaimStore
+from worker.claims.protocol import ClaimStore, TokenSource
+from worker.claims.redis_store import RedisClaimStore
+from worker.core.settings import Settings
+from worker.observability.counters import Counters
+from worker.redisio.keys import RedisKeys
+from worker.redisio.link import RedisLink
+
+
+def build_claim_store(
+    settings: Settings,
+    link: RedisLink | None,
+    keys: RedisKeys,
+    counters: Counters,
+    *,
+    replica_id: str,
+) -> ClaimStore:
+    """Claims in Redis with the memory store as its fallback; the memory store alone without."""
+    memory_prefix = f"{replica_id}/memory"
+    memory = MemoryClaimStore(
+        TokenSource(memory_prefix),
+        lease_s=settings.claim_lease_s,
+        dedup_ttl_s=settings.dedup_ttl_s,
+        max_done=settings.memory_dedup_size,
+        max_attempts=settings.max_attempts,
+    )
+    if link is None:
+        return memory
+    tokens = TokenSource(replica_id)
+    redis_store = RedisClaimStore(
+        link.client,
+        keys,
+        tokens,
+        lease_s=settings.claim_lease_s,
+        dedup_ttl_s=settings.dedup_ttl_s,
+        max_attempts=settings.max_attempts,
+    )
+    return FallbackClaimStore(
+        redis_store,
+        memory,
+        link=link,
+        keys=keys,
+        counters=counters,
+        memory_token_prefix=memory_prefix,
+        dedup_ttl_s=settings.dedup_ttl_s,
+        strict=settings.redis_failure_mode == "strict",
+        fallback_after_s=settings.redis_fallback_after_s,
+    )
