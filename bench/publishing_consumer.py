@@ -18,6 +18,7 @@ import aiormq
 from aiormq.abc import DeliveredMessage
 
 from bench.bare_consumer import Window
+from worker.amqp import fastpath
 from worker.amqp.results import ResultOut
 
 
@@ -32,7 +33,7 @@ async def main(url: str, queue: str, exchange: str, count: int, prefetch: int) -
     async def channel() -> aiormq.Channel:
         return publishing
 
-    out = ResultOut(channel, exchange)
+    out = ResultOut(channel, exchange, fast_path=fastpath.decide())  # as before the switch
     done = asyncio.Event()
     seen = 0
     window = Window()

@@ -1,12 +1,13 @@
 """The worker against the bare consumer, measured in one run on the local RabbitMQ and Redis.
 
-    python -m bench.run [--messages 20000] [--rounds 3] [--cases abcdefg]
+    python -m bench.run [--messages 20000] [--rounds 3] [--cases abcdefgo]
 
 Cases: (a) baseline, a bare aio-pika consumer acknowledging each message and doing nothing else;
 (b) the worker, one replica, Redis, keywords classifier, all-unique traffic; (c) 50 % duplicates;
 (d) 90 % repeated texts (cache hits); (e) in-memory mode; (f) two replicas; (g) the floor of the
 worker's broker traffic: a bare consumer that publishes one confirmed result per message and
-acknowledges, nothing else (``bench/publishing_consumer.py``). Every case consumes the same number
+acknowledges, nothing else (``bench/publishing_consumer.py``); (o) case (b) with ``AMQP_FAST_PATH=off``,
+the replica on stock aio-pika/aiormq. Every case consumes the same number
 of messages published beforehand, so it measures consumption alone; then each worker case gets a
 paced phase (``--latency-rate`` messages/s, 1,000 by default, or half the case's own rate if that
 is lower, for four seconds) that measures the time from publish to result at the same load for
@@ -41,6 +42,7 @@ import redis.asyncio as aioredis
 
 from bench.cpu import Services, cpu_seconds
 from bench.redis_memory import measure as measure_redis_memory
+from worker.amqp import fastpath
 from worker.amqp.results import ResultOut
 from worker.cli import publish
 from worker.cli.replicas import ReplicaGroup, ReplicaNames, listen_for_results, replica_env
@@ -62,6 +64,7 @@ class Case:
     duplicates: float = 0.0
     repeated_texts: float = 0.0
     replicas: int = 1
+    fast_path: bool = True
 
 
 CASES = [
@@ -72,6 +75,7 @@ CASES = [
     Case("e", "worker, in-memory mode", redis=False),
     Case("f", "worker, Redis, two replicas", replicas=2),
     Case("g", "bare consumer + one confirmed publish each", bare=True, publishing=True),
+    Case("o", "worker, Redis, all unique, AMQP_FAST_PATH=off", fast_path=False),
 ]
 
 
@@ -121,7 +125,10 @@ async def prefill(names: ReplicaNames, messages: list[dict[str, Any]]) -> None:
         async def current() -> aiormq.Channel:
             return channel
 
-        out = ResultOut(current, "")  # the default exchange: routed by the queue's name
+        # Direct publishing as before, without installing the frame reader in this process.
+        out = ResultOut(
+            current, "", fast_path=fastpath.decide()
+        )  # the default exchange: routed by the queue's name
         for start in range(0, len(messages), 5000):
             await asyncio.gather(
                 *(
@@ -143,6 +150,7 @@ def case_env(names: ReplicaNames, case: Case) -> dict[str, str]:
     )
     if case.redis:
         env["REDIS_URL"] = REDIS_URL
+    env["AMQP_FAST_PATH"] = "on" if case.fast_path else "off"
     return env
 
 
@@ -391,7 +399,7 @@ async def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="rounds of every case; each case's median is shown"
     )
-    parser.add_argument("--cases", default="abcdefg")
+    parser.add_argument("--cases", default="abcdefgo")
     parser.add_argument(
         "--prefetch", type=int, default=1024, help="prefetch of every case (the worker's default)"
     )
