@@ -93,6 +93,13 @@ class Settings(BaseSettings):
     rabbitmq_consumer_timeout_s: float = Field(default=1_800.0, gt=0)
     # ``off`` runs on stock aio-pika/aiormq (see worker/amqp/fastpath and the README).
     amqp_fast_path: bool = True
+    # ``uvloop`` where it is installed (else asyncio, said once at start); ``asyncio`` opts out.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    # Tracing is on when either is set (and OTEL_SDK_DISABLED is not true); the OpenTelemetry SDK
+    # reads the rest of its OTEL_* variables itself.
+    otel_exporter_otlp_endpoint: str = ""
+    otel_traces_exporter: str = ""
+    otel_sdk_disabled: bool = False
 
     @field_validator(
         "classifier",
@@ -100,6 +107,7 @@ class Settings(BaseSettings):
         "log_level",
         "llm_response_format",
         "redis_failure_mode",
+        "event_loop",
         mode="before",
     )
     @classmethod
@@ -168,6 +176,12 @@ class Settings(BaseSettings):
     def llm_label_set(self) -> tuple[str, ...]:
         """``LLM_LABELS`` as a tuple, in the configured order."""
         return tuple(self.llm_labels.split(","))
+
+    @property
+    def tracing_enabled(self) -> bool:
+        """Whether spans are recorded: an exporter is configured and the SDK is not disabled."""
+        configured = bool(self.otel_exporter_otlp_endpoint or self.otel_traces_exporter)
+        return configured and not self.otel_sdk_disabled and self.otel_traces_exporter != "none"
 
     @property
     def redis_enabled(self) -> bool:
