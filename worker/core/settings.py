@@ -18,7 +18,9 @@ from worker.core.redaction import url_secrets
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps"})
 # URL-valued settings whose input must never be echoed: they may carry a password.
-SECRET_FIELDS = frozenset({"redis_url", "rabbitmq_url", "llm_api_key", "llm_base_url"})
+SECRET_FIELDS = frozenset(
+    {"redis_url", "rabbitmq_url", "llm_api_key", "llm_base_url", "otel_exporter_otlp_endpoint"}
+)
 DEFAULT_LLM_LABELS = "question,complaint,order,greeting,spam,other"
 # Labels become AMQP routing keys: one topic word (no dots, no wildcards), letters first.
 _LLM_LABEL_RE = re.compile(r"[^\W\d_][\w-]{0,63}")
