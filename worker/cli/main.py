@@ -13,6 +13,7 @@ import orjson
 import structlog
 
 from worker import __version__
+from worker.cli.loop import run_on_loop
 from worker.core.errors import ConfigError
 from worker.core.settings import Settings, load_settings
 from worker.observability.logs import configure_logging
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     try:
         if args.command == "run":
-            return asyncio.run(_run(settings))
+            return run_on_loop(_run(settings), settings.event_loop)
         if args.command == "publish":
             return asyncio.run(_publish(settings, args))
         if args.command == "stats":
@@ -257,7 +258,7 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     async def demo() -> int:
         return await run_demo(settings, options, _stop_on_signals())
 
-    return asyncio.run(demo())
+    return run_on_loop(demo(), settings.event_loop)
 
 
 def _demo_problem(args: argparse.Namespace) -> str | None:
