@@ -18,6 +18,7 @@ import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aiormq.exceptions import ChannelInvalidStateError
+from pamqp.commands import Basic
 
 from worker.amqp.connection import (
     CONNECTION_NAME,
@@ -185,7 +186,7 @@ class Broker:
         self, received: Delivery, headers: Mapping[str, Any], *, keep: bool = True
     ) -> aio_pika.Message:
         delivery = received.incoming
-        return aio_pika.Message(
+        return _Copy(
             delivery.body,
             headers={**(delivery.headers or {}), **headers} if keep else dict(headers),
             content_type=delivery.content_type,
@@ -228,3 +229,33 @@ class Broker:
     @property
     def connected(self) -> bool:
         return self.connection.connected.is_set() and not self.connection.is_closed
+
+
+class _WithoutMessageId(Basic.Properties):
+    """Properties that go on the wire without a ``message_id``, whatever is set on them later.
+
+    aiormq's ``basic_publish`` gives every publish lacking one a random ``message_id`` (its key for
+    matching a ``basic.return`` to the publish); a copy of a delivery that had none keeps none.
+    """
+
+    def marshal(self) -> bytes:
+        assigned, self.message_id = self.message_id, None
+        try:
+            return super().marshal()
+        finally:
+            self.message_id = assigned
+
+
+class _Copy(aio_pika.Message):
+    """A retry or dead-letter copy: its properties are the delivery's, an absent
+    ``message_id`` included."""
+
+    @property
+    def properties(self) -> Basic.Properties:
+        properties = super().properties
+        if self.message_id is not None:
+            return properties
+        copy = _WithoutMessageId()
+        for name, value in properties:
+            setattr(copy, name, value)
+        return copy
