@@ -1,0 +1,63 @@
+"""The first hour of an operator: logs that stay JSON through a broker restart, the Redis figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import RABBITMQ_URL, Names
+from tests.integration.proxy import CuttableProxy
+from tests.integration.support import Replicas, ResultSink, body, publish_bodies
+
+pytestmark = pytest.mark.integration
+
+
+def not_json(log_text: str) -> list[str]:
+    """The lines of a log that are not one JSON object each."""
+    bad = []
+    for line in log_text.splitlines():
+        try:
+            parsed = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            bad.append(line)
+            continue
+        if not isinstance(parsed, dict):
+            bad.append(line)
+    return bad
+
+
+async def test_broker_restart_keeps_every_log_line_json(
+    names: Names, amqp: object, tmp_path: Path
+) -> None:
+    """Under LOG_FORMAT=json, a broker connection cut and restored leaves every line of the
+    replica's output a JSON object (the libraries' errors included), and the replica reconnects."""
+    replicas = Replicas(tmp_path)
+    upstream = RABBITMQ_URL.split("@")[-1].rstrip("/")
+    host, _, port = upstream.partition(":")
+    async with CuttableProxy(host, int(port or 5672)) as proxy, ResultSink(names) as sink:
+        try:
+            url = RABBITMQ_URL.replace(upstream, f"127.0.0.1:{proxy.port}")
+            replica = replicas.start(names.env(redis=False, RABBITMQ_URL=url))
+            await replica.started()
+            await publish_bodies(names, [body("before-1", "Привет")])
+            await sink.wait_for_ids({"before-1"}, timeout_s=20)
+            logged_before = len(replica.log_text().splitlines())
+
+            proxy.cut()
+            # The libraries notice the loss and fail one reconnection attempt at least.
+            await replica.wait_for_log("Reconnecting after", timeout_s=20)
+            proxy.restore()
+
+            await publish_bodies(names, [body("after-1", "Снова на связи")])
+            await sink.wait_for_ids({"after-1"}, timeout_s=40)
+        finally:
+            await replica.stop(15)
+            replicas.close()
+    text = replica.log_text()
+    assert len(text.splitlines()) > logged_before
+    assert not_json(text) == [], "\n".join(not_json(text)[:20])
+    library = [e for e in replica.events() if str(e.get("logger", "")).startswith("aio")]
+    assert any("Reconnecting after" in e["event"] for e in library), library
+    assert all(e["level"] in {"warning", "error", "critical"} for e in library)
