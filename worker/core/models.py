@@ -85,7 +85,9 @@ def _message_id(data: dict[str, Any], amqp_message_id: str | None) -> str:
             )
         data["message_id"] = message_id
     if not isinstance(message_id, str):
-        raise InvalidMessage("bad_message_id", f"message_id is a {type(message_id).__name__}")
+        raise InvalidMessage(
+            "bad_message_id", f"message_id must be a string, got {type(message_id).__name__}"
+        )
     if not message_id.strip():
         raise InvalidMessage("bad_message_id", "message_id is empty")
     if len(message_id) > MAX_ID_CHARS or not message_id.isprintable():
@@ -101,7 +103,7 @@ def _text(data: dict[str, Any]) -> str:
     if text is None:
         raise InvalidMessage("no_text", "body has no text field")
     if not isinstance(text, str):
-        raise InvalidMessage("bad_text", f"text is a {type(text).__name__}, not a string")
+        raise InvalidMessage("bad_text", f"text must be a string, got {type(text).__name__}")
     if not text.strip():
         raise InvalidMessage("empty_text", "text is empty or only whitespace")
     return text
