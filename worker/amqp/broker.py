@@ -161,12 +161,16 @@ class Broker:
             raise publish_failed(exc) from exc
 
     def queue_result(
-        self, message: ChatMessage, classification: Classification, cached: bool
+        self,
+        message: ChatMessage,
+        classification: Classification,
+        cached: bool,
+        headers: Mapping[str, str] | None = None,
     ) -> asyncio.Future[object]:
-        """Queue the result to leave with the others of this loop turn (``worker.amqp.results``);
-        the future resolves on the broker's confirm, or fails with one of ``PUBLISH_ERRORS``
-        (``publish_failed`` names it) or ``PermanentError``. ``PermanentError`` at once when the
-        result cannot be encoded."""
+        """Queue the result to leave with the others of this loop turn (``worker.amqp.results``),
+        with ``headers`` (a trace context) if any; the future resolves on the broker's confirm, or
+        fails with one of ``PUBLISH_ERRORS`` (``publish_failed`` names it) or ``PermanentError``.
+        ``PermanentError`` at once when the result cannot be encoded."""
         assert self._results_out is not None, "declare() first"
         body = dict(message.body)
         body["classification"] = {
@@ -180,7 +184,7 @@ class Broker:
         except orjson.JSONEncodeError as exc:
             raise PermanentError(f"the result cannot be encoded: {exc}") from exc
         # Not mandatory: with nobody bound to the results exchange, results are discarded.
-        return self._results_out.publish(encoded, classification.label, message.message_id)
+        return self._results_out.publish(encoded, classification.label, message.message_id, headers)
 
     def _copy(
         self, received: Delivery, headers: Mapping[str, Any], *, keep: bool = True

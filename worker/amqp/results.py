@@ -11,7 +11,7 @@ channel lock keeps that order). A result is never taken as published before the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiormq import Channel
@@ -57,14 +57,21 @@ class ResultOut:
         """Whether results leave through the fast path's direct publisher."""
         return self._direct is not None
 
-    def publish(self, body: bytes, routing_key: str, message_id: str) -> asyncio.Future[object]:
-        """Queue one result; the future resolves when the broker confirms it, or raises if the
-        broker rejects it or the channel closes first."""
+    def publish(
+        self,
+        body: bytes,
+        routing_key: str,
+        message_id: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> asyncio.Future[object]:
+        """Queue one result (with AMQP ``headers``, if any: a trace context); the future
+        resolves when the broker confirms it, or raises if the broker rejects it or the channel
+        closes first."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[object] = loop.create_future()
         if not self._pending:
             self._keep(loop.create_task(self._flush()))  # after this turn's results are queued
-        self._pending.append(Outgoing(body, routing_key, message_id, done))
+        self._pending.append(Outgoing(body, routing_key, message_id, done, headers))
         return done
 
     def _keep(self, task: asyncio.Future[Any]) -> None:
@@ -99,6 +106,7 @@ class ResultOut:
                 continue
             properties = Basic.Properties(
                 content_type=CONTENT_TYPE.decode(),
+                headers=dict(item.headers) if item.headers else None,
                 delivery_mode=PERSISTENT,
                 message_id=item.message_id,
                 app_id=self._app_id,

@@ -24,10 +24,11 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+import pamqp.encode
 import pamqp.frame
 from aiormq import Channel
 from aiormq.abc import ChannelFrame
@@ -40,6 +41,7 @@ _CONTENT_HEADER_FRAME = 2
 _BODY_FRAME = 3
 _BASIC_CLASS = 60
 _FLAG_CONTENT_TYPE = 0x8000
+_FLAG_HEADERS = 0x2000
 _FLAG_DELIVERY_MODE = 0x1000
 _FLAG_MESSAGE_ID = 0x0080
 _FLAG_APP_ID = 0x0008
@@ -57,6 +59,7 @@ class Outgoing:
     routing_key: str
     message_id: str
     done: asyncio.Future[object]
+    headers: Mapping[str, str] | None = None  # a trace context (``worker.observability.tracing``)
 
 
 def _shortstr(value: bytes) -> bytes:
@@ -65,10 +68,20 @@ def _shortstr(value: bytes) -> bytes:
     return bytes([len(value)]) + value
 
 
-def content_header(channel: int, body_size: int, message_id: str, app_id: str | None) -> bytes:
+def content_header(
+    channel: int,
+    body_size: int,
+    message_id: str,
+    app_id: str | None,
+    headers: Mapping[str, str] | None = None,
+) -> bytes:
     """The content header frame of a persistent JSON result: what pamqp marshals for
-    ``Basic.Properties(content_type, delivery_mode=2, message_id, app_id)``."""
+    ``Basic.Properties(content_type, headers, delivery_mode=2, message_id, app_id)``."""
     flags = _FLAG_CONTENT_TYPE | _FLAG_DELIVERY_MODE | _FLAG_MESSAGE_ID
+    table = b""
+    if headers:
+        flags |= _FLAG_HEADERS
+        table = pamqp.encode.field_table(dict(headers))
     tail = _shortstr(message_id.encode())
     if app_id:
         flags |= _FLAG_APP_ID
@@ -76,6 +89,7 @@ def content_header(channel: int, body_size: int, message_id: str, app_id: str | 
     payload = (
         struct.pack(">HHQH", _BASIC_CLASS, 0, body_size, flags)
         + _shortstr(CONTENT_TYPE)
+        + table
         + bytes([PERSISTENT])
         + tail
     )
@@ -169,7 +183,9 @@ class DirectPublisher:
         confirmations = cast(dict[int, asyncio.Future[object]], channel.confirmations)
         for item in batch:
             try:
-                header = content_header(number, len(item.body), item.message_id, self._app_id)
+                header = content_header(
+                    number, len(item.body), item.message_id, self._app_id, item.headers
+                )
             except ValueError as exc:
                 item.done.set_exception(
                     PermanentError(f"the result's message_id cannot be sent over AMQP: {exc}")
