@@ -38,6 +38,7 @@ from worker.processing.faults import Faults
 from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.pipeline import Pipeline
 from worker.processing.stopping import Stopping
+from worker.processing.traced import pipeline_hooks
 from worker.redisio.keys import RedisKeys
 from worker.redisio.link import FALLBACK_IN_MEMORY, FALLBACK_STRICT, RedisLink, make_redis
 
@@ -183,7 +184,9 @@ def build_consumer(
         classifier=classifier,
         failures=failures,
         counters=counters,
-        hooks=Faults.parse(settings.fault_injection),
+        hooks=pipeline_hooks(
+            settings, Faults.parse(settings.fault_injection), replica_id=base.identity.replica_id
+        ),
     )
     limits = ConsumerLimits(settings.max_message_bytes, settings.max_attempts, settings.prefetch)
     return MessageConsumer(

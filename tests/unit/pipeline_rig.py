@@ -89,7 +89,7 @@ class RecordingOutbox:
     dead_letters: list[tuple[int, str, str, int]] = field(default_factory=list)
 
     def queue_result(
-        self, message: ChatMessage, classification: Classification, cached: bool
+        self, message: ChatMessage, classification: Classification, cached: bool, headers=None
     ) -> asyncio.Future[object]:
         self.results.append((message.message_id, classification, cached))
         confirmed: asyncio.Future[object] = asyncio.get_running_loop().create_future()

@@ -139,6 +139,7 @@ class MessageConsumer:
             log.error("delivery_settled_twice", delivery_tag=delivery.delivery_tag)
             return
         self._unsettled.discard(delivery)
+        self._pipeline.hooks.settled(delivery, outcome)
         if delivery.stale:
             return  # its channel closed (broker connection lost): the broker redelivers it
         self._acker.settle(delivery.channel, delivery.delivery_tag, outcome)
@@ -200,6 +201,7 @@ class MessageConsumer:
     async def _claim_and_act(self, parsed: list[tuple[Delivery, ChatMessage]]) -> None:
         """Claim the pass's IDs in one round trip, then act on each answer."""
         asks = [ClaimAsk(m.message_id, seen_before(d), suspect_at(d)) for d, m in parsed]
+        self._pipeline.hooks.before_claim(parsed)
         claims = await self._claimer.claim(asks)
         if claims is None:
             for delivery, _ in parsed:
@@ -219,6 +221,7 @@ class MessageConsumer:
         """Act on the triage of each claimed delivery: the claimed ones are worked on together."""
         batch: list[Work] = []
         steps: list[Coroutine[Any, Any, None]] = []
+        self._pipeline.hooks.claimed(items)
         for item in items:
             verdict, attempt = self._verdict_of(item.delivery, item.claim)
             if verdict is Verdict.WORK:
@@ -243,6 +246,7 @@ class MessageConsumer:
         self._local_work.finished(item.message.message_id)
         again = verdict is Verdict.DONE_AGAIN
         counter = CounterName.REDELIVERED_DONE if again else CounterName.DUPLICATES
+        self._pipeline.hooks.on_duplicate(item, again)
         self._counters.record(counter, in_redis=item.claim.in_redis)
         log.debug("duplicate_skipped", message_id=item.message.message_id, redelivered=again)
         self._settle(item.delivery, Outcome.ACK)

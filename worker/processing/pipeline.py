@@ -68,6 +68,11 @@ class Pipeline:
         self._counters = counters
         self._hooks = hooks
 
+    @property
+    def hooks(self) -> Hooks:
+        """The hooks of the messages' path (the inbox calls those of the claims)."""
+        return self._hooks
+
     async def work(self, batch: Sequence[Work]) -> list[Finished]:
         """Work on ``batch``; how each of its deliveries is to be settled, in order."""
         started = time.perf_counter()
@@ -100,6 +105,7 @@ class Pipeline:
         """Write the completions of the messages whose results are confirmed, and count them."""
         if not published:
             return
+        self._hooks.published(batch, published)
         for i in published:
             self._hooks.after_publish(batch[i].message.message_id)
         cached = [_cached(produced[i]) for i in published]
@@ -153,13 +159,16 @@ class Pipeline:
                 produced[i] = exc
             else:
                 asked.append(i)
+        started_ns = time.time_ns()
         answers = await self._classifier.classify_many([batch[i].message.text for i in asked])
+        self._hooks.classified(batch, asked, answers, started_ns)
         for i, answer in zip(asked, answers, strict=True):
             if isinstance(answer, BaseException):
                 produced[i] = answer
                 continue
             try:
-                confirms[i] = self._outbox.queue_result(batch[i].message, *answer)
+                headers = self._hooks.result_headers(batch[i])
+                confirms[i] = self._outbox.queue_result(batch[i].message, *answer, headers)
             except PermanentError as exc:
                 produced[i] = exc
             else:

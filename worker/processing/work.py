@@ -4,6 +4,7 @@ broker side (``Outbox``), so that the pipeline can be run against a recording fa
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import NamedTuple, Protocol
 
 from worker.amqp.delivery import Delivery
@@ -33,7 +34,11 @@ class Outbox(Protocol):
     """Where results, retries and dead letters go (``worker.amqp.broker.Broker``)."""
 
     def queue_result(
-        self, message: ChatMessage, classification: Classification, cached: bool
+        self,
+        message: ChatMessage,
+        classification: Classification,
+        cached: bool,
+        headers: Mapping[str, str] | None = None,
     ) -> asyncio.Future[object]:
         """The result on its way; the future resolves on the broker's confirm. Raises
         ``PermanentError`` at once when it cannot be encoded."""
