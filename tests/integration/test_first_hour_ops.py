@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from tests.conftest import RABBITMQ_URL, Names
 from tests.integration.proxy import CuttableProxy
@@ -61,3 +64,30 @@ async def test_broker_restart_keeps_every_log_line_json(
     library = [e for e in replica.events() if str(e.get("logger", "")).startswith("aio")]
     assert any("Reconnecting after" in e["event"] for e in library), library
     assert all(e["level"] in {"warning", "error", "critical"} for e in library)
+
+
+async def test_redis_connections_and_commands_per_second_in_stats_and_metrics(
+    names: Names, amqp: object, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Against the real Redis, the stats' ``redis`` section and /metrics of a replica report the
+    connections Redis has open (the replica's and this test's at least) and its commands per second."""
+    replicas = Replicas(tmp_path)
+    try:
+        replica = replicas.start(names.env())
+        await replica.started()
+        await redis_client.ping()
+        port = replica.stats_port
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.get(f"http://127.0.0.1:{port}/api/monitoring/stats") as response:
+                section = orjson.loads(await response.read())["redis"]
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                exposition = await response.text()
+    finally:
+        replicas.close()
+    assert section["connected_clients"] >= 2
+    assert isinstance(section["instantaneous_ops_per_sec"], int)
+    assert section["instantaneous_ops_per_sec"] >= 0
+    figures = dict(re.findall(r"^(neiromatrius_redis_\w+) (\S+)$", exposition, re.MULTILINE))
+    assert float(figures["neiromatrius_redis_connected_clients"]) >= 2
+    assert float(figures["neiromatrius_redis_ops_per_second"]) >= 0
+    assert float(figures["neiromatrius_redis_used_memory_bytes"]) > 0

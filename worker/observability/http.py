@@ -5,9 +5,9 @@
   this replica's own counters under ``replica``.
 - ``GET /health/live``: 200 while the process serves HTTP.
 - ``GET /health/ready``: 200 while connected to the broker and consuming, else 503 with the reason.
-- ``GET /metrics``: this replica's counters, in-flight, Redis/broker state and queue depths in the
-  Prometheus text format. Counters are per replica (sum them in PromQL); queue depths are the same
-  from every replica (take ``max``).
+- ``GET /metrics``: this replica's counters, in-flight, Redis/broker state, queue depths and Redis
+  ``INFO`` figures in the Prometheus text format. Counters are per replica (sum them in PromQL);
+  queue depths and Redis figures are the same from every replica (take ``max``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from worker import __version__
 from worker.observability.counters import Counters, ReplicaIdentity
+from worker.observability.exposition import gauge, queue_depth_metric, redis_metrics, scrape_redis
 from worker.observability.metrics import CounterName
 from worker.observability.stats import (
     BROKER_UNREACHABLE,
@@ -147,13 +148,14 @@ class ReplicaView:
 class ReplicaCollector(Collector):
     """Prometheus metrics computed at scrape time from the replica's counters (nothing per message).
 
-    Queue depths need the broker, which ``collect`` cannot await: the ``/metrics`` handler reads
-    them first and leaves them in ``queue_depths``.
+    Queue depths and Redis ``INFO`` need I/O, which ``collect`` cannot await: the ``/metrics``
+    handler reads them first and leaves them in ``queue_depths`` and ``redis``.
     """
 
     def __init__(self, view: ReplicaView) -> None:
         self._view = view
         self.queue_depths: dict[str, Any] | None = None
+        self.redis: dict[str, Any] | None = None
 
     def collect(self) -> Iterator[Metric]:
         view = self._view
@@ -174,7 +176,9 @@ class ReplicaCollector(Collector):
         yield from _classifier_metrics(view)
         yield from _state_gauges(view)
         if self.queue_depths is not None:
-            yield _queue_depths(self.queue_depths)
+            yield queue_depth_metric(self.queue_depths)
+        if self.redis is not None:
+            yield from redis_metrics(self.redis)
 
 
 def _counter_metrics(view: ReplicaView) -> Iterator[Metric]:
@@ -193,7 +197,7 @@ def _classifier_metrics(view: ReplicaView) -> Iterator[Metric]:
     for name, value in sorted(view.classifier_tallies().items()):
         # Tallies of the cache tiers, single flights, rate limiter and LLM client.
         if name in GAUGE_TALLIES:
-            yield _gauge(f"neiromatrius_{name}", f"Classifier state: {name}.", value)
+            yield gauge(f"neiromatrius_{name}", f"Classifier state: {name}.", value)
         else:
             family = CounterMetricFamily(
                 f"neiromatrius_{name}", f"Classifier events counted as {name} by this replica."
@@ -203,42 +207,23 @@ def _classifier_metrics(view: ReplicaView) -> Iterator[Metric]:
 
 
 def _state_gauges(view: ReplicaView) -> Iterator[Metric]:
-    yield _gauge("neiromatrius_in_flight", "Deliveries being handled now.", view.in_flight())
-    yield _gauge(
+    yield gauge("neiromatrius_in_flight", "Deliveries being handled now.", view.in_flight())
+    yield gauge(
         "neiromatrius_redis_configured",
         "1 when REDIS_URL is set (cluster mode), 0 in in-memory mode.",
         view.link is not None,
     )
-    yield _gauge(
+    yield gauge(
         "neiromatrius_redis_connected",
         "1 when Redis is configured and reachable.",
         view.link is not None and view.link.available,
     )
-    yield _gauge(
+    yield gauge(
         "neiromatrius_broker_connected",
         "1 when RabbitMQ is reachable.",
         view.broker_connected(),
     )
-    yield _gauge("neiromatrius_consuming", "1 while the consumer is running.", view.consuming())
-
-
-def _queue_depths(queue_depths: dict[str, Any]) -> Metric:
-    depth = GaugeMetricFamily(
-        "neiromatrius_queue_messages",
-        "Messages waiting in the queue (the same for every replica: use max).",
-        labels=["queue"],
-    )
-    for role in ("input", "dead_letter"):
-        messages = queue_depths.get(role, {}).get("messages")
-        if messages is not None:
-            depth.add_metric([role], float(messages))
-    return depth
-
-
-def _gauge(name: str, documentation: str, value: float | bool) -> GaugeMetricFamily:
-    gauge = GaugeMetricFamily(name, documentation)
-    gauge.add_metric([], float(value))
-    return gauge
+    yield gauge("neiromatrius_consuming", "1 while the consumer is running.", view.consuming())
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -263,6 +248,7 @@ def build_app(view: ReplicaView) -> web.Application:
 
     async def metrics(_: web.Request) -> web.Response:
         collector.queue_depths = await view.queues()
+        collector.redis = await scrape_redis(view.link)
         return web.Response(body=generate_latest(registry), headers={"Content-Type": METRICS_TYPE})
 
     app = web.Application()

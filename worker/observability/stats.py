@@ -97,7 +97,10 @@ async def read_replicas(redis: Redis, keys: RedisKeys) -> list[dict[str, Any]]:
 
 
 async def read_redis_memory(redis: Redis) -> dict[str, Any]:
+    """The three figures the source document watches (memory, connections, commands per
+    second) and evictions, from ``INFO memory``, ``clients`` and ``stats``."""
     memory = await redis.info("memory")
+    clients = await redis.info("clients")
     stats = await redis.info("stats")
     evicted = int(stats.get("evicted_keys", 0))
     found: dict[str, Any] = {
@@ -106,6 +109,8 @@ async def read_redis_memory(redis: Redis) -> dict[str, Any]:
         "maxmemory": int(memory.get("maxmemory", 0)),
         "maxmemory_policy": memory.get("maxmemory_policy"),
         "evicted_keys": evicted,
+        "connected_clients": int(clients.get("connected_clients", 0)),
+        "instantaneous_ops_per_sec": int(stats.get("instantaneous_ops_per_sec", 0)),
     }
     if evicted:
         found["warning"] = (
@@ -264,6 +269,8 @@ def _redis_lines(redis: dict[str, Any] | None) -> list[str]:
         f"  redis memory     {redis.get('used_memory_human')} "
         f"(max {redis.get('maxmemory') or 'unlimited'}, policy {redis.get('maxmemory_policy')},"
         f" evicted {redis.get('evicted_keys')})",
+        f"  redis clients    {redis.get('connected_clients') or 0:,} connected, "
+        f"{redis.get('instantaneous_ops_per_sec') or 0:,} commands/s",
     ]
     if "warning" in redis:
         lines.append(f"  WARNING: {redis['warning']}")

@@ -1,0 +1,74 @@
+"""Prometheus families of what ``/metrics`` reads at scrape time: queue depths and Redis ``INFO``.
+
+A collector's ``collect`` cannot await, so the ``/metrics`` handler asks the broker and Redis first
+and hands the documents (the same ones the stats JSON shows) to these functions. Both are the same
+from every replica: take ``max`` in PromQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from worker.observability.stats import read_redis_memory
+from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+
+# (metric name, field of the stats' ``redis`` section, help) for the gauges.
+REDIS_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("neiromatrius_redis_used_memory_bytes", "used_memory", "Memory Redis uses, in bytes."),
+    ("neiromatrius_redis_maxmemory_bytes", "maxmemory", "Redis maxmemory in bytes (0: no limit)."),
+    (
+        "neiromatrius_redis_connected_clients",
+        "connected_clients",
+        "Client connections Redis has open (every replica's included).",
+    ),
+    (
+        "neiromatrius_redis_ops_per_second",
+        "instantaneous_ops_per_sec",
+        "Commands per second Redis executes (its instantaneous_ops_per_sec).",
+    ),
+)
+
+
+def gauge(name: str, documentation: str, value: float | bool) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation)
+    family.add_metric([], float(value))
+    return family
+
+
+def queue_depth_metric(queue_depths: dict[str, Any]) -> Metric:
+    depth = GaugeMetricFamily(
+        "neiromatrius_queue_messages",
+        "Messages waiting in the queue (the same for every replica: use max).",
+        labels=["queue"],
+    )
+    for role in ("input", "dead_letter"):
+        messages = queue_depths.get(role, {}).get("messages")
+        if messages is not None:
+            depth.add_metric([role], float(messages))
+    return depth
+
+
+def redis_metrics(redis: dict[str, Any]) -> Iterator[Metric]:
+    """Memory, connections, commands per second and evictions of the stats' ``redis`` section."""
+    for name, field, documentation in REDIS_GAUGES:
+        if isinstance(redis.get(field), int | float):
+            yield gauge(name, documentation, redis[field])
+    evicted = CounterMetricFamily(
+        "neiromatrius_redis_evicted_keys", "Keys Redis evicted to stay under maxmemory."
+    )
+    evicted.add_metric([], float(redis.get("evicted_keys") or 0))
+    yield evicted
+
+
+async def scrape_redis(link: RedisLink | None) -> dict[str, Any] | None:
+    """The stats' ``redis`` section now, or ``None`` without a reachable Redis."""
+    if link is None or not link.available:
+        return None
+    try:
+        return await read_redis_memory(link.client)
+    except REDIS_UNAVAILABLE as exc:
+        link.report_failure(exc)
+        return None
