@@ -7,7 +7,9 @@ Cases: (a) baseline, a bare aio-pika consumer acknowledging each message and doi
 (d) 90 % repeated texts (cache hits); (e) in-memory mode; (f) two replicas; (g) the floor of the
 worker's broker traffic: a bare consumer that publishes one confirmed result per message and
 acknowledges, nothing else (``bench/publishing_consumer.py``); (o) case (b) with ``AMQP_FAST_PATH=off``,
-the replica on stock aio-pika/aiormq. Every case consumes the same number
+the replica on stock aio-pika/aiormq; (t) and (u) case (b) with tracing on, every span made,
+sampled at 100 % and 1 % (``parentbased_traceidratio``), batched and dropped by the ``discard``
+exporter (``worker.observability.tracing``). Every case consumes the same number
 of messages published beforehand, so it measures consumption alone; then each worker case gets a
 paced phase (``--latency-rate`` messages/s, 1,000 by default, or half the case's own rate if that
 is lower, for four seconds) that measures the time from publish to result at the same load for
@@ -65,6 +67,13 @@ class Case:
     repeated_texts: float = 0.0
     replicas: int = 1
     fast_path: bool = True
+    env: tuple[tuple[str, str], ...] = ()  # extra settings of the replicas
+
+
+def _traced(ratio: str) -> tuple[tuple[str, str], ...]:
+    """Tracing on, spans made, sampled at ``ratio`` and batched, then dropped (no collector)."""
+    sampler = ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    return (("OTEL_TRACES_EXPORTER", "discard"), sampler, ("OTEL_TRACES_SAMPLER_ARG", ratio))
 
 
 CASES = [
@@ -76,6 +85,8 @@ CASES = [
     Case("f", "worker, Redis, two replicas", replicas=2),
     Case("g", "bare consumer + one confirmed publish each", bare=True, publishing=True),
     Case("o", "worker, Redis, all unique, AMQP_FAST_PATH=off", fast_path=False),
+    Case("t", "worker, Redis, all unique, tracing on, 100% sampled", env=_traced("1.0")),
+    Case("u", "worker, Redis, all unique, tracing on, 1% sampled", env=_traced("0.01")),
 ]
 
 
@@ -151,6 +162,7 @@ def case_env(names: ReplicaNames, case: Case) -> dict[str, str]:
     if case.redis:
         env["REDIS_URL"] = REDIS_URL
     env["AMQP_FAST_PATH"] = "on" if case.fast_path else "off"
+    env.update(case.env)
     return env
 
 
