@@ -41,7 +41,7 @@ log = structlog.get_logger("worker.claims")
 
 STRICT_RETRY_MAX_S = 1.0
 
-WRITE_BACK = LuaScript("worker.claims", "write_back.lua")
+WRITE_BACK = LuaScript("worker.claims", "write_back.lua", library=("count_completed.lua",))
 
 
 class FallbackClaimStore:

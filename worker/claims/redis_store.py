@@ -29,7 +29,7 @@ from worker.redisio.keys import THROUGHPUT_BUCKET_TTL_S, RedisKeys
 from worker.redisio.scripts import RENEW, LuaScript
 
 CLAIM = LuaScript("worker.claims", "claim.lua")
-COMPLETE = LuaScript("worker.claims", "complete.lua")
+COMPLETE = LuaScript("worker.claims", "complete.lua", library=("count_completed.lua",))
 RELEASE = LuaScript("worker.claims", "release.lua")
 
 

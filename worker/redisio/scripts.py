@@ -22,14 +22,17 @@ from redis.commands.core import AsyncScript
 
 @dataclass(frozen=True, slots=True)
 class LuaScript:
-    """The script ``scripts/{name}`` of the package ``package``."""
+    """The script ``scripts/{name}`` of the package ``package``, after the files of ``library``
+    (Lua functions it calls, each a ``scripts/`` file of the same package)."""
 
     package: str
     name: str
+    library: tuple[str, ...] = ()
 
     @property
     def source(self) -> str:
-        return _read(self.package, self.name)
+        parts = [_read(self.package, part) for part in (*self.library, self.name)]
+        return "\n".join(parts)
 
     def register(self, client: Redis) -> AsyncScript:
         """``client``'s handle to this script (no round trip: the script is loaded on first use)."""

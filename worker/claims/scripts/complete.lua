@@ -8,9 +8,7 @@
 -- then per ID, three values: the ID, the owner's token, '1' for a cache hit ('0' not);
 -- last: the throughput bucket stem (the bucket is stem .. the Redis clock's second).
 -- Answer: per ID, 1 completed, 0 the claim is not ours (any more).
--- Counters (fields of KEYS[1], the names of CounterName): processed, cache_hits, cache_misses.
--- The counting tail is the same as in write_back.lua.
-local PROCESSED, CACHE_HITS, CACHE_MISSES = 'processed', 'cache_hits', 'cache_misses'
+-- Counting: count_completed.lua (put in front of this script by the loader).
 local ttl_s, bucket_ttl_s = ARGV[1], ARGV[2]
 local done_stem, claim_stem, attempts_stem = ARGV[3], ARGV[4], ARGV[5]
 local out = {}
@@ -28,12 +26,5 @@ for i = 1, (#ARGV - 6) / 3 do
     out[i] = 0
   end
 end
-if processed > 0 then
-  redis.call('HINCRBY', KEYS[1], PROCESSED, processed)
-  if hits > 0 then redis.call('HINCRBY', KEYS[1], CACHE_HITS, hits) end
-  if processed > hits then redis.call('HINCRBY', KEYS[1], CACHE_MISSES, processed - hits) end
-  local bucket = ARGV[#ARGV] .. redis.call('TIME')[1]
-  redis.call('INCRBY', bucket, processed)
-  redis.call('EXPIRE', bucket, bucket_ttl_s)
-end
+count_completed(KEYS[1], processed, hits, ARGV[#ARGV], bucket_ttl_s)
 return out

@@ -6,9 +6,7 @@
 -- counted already), '1' (a cache miss to count) or '2' (a hit to count);
 -- last: the throughput bucket stem (the bucket is stem .. the Redis clock's second).
 -- Answer: how many completions were counted.
--- Counters (fields of KEYS[1], the names of CounterName): processed, cache_hits, cache_misses.
--- The counting tail is the same as in complete.lua.
-local PROCESSED, CACHE_HITS, CACHE_MISSES = 'processed', 'cache_hits', 'cache_misses'
+-- Counting: count_completed.lua (put in front of this script by the loader).
 local ttl_s, bucket_ttl_s = ARGV[1], ARGV[2]
 local processed, hits = 0, 0
 local n = (#KEYS - 1) / 2
@@ -21,12 +19,5 @@ for i = 1, n do
     if kind == '2' then hits = hits + 1 end
   end
 end
-if processed > 0 then
-  redis.call('HINCRBY', KEYS[1], PROCESSED, processed)
-  if hits > 0 then redis.call('HINCRBY', KEYS[1], CACHE_HITS, hits) end
-  if processed > hits then redis.call('HINCRBY', KEYS[1], CACHE_MISSES, processed - hits) end
-  local bucket = ARGV[#ARGV] .. redis.call('TIME')[1]
-  redis.call('INCRBY', bucket, processed)
-  redis.call('EXPIRE', bucket, bucket_ttl_s)
-end
+count_completed(KEYS[1], processed, hits, ARGV[#ARGV], bucket_ttl_s)
 return processed
