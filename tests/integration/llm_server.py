@@ -1,7 +1,8 @@
 """A local OpenAI-compatible chat-completions server for tests (nothing leaves the machine).
 
 It answers ``POST /v1/chat/completions`` on 127.0.0.1 (a free port) after ``latency_s``, labels each
-text deterministically, and can be told to misbehave: per text (``script``), for the next requests
+text deterministically, lists ``models`` at ``GET /v1/models`` (404 when ``models`` is ``None``, or
+``models_status`` if set), and can be told to misbehave: per text (``script``), for the next requests
 whatever their text (``fail_next``), or by a function of the request (``policy``). Every request is
 recorded with its arrival and answer times (the server's ``time.monotonic``), text, model,
 ``Authorization`` header, status and JSON body. Error bodies echo the key the client sent, as real
@@ -87,6 +88,9 @@ class FakeLLM:
         self.labels = labels
         self.requests: list[Recorded] = []
         self.policy: Policy | None = None
+        self.models: list[str] | None = ["test-model"]
+        self.models_status = 200
+        self.models_requests: list[str] = []  # the Authorization header of each GET /v1/models
         self._scripts: dict[str, deque[Reply]] = {}
         self._next: deque[Reply] = deque()
         self._runner: web.AppRunner | None = None
@@ -162,6 +166,15 @@ class FakeLLM:
         )
         return response
 
+    async def _models(self, request: web.Request) -> web.Response:
+        self.models_requests.append(request.headers.get("Authorization", ""))
+        if self.models is None:
+            return web.json_response({"error": {"message": "not found"}}, status=404)
+        if self.models_status != 200:
+            return web.json_response({"error": {"message": "no"}}, status=self.models_status)
+        listed = [{"id": model, "object": "model", "owned_by": "test"} for model in self.models]
+        return web.json_response({"object": "list", "data": listed})
+
     @staticmethod
     def _render(reply: Reply, model: str, authorization: str) -> web.Response:
         headers = dict(reply.headers)
@@ -218,6 +231,7 @@ class FakeLLM:
     async def _serve(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

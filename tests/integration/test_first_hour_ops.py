@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -11,7 +15,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import RABBITMQ_URL, Names
+from tests.integration.llm_server import FakeLLM, replica_env
 from tests.integration.proxy import CuttableProxy
+from tests.integration.servers import free_port
 from tests.integration.support import Replicas, ResultSink, body, publish_bodies
 
 pytestmark = pytest.mark.integration
@@ -91,3 +97,77 @@ async def test_redis_connections_and_commands_per_second_in_stats_and_metrics(
     assert float(figures["neiromatrius_redis_connected_clients"]) >= 2
     assert float(figures["neiromatrius_redis_ops_per_second"]) >= 0
     assert float(figures["neiromatrius_redis_used_memory_bytes"]) > 0
+
+
+def run_check(env: dict[str, str]) -> tuple[int, list[str]]:
+    """``neiromatrius-worker check`` in a process of its own: its exit code and output lines."""
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done.returncode, (done.stdout + done.stderr).splitlines()
+
+
+def classifier_line(lines: list[str]) -> str:
+    (found,) = [entry for entry in lines if entry[6:].startswith("classifier")]
+    return found
+
+
+async def test_check_contacts_the_llm_endpoint(names: Names, tmp_path: Path) -> None:
+    """``check`` with CLASSIFIER=llm asks the endpoint: a served model is ok (exit 0), a closed
+    port is unreachable, a model the endpoint does not list names LLM_MODEL, a refused key names
+    LLM_API_KEY (without showing it), all exit 1; and its columns line up."""
+    key = f"sk-check-{uuid.uuid4().hex}"
+    async with FakeLLM() as served, FakeLLM() as refusing:
+        refusing.models_status = 401
+        closed = f"http://127.0.0.1:{free_port()}/v1"
+        base = names.env(redis=False)
+        envs = {
+            "served": replica_env(served, base, LLM_API_KEY=key),
+            "closed": {**replica_env(served, base), "LLM_BASE_URL": closed},
+            "unlisted": replica_env(served, base, LLM_MODEL="gpt-typo"),
+            "refused": replica_env(refusing, base, LLM_API_KEY=key),
+        }
+        results = await asyncio.gather(*(asyncio.to_thread(run_check, e) for e in envs.values()))
+        outcomes = dict(zip(envs, results, strict=True))
+    code, lines = outcomes["served"]
+    assert code == 0, lines
+    assert classifier_line(lines).startswith("ok    classifier  llm:v1:test-model:")
+    assert classifier_line(lines).endswith("model 'test-model' listed by GET /models")
+    assert served.models_requests.count(f"Bearer {key}") == 1
+    assert {entry[:18] for entry in lines} == {
+        "info  redis       ",
+        "ok    rabbitmq    ",
+        "ok    classifier  ",
+    }
+    code, lines = outcomes["closed"]
+    assert code == 1
+    assert classifier_line(lines).startswith("FAIL  classifier  llm:")
+    assert "unreachable (ConnectError" in classifier_line(lines)
+    code, lines = outcomes["unlisted"]
+    assert code == 1
+    assert "'gpt-typo' is not among the 1 GET /models lists (test-model)" in classifier_line(lines)
+    assert classifier_line(lines).endswith("check LLM_MODEL")
+    code, lines = outcomes["refused"]
+    assert code == 1
+    assert classifier_line(lines).endswith("HTTP 401, the key was refused: check LLM_API_KEY")
+    assert all(key[9:] not in entry for _, out in outcomes.values() for entry in out)
+
+
+async def test_check_falls_back_to_a_one_token_completion(names: Names, tmp_path: Path) -> None:
+    """Against an endpoint without GET /models (404), ``check`` sends one chat completion of one
+    token for LLM_MODEL and reports that the model answered."""
+    async with FakeLLM() as llm:
+        llm.models = None
+        code, lines = await asyncio.to_thread(run_check, replica_env(llm, names.env(redis=False)))
+    assert code == 0, lines
+    assert classifier_line(lines).endswith(
+        "model 'test-model' answered a one-token completion (no GET /models)"
+    )
+    (request,) = llm.requests
+    assert request.model == "test-model"
+    assert request.body["max_tokens"] == 1

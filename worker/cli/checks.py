@@ -1,8 +1,18 @@
-"""``neiromatrius-worker check``: what works and what does not, one line each."""
+"""``neiromatrius-worker check``: what works and what does not, one line each.
+
+Every configured server is contacted: Redis (``INFO server``), RabbitMQ (a connection), and for
+``CLASSIFIER=llm`` the LLM endpoint with the cheapest request the OpenAI-compatible API offers,
+``GET {LLM_BASE_URL}/models`` (which also says whether ``LLM_MODEL`` is served), falling back to a
+one-token chat completion when the server has no ``/models`` (404 or 405).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
 
 from worker.amqp.broker import connect
 from worker.classification.classifiers.factory import build_classifier
@@ -11,44 +21,149 @@ from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
 from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
 
+PROBE_TIMEOUT_S = 10.0
+NO_MODELS_ROUTE = frozenset({404, 405})
+KEY_REFUSED = frozenset({401, 403})
 
-async def run_checks(settings: Settings) -> int:
-    """Print one line per dependency; exit code 0 only when everything configured works."""
-    failures = 0
-    if settings.redis_enabled:
-        client = make_redis(settings.redis_url, settings.redis_timeout_s)
-        try:
-            info = await client.info("server")
-            print(
-                f"ok    redis     {redact_url(settings.redis_url)} (Redis {info.get('redis_version')})"
-            )
-        except REDIS_UNAVAILABLE as exc:
-            failures += 1
-            print(
-                f"FAIL  redis     {redact_url(settings.redis_url)}: "
-                f"{scrub(str(exc), settings.secrets) or type(exc).__name__}"
-            )
-        finally:
-            await client.aclose()
-    else:
-        print(
-            "info  redis     REDIS_URL not set: in-memory mode (duplicates possible across replicas)"
-        )
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One line of ``check``: whether it works, and what was found."""
+
+    ok: bool
+    detail: str
+
+
+def line(status: str, name: str, detail: str) -> str:
+    """One aligned line: the status, the dependency, what was found."""
+    return f"{status:<6}{name:<12}{detail}"
+
+
+async def check_redis(settings: Settings) -> Outcome:
+    where = redact_url(settings.redis_url)
+    client = make_redis(settings.redis_url, settings.redis_timeout_s)
+    try:
+        info = await client.info("server")
+        return Outcome(True, f"{where} (Redis {info.get('redis_version')})")
+    except REDIS_UNAVAILABLE as exc:
+        return Outcome(False, f"{where}: {scrub(str(exc), settings.secrets) or type(exc).__name__}")
+    finally:
+        await client.aclose()
+
+
+async def check_rabbitmq(settings: Settings) -> Outcome:
+    where = redact_url(settings.rabbitmq_url)
     try:
         connection = await asyncio.wait_for(connect(settings.rabbitmq_url), timeout=10)
         await connection.close()
-        print(f"ok    rabbitmq  {redact_url(settings.rabbitmq_url)}")
+        return Outcome(True, where)
     except Exception as exc:
-        failures += 1
-        print(
-            f"FAIL  rabbitmq  {redact_url(settings.rabbitmq_url)}: "
-            f"{scrub(str(exc), settings.secrets) or type(exc).__name__}"
+        return Outcome(False, f"{where}: {scrub(str(exc), settings.secrets) or type(exc).__name__}")
+
+
+def _headers(settings: Settings) -> dict[str, str]:
+    key = settings.llm_api_key.get_secret_value()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _listed_models(response: httpx.Response) -> list[str] | None:
+    """The model IDs of a ``/models`` answer (``{"data": [{"id": ...}]}``), ``None`` if unreadable."""
+    try:
+        data: Any = response.json().get("data")
+        return [str(entry["id"]) for entry in data]
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return None
+
+
+def _refused(response: httpx.Response, request: str) -> Outcome | None:
+    """The failure an error status means, or ``None`` for a success."""
+    if response.status_code in KEY_REFUSED:
+        return Outcome(
+            False, f"{request}: HTTP {response.status_code}, the key was refused: check LLM_API_KEY"
         )
+    if response.is_error:
+        return Outcome(
+            False, f"{request}: HTTP {response.status_code}: check LLM_BASE_URL and LLM_MODEL"
+        )
+    return None
+
+
+def _model_presence(settings: Settings, response: httpx.Response) -> Outcome:
+    models = _listed_models(response)
+    model = settings.llm_model
+    if models is None:
+        return Outcome(True, f"GET /models answered (no model list to look for {model!r} in)")
+    if model in models:
+        return Outcome(True, f"model {model!r} listed by GET /models")
+    shown = ", ".join(sorted(models)[:5]) + (", ..." if len(models) > 5 else "")
+    return Outcome(
+        False,
+        f"model {model!r} is not among the {len(models)} GET /models lists ({shown}): "
+        "check LLM_MODEL",
+    )
+
+
+async def _completion(client: httpx.AsyncClient, settings: Settings) -> Outcome:
+    body = {
+        "model": settings.llm_model,
+        "messages": [{"role": "user", "content": "ping"}],
+        "max_tokens": 1,
+    }
+    url = settings.llm_base_url.rstrip("/") + "/chat/completions"
+    response = await client.post(url, json=body, headers=_headers(settings))
+    refused = _refused(response, "POST /chat/completions (no GET /models)")
+    return refused or Outcome(
+        True, f"model {settings.llm_model!r} answered a one-token completion (no GET /models)"
+    )
+
+
+async def probe_llm(settings: Settings) -> Outcome:
+    """Whether the LLM endpoint answers with the configured key, and serves ``LLM_MODEL``."""
+    timeout_s = min(settings.llm_timeout_s, PROBE_TIMEOUT_S)
+    async with httpx.AsyncClient(
+        timeout=timeout_s, trust_env=False, follow_redirects=False
+    ) as client:
+        try:
+            url = settings.llm_base_url.rstrip("/") + "/models"
+            response = await client.get(url, headers=_headers(settings))
+            if response.status_code in NO_MODELS_ROUTE:
+                return await _completion(client, settings)
+            return _refused(response, "GET /models") or _model_presence(settings, response)
+        except httpx.TimeoutException:
+            return Outcome(False, f"unreachable: no answer within {timeout_s:g} s")
+        except httpx.HTTPError as exc:
+            reason = scrub(str(exc), settings.secrets) or "no connection"
+            return Outcome(False, f"unreachable ({type(exc).__name__}: {reason})")
+
+
+async def check_classifier(settings: Settings) -> Outcome:
     try:
         classifier = build_classifier(settings)
-        print(f"ok    classifier {classifier.identity}")
-        await classifier.aclose()
     except ConfigError as exc:
-        failures += 1
-        print(f"FAIL  classifier {exc}")
-    return 0 if failures == 0 else 1
+        return Outcome(False, str(exc))
+    identity = classifier.identity
+    await classifier.aclose()
+    if settings.classifier != "llm":
+        return Outcome(True, identity)
+    probed = await probe_llm(settings)
+    return Outcome(probed.ok, f"{identity} at {redact_url(settings.llm_base_url)}: {probed.detail}")
+
+
+async def run_checks(settings: Settings) -> int:
+    """Print one line per dependency; exit code 0 only when everything configured works."""
+    outcomes: list[tuple[str, Outcome]] = []
+    if settings.redis_enabled:
+        outcomes.append(("redis", await check_redis(settings)))
+    else:
+        print(
+            line(
+                "info",
+                "redis",
+                "REDIS_URL not set: in-memory mode (duplicates possible across replicas)",
+            )
+        )
+    outcomes.append(("rabbitmq", await check_rabbitmq(settings)))
+    outcomes.append(("classifier", await check_classifier(settings)))
+    for name, outcome in outcomes:
+        print(line("ok" if outcome.ok else "FAIL", name, outcome.detail))
+    return 0 if all(outcome.ok for _, outcome in outcomes) else 1
