@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 
 from worker.cli.replicas import ReplicaNames, replica_env
 from worker.core.settings import Settings
+from worker.redisio.keys import RedisKeys
 
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL") or "amqp://guest:guest@127.0.0.1:5672/"
@@ -57,6 +58,11 @@ class Names(ReplicaNames):
     def create(cls, tag: str) -> Names:
         return cls(tag, f"test.{tag}.in", f"test.{tag}.out", f"test.{tag}.dead", f"test:{tag}:")
 
+    @property
+    def keys(self) -> RedisKeys:
+        """The worker's key layout under this test's prefix (keys are spelled there only)."""
+        return RedisKeys(self.key_prefix)
+
     def env(self, *, redis: bool = True, **extra: str) -> dict[str, str]:
         """Environment for a replica or CLI process of this test."""
         env = replica_env(
@@ -87,7 +93,7 @@ async def redis_client(names: Names) -> AsyncIterator[aioredis.Redis]:
     try:
         yield client
     finally:
-        keys = [k async for k in client.scan_iter(match=f"{names.key_prefix}*", count=1000)]
+        keys = [k async for k in client.scan_iter(match=names.keys.everything, count=1000)]
         for start in range(0, len(keys), 500):
             await client.delete(*keys[start : start + 500])
         await client.aclose()

@@ -204,7 +204,7 @@ async def broker(
         await connection.close()
         client = aioredis.from_url(environment["REDIS_URL"])
         try:
-            keys = [key async for key in client.scan_iter(match=f"{names.key_prefix}*", count=1000)]
+            keys = [key async for key in client.scan_iter(match=names.keys.everything, count=1000)]
             if keys:
                 await client.delete(*keys)
         finally:

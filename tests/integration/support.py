@@ -101,7 +101,7 @@ async def publish_raw(names: Names, raw: list[tuple[bytes, str | None]]) -> None
 
 
 async def cluster_counters(client: aioredis.Redis, names: Names) -> dict[str, int]:
-    raw = await client.hgetall(f"{names.key_prefix}stats")
+    raw = await client.hgetall(names.keys.stats)
     values = {k.decode(): int(v) for k, v in raw.items()}
     return {c.value: values.get(c.value, 0) for c in CounterName}
 

@@ -265,7 +265,7 @@ async def test_chaos_loses_nothing_and_publishes_next_to_nothing_twice(
 async def read_counters(spare: SpareRedis, names: Names) -> dict[str, int]:
     client = aioredis.Redis.from_url(spare.url)
     try:
-        raw = await client.hgetall(f"{names.key_prefix}stats")
+        raw = await client.hgetall(names.keys.stats)
     finally:
         await client.aclose()
     values = {k.decode(): int(v) for k, v in raw.items()}

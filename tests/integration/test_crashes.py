@@ -46,7 +46,7 @@ async def test_sigkill_while_holding_claims_loses_nothing(
                 held = [
                     k
                     async for k in redis_client.scan_iter(
-                        match=f"{names.key_prefix}claim:*", count=1000
+                        match=names.keys.claim_pattern, count=1000
                     )
                 ]
                 await asyncio.sleep(0.05)
@@ -58,10 +58,7 @@ async def test_sigkill_while_holding_claims_loses_nothing(
             # a claim taken after this scan cannot have its result out (400 ms of work) before the
             # kill a few milliseconds later.
             held = [
-                k
-                async for k in redis_client.scan_iter(
-                    match=f"{names.key_prefix}claim:*", count=1000
-                )
+                k async for k in redis_client.scan_iter(match=names.keys.claim_pattern, count=1000)
             ]
             victim.signal(signal.SIGKILL)
             killed_at = time.monotonic()
@@ -72,10 +69,7 @@ async def test_sigkill_while_holding_claims_loses_nothing(
             # Its claims were taken over once they expired: within about one lease of the kill,
             # plus the time to work through what is left.
             taken_over = [
-                k
-                async for k in redis_client.scan_iter(
-                    match=f"{names.key_prefix}claim:*", count=1000
-                )
+                k async for k in redis_client.scan_iter(match=names.keys.claim_pattern, count=1000)
             ]
             assert taken_over == []
             assert time.monotonic() - killed_at < 60
@@ -100,7 +94,7 @@ async def test_sigkill_takeover_happens_within_about_one_lease(
             )
             await victim.started()
             await publish_bodies(names, [body("slow-1", "Хочу оформить заказ")])
-            key = f"{names.key_prefix}claim:slow-1"
+            key = names.keys.claim("slow-1")
             deadline = time.monotonic() + 10
             while not await redis_client.exists(key) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
@@ -130,7 +124,7 @@ async def test_crash_after_complete_before_ack_counts_nothing_twice(
             await crasher.started()
             await publish_bodies(names, [body("crash-1", "Привет! Как дела?")])
             assert await crasher.wait_exit(timeout_s=20) == -signal.SIGKILL
-            assert await redis_client.exists(f"{names.key_prefix}done:crash-1")
+            assert await redis_client.exists(names.keys.done("crash-1"))
 
             healthy = replicas.start(names.env())
             await healthy.started()

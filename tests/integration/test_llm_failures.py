@@ -106,9 +106,7 @@ async def test_invalid_answers_are_retried_and_never_cached(
             assert dead[0].headers["x-death-reason"] == "retries_exhausted"
             cached = [
                 orjson.loads(await redis_client.get(key))
-                async for key in redis_client.scan_iter(
-                    match=f"{names.key_prefix}cache:*", count=1000
-                )
+                async for key in redis_client.scan_iter(match=names.keys.cache_pattern, count=1000)
             ]
             assert [entry["label"] for entry in cached] == ["order"]
             assert "hopeless" not in sink.by_id

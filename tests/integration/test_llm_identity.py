@@ -45,8 +45,7 @@ async def test_changing_llm_model_makes_cached_texts_miss(
             }
             assert cached == {"a-1": False, "b-1": False, "a-2": True}
             entries = [
-                key
-                async for key in redis_client.scan_iter(f"{names.key_prefix}cache:*", count=1000)
+                key async for key in redis_client.scan_iter(names.keys.cache_pattern, count=1000)
             ]
             assert len(entries) == 2  # one per model, side by side
     finally:

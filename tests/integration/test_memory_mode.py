@@ -85,10 +85,10 @@ async def test_unreachable_redis_falls_back_and_recovers(
             assert sink.total == 100  # the re-sent offline IDs were recognised as done
             client = aioredis.Redis.from_url(spare.url)
             try:
-                assert await client.exists(f"{names.key_prefix}done:on-0")
+                assert await client.exists(names.keys.done("on-0"))
                 # IDs finished during the outage were written back when Redis returned.
-                assert await client.exists(f"{names.key_prefix}done:off-0")
-                processed = await client.hget(f"{names.key_prefix}stats", "processed")
+                assert await client.exists(names.keys.done("off-0"))
+                processed = await client.hget(names.keys.stats, "processed")
                 assert processed is not None
                 assert int(processed) == 100
             finally:

@@ -36,7 +36,7 @@ def http_get(port: int, path: str) -> tuple[int, dict[str, object]]:
 async def stats_of(spare: SpareRedis, names: Names) -> dict[str, int]:
     client = aioredis.Redis.from_url(spare.url)
     try:
-        raw = await client.hgetall(f"{names.key_prefix}stats")
+        raw = await client.hgetall(names.keys.stats)
     finally:
         await client.aclose()
     return {k.decode(): int(v) for k, v in raw.items()}
@@ -52,7 +52,7 @@ async def wait_for_claims(spare: SpareRedis, names: Names, count: int) -> None:
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            held = [k async for k in client.scan_iter(f"{names.key_prefix}claim:*", count=1000)]
+            held = [k async for k in client.scan_iter(names.keys.claim_pattern, count=1000)]
             if len(held) >= count:
                 return
             await asyncio.sleep(0.02)

@@ -131,9 +131,7 @@ async def test_message_that_kills_its_replica_is_dead_lettered_after_max_attempt
             assert headers[REASON_HEADER] == "retries_exhausted"
             assert headers[ATTEMPT_HEADER] == max_attempts
             assert "stopped" in str(headers[DETAIL_HEADER])
-            assert int(await redis_client.get(f"{names.key_prefix}attempts:poison-1")) == (
-                max_attempts
-            )
+            assert int(await redis_client.get(names.keys.attempts("poison-1"))) == (max_attempts)
             await sink.wait_for_ids({m["message_id"] for m in others}, timeout_s=30)
             assert "poison-1" not in sink.by_id
             # The messages in flight with it when it first struck were not dead-lettered.

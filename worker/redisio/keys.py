@@ -59,6 +59,16 @@ class RedisKeys:
     def cache(self, classifier_key: str, text_hash: str) -> str:
         return f"{self.prefix}cache:{classifier_key}:{text_hash}"
 
+    @property
+    def cache_pattern(self) -> str:
+        """A ``SCAN MATCH`` pattern for every cached classification."""
+        return f"{self.prefix}cache:*"
+
+    @property
+    def claim_pattern(self) -> str:
+        """A ``SCAN MATCH`` pattern for every live claim."""
+        return f"{self.claim_stem}*"
+
     def lock(self, classifier_key: str, text_hash: str) -> str:
         """The single-flight lock next to ``cache(classifier_key, text_hash)``."""
         return f"{self.prefix}lock:{classifier_key}:{text_hash}"
