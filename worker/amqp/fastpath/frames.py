@@ -3,8 +3,8 @@
 aiormq reads each frame with three awaited ``readexactly`` calls under a lock, copies it through a
 ``BytesIO`` and decodes it with pamqp's generic decoder, attribute by attribute. A delivery is
 three frames (``Basic.Deliver``, its content header, its body) and every result published brings
-back a ``Basic.Ack``: in case (b) of ``bench/run.py`` that was a quarter of a replica's CPU
-(py-spy), about 30 µs a message in pamqp alone.
+back a ``Basic.Ack``, so this reading was a large share of a replica's CPU (the README's
+"The AMQP fast path" has the measured figures).
 
 ``BufferedFrameReceiver`` takes whatever the socket has in one read, cuts frames out of that
 buffer without awaiting, and decodes those four frames straight into pamqp's own classes, with the
