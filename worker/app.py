@@ -184,9 +184,7 @@ def build_consumer(
         classifier=classifier,
         failures=failures,
         counters=counters,
-        hooks=pipeline_hooks(
-            settings, Faults.parse(settings.fault_injection), replica_id=base.identity.replica_id
-        ),
+        hooks=pipeline_hooks(settings, replica_id=base.identity.replica_id),
     )
     limits = ConsumerLimits(settings.max_message_bytes, settings.max_attempts, settings.prefetch)
     return MessageConsumer(

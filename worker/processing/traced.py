@@ -153,9 +153,10 @@ class TracedHooks(Hooks):
                 traced.publish = None
 
 
-def pipeline_hooks(settings: Settings, faults: Faults, *, replica_id: str = "") -> Hooks:
-    """The fault points, and tracing after them when it is on (``Settings.tracing_enabled``);
-    points nobody uses are left out of the chain."""
+def pipeline_hooks(settings: Settings, *, replica_id: str = "") -> Hooks:
+    """The fault points of ``FAULT_INJECTION``, and tracing after them when it is on
+    (``Settings.tracing_enabled``); points nobody uses are left out of the chain."""
+    faults = Faults.parse(settings.fault_injection)
     tracing = build_tracing(settings, replica_id=replica_id)
     if tracing is None:
         return faults
