@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from tests.integration.llm_server import FakeLLM, replica_env
 from tests.integration.proxy import CuttableProxy
 from tests.integration.servers import free_port
 from tests.integration.support import Replicas, ResultSink, body, publish_bodies
+from worker.cli.demo import DemoOptions, run_demo
+from worker.core.settings import load_settings
 
 pytestmark = pytest.mark.integration
 
@@ -171,3 +174,41 @@ async def test_check_falls_back_to_a_one_token_completion(names: Names, tmp_path
     (request,) = llm.requests
     assert request.model == "test-model"
     assert request.body["max_tokens"] == 1
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, and tells when the progress line first shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress_shown = asyncio.Event()
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if "published" in text:
+            self.progress_shown.set()
+        return super().write(text)
+
+
+async def test_an_interrupted_demo_says_so_on_a_line_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Interrupted (Ctrl-C sets the stop event) while its progress line is on a terminal, the
+    demo ends that line before saying it was interrupted, and exits 130."""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    settings = load_settings(rabbitmq_url=RABBITMQ_URL)
+    options = DemoOptions(replicas=1, messages=20_000, rate_per_s=500, no_redis=True)
+    stop = asyncio.Event()
+    demo = asyncio.get_running_loop().create_task(run_demo(settings, options, stop))
+    await asyncio.wait_for(terminal.progress_shown.wait(), timeout=30)
+    stop.set()
+    assert await asyncio.wait_for(demo, timeout=60) == 130
+    last_progress = terminal.getvalue().split("\r\x1b[K")[-1]
+    assert re.fullmatch(
+        r"[^\n]*in flight \d+\n"
+        r"demo: interrupted; replicas stopped and the run's queues and keys removed\n",
+        last_progress,
+    ), last_progress

@@ -148,21 +148,30 @@ class Demo:
         return summary(facts)
 
 
+def no_redis_notice(options: DemoOptions) -> str:
+    """The line that says the demo runs without Redis; the way to add it unless --no-redis said
+    that is what the user wants."""
+    why = "--no-redis" if options.no_redis else "set REDIS_URL or pass --redis-url"
+    return (
+        f"demo: no Redis ({why}): in-memory replicas, so "
+        "duplicates across replicas are possible and the numbers will show it\n"
+    )
+
+
 async def run_demo(settings: Settings, options: DemoOptions, stop: asyncio.Event) -> int:
     """Run the demo and print its report; the exit code."""
     err = sys.stderr
     if not options.redis_url:
-        err.write(
-            "demo: no Redis (set REDIS_URL or pass --redis-url): in-memory replicas, so "
-            "duplicates across replicas are possible and the numbers will show it\n"
-        )
+        err.write(no_redis_notice(options))
     demo = Demo(settings, options, stop, err)
     try:
         found = await demo.run()
     except DemoFailed as exc:
+        demo.watcher.end_line()
         err.write(f"demo: {exc}\n")
         return 1
     if found is None:
+        demo.watcher.end_line()
         err.write("demo: interrupted; replicas stopped and the run's queues and keys removed\n")
         return 130
     return report(found, options.as_json, err)

@@ -71,6 +71,11 @@ class Progress:
     def accounted(self) -> int:
         return sum(self.total(c) for c in ACCOUNTED)
 
+    def published_at_least(self, total: int) -> int:
+        """Deliveries known to be published: confirmed by the broker, or already received by a
+        replica (confirms of a chunk come after its first messages are processed), at most ``total``."""
+        return min(total, max(self.published, self.accounted + self.in_flight))
+
 
 @dataclass(slots=True)
 class Watcher:
@@ -83,6 +88,7 @@ class Watcher:
     stop: asyncio.Event
     err: TextIO
     progress: Progress = field(default_factory=Progress)
+    line_open: bool = False  # a progress line is on the terminal without its newline
 
     async def publish_plan(self, plan: SamplePlan) -> None:
         messages = publish.from_bodies(m.to_body() for m in plan.messages)
@@ -115,16 +121,25 @@ class Watcher:
     def show_progress(self, started: float, total: int, final: bool = False) -> None:
         p = self.progress
         line = (
-            f"  {time.monotonic() - started:5.1f}s  published {p.published:,}/{total:,}"
+            f"  {time.monotonic() - started:5.1f}s"
+            f"  published {p.published_at_least(total):,}/{total:,}"
             f"  processed {p.total(CounterName.PROCESSED):,}"
             f"  duplicates skipped {p.total(CounterName.DUPLICATES):,}"
             f"  cache hits {p.total(CounterName.CACHE_HITS):,}  in flight {p.in_flight}"
         )
         if self.err.isatty():
             self.err.write("\r\x1b[K" + line + ("\n" if final else ""))
+            self.line_open = not final
         else:
             self.err.write(line + "\n")
         self.err.flush()
+
+    def end_line(self) -> None:
+        """End the progress line on the terminal, so what is written next starts a line."""
+        if self.line_open:
+            self.err.write("\n")
+            self.err.flush()
+            self.line_open = False
 
     async def watch(self, plan: SamplePlan, started: float) -> bool:
         """Poll until every delivery is accounted for; ``False`` if stopped or timed out."""

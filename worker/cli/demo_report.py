@@ -110,12 +110,20 @@ def _cluster_rows(s: dict[str, Any]) -> list[str]:
     # it itself: a hit less and a call more, so hits + misses stay exact.
     races = expected_hits - s["cache_hits"]
     exact = s["cache_hits"] + s["cache_misses"] == s["processed"] and races >= 0
-    hits_note = f"{races} texts were classified by two replicas" if races and exact else ""
-    mark = "≈" if races and exact else ""
+    raced = bool(races and exact)
+    note = f"{races} texts were classified by two replicas" if raced else ""
+    calls_raced = raced and s["classifier_calls"] == s["distinct_texts"] + races
     return [
         _row("processed", s["processed"], s["unique_ids"], "each ID once"),
         _row("duplicates skipped", s["duplicates_skipped"], s["duplicates_published"]),
-        _row("cache hits", s["cache_hits"], expected_hits, hits_note, mark),
+        _row("cache hits", s["cache_hits"], expected_hits, note, "≈" if raced else ""),
+        _row(
+            "classifier calls",
+            s["classifier_calls"],
+            s["distinct_texts"],
+            note if calls_raced else "each distinct text once",
+            "≈" if calls_raced else "",
+        ),
     ]
 
 
@@ -126,12 +134,17 @@ def _memory_rows(s: dict[str, Any]) -> list[str]:
         _row("processed", s["processed"], s["unique_ids"], f"{again} processed again"),
         _row("duplicates skipped", s["duplicates_skipped"], s["duplicates_published"]),
         _row("cache hits", s["cache_hits"], None, "each replica has its own cache"),
+        _row(
+            "classifier calls",
+            s["classifier_calls"],
+            None,
+            f"each text once per replica that saw it (distinct texts: {s['distinct_texts']:,})",
+        ),
     ]
 
 
 def _totals(s: dict[str, Any]) -> list[str]:
     return [
-        _row("classifier calls", s["classifier_calls"], None),
         _row("results published", s["results"], s["processed"]),
         _row("dead-lettered", s["dead_lettered"], 0),
         "",

@@ -32,6 +32,7 @@ class DemoOptions:
     rate_per_s: float = 0.0
     seed: int | None = None
     redis_url: str = ""
+    no_redis: bool = False  # --no-redis: in-memory replicas asked for, whatever REDIS_URL says
     timeout_s: float = 120.0
     as_json: bool = False
 
