@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# promtool (Debian's prometheus package; not on PyPI) checks the /metrics output.
+# promtool (Debian's prometheus package; not on PyPI) checks the /metrics output. Installing it
+# uses apt-get, so run this script as root when promtool is missing (or install prometheus first).
 if ! command -v promtool >/dev/null 2>&1; then
   echo "test: installing promtool (Debian package prometheus)"
   apt-get update -qq
