@@ -22,7 +22,13 @@ logging.getLogger("aiormq.connection").error(
     "error when creating transport: %r", ConnectionRefusedError(111, "Connection refused")
 )
 logging.getLogger("aio_pika.tools").error(
-    "Callback %r error: %s: %s", "<OneShotCallback>", "ChannelInvalidStateError", "closed"
+    "Callback %r error: %s: %s",
+    "<OneShotCallback: cb=<bound method RobustChannel._on_close of <Channel>>>",
+    "ChannelInvalidStateError",
+    "closed",
+)
+logging.getLogger("aio_pika.tools").error(
+    "Callback %r error: %s: %s", "<OneShotCallback: cb=<function mine>>", "ValueError", "bug"
 )
 logging.getLogger("aio_pika.robust_connection").warning(
     'Connection attempt to "%s" failed: %s. Reconnecting after %r seconds.', "amqp://b", "refused", 0.5
@@ -50,20 +56,22 @@ def test_library_records_are_json_objects_with_the_traceback_as_a_field() -> Non
     events = [orjson.loads(line) for line in lines]
     assert [(e["logger"], e["level"]) for e in events] == [
         ("aiormq.connection", "warning"),
+        ("aio_pika.tools", "error"),
         ("aio_pika.robust_connection", "warning"),
     ]
     assert "ConnectionResetError: [Errno 104]" in events[0]["exception"]
     assert events[0]["event"] == "Cancelling cause reader exited abnormally"
-    assert events[1]["event"].endswith("Reconnecting after 0.5 seconds.")
+    assert events[1]["event"].endswith("ValueError: bug")  # a callback's own error is kept
+    assert events[2]["event"].endswith("Reconnecting after 0.5 seconds.")
     assert all(e["timestamp"].endswith("Z") for e in events)
 
 
 def test_a_failed_connection_attempt_is_one_warning() -> None:
-    """aiormq's transport error and aio-pika's callback error, said again by the robust
+    """aiormq's transport error and the closed channel's callback error, said again by the robust
     connection's warning, are dropped at info and kept (as debug) at LOG_LEVEL=debug."""
     assert "error when creating transport" not in run("json")
     debug = [orjson.loads(line) for line in run("json", "debug").splitlines()]
-    demoted = [e for e in debug if e["event"].startswith(("error when", "Callback"))]
+    demoted = [e for e in debug if e["event"].startswith("error when") or "_on_close" in e["event"]]
     assert [e["level"] for e in demoted] == ["debug", "debug"]
 
 

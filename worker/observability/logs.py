@@ -21,12 +21,13 @@ import structlog
 
 LogFormat = Literal["console", "json", "auto"]
 
-# (logger, start of the message template): library records said better by another line.
-LIBRARY_NOISE: tuple[tuple[str, str], ...] = (
+# (logger, start of the message template, part of the message): records another line says better.
+LIBRARY_NOISE: tuple[tuple[str, str, str], ...] = (
     # Each failed connection attempt: aio-pika's robust connection warns with the retry delay.
-    ("aiormq.connection", "error when creating transport"),
-    # A channel's close callback on a connection already closed: the robust connection restores it.
-    ("aio_pika.tools", "Callback %r error"),
+    ("aiormq.connection", "error when creating transport", ""),
+    # A channel's close callback on a connection already closed: the robust connection restores
+    # the channel. Other callbacks' errors are kept.
+    ("aio_pika.tools", "Callback %r error", "._on_close of"),
 )
 
 
@@ -44,7 +45,8 @@ class LibraryNoiseFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         template = str(record.msg)
         if not any(
-            record.name == name and template.startswith(start) for name, start in LIBRARY_NOISE
+            record.name == name and template.startswith(start) and part in record.getMessage()
+            for name, start, part in LIBRARY_NOISE
         ):
             return True
         if self.level > logging.DEBUG:
