@@ -13,6 +13,7 @@ import orjson
 import structlog
 
 from worker import __version__
+from worker.cli import dead_letters
 from worker.cli.loop import run_on_loop
 from worker.core.errors import ConfigError
 from worker.core.settings import Settings, load_settings
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable JSON")
     sub.add_parser("check", help="test the configured connections")
     _demo_parser(sub)
+    dead_letters.add_parser(sub)
     return parser
 
 
@@ -129,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_check(settings))
         if args.command == "demo":
             return _demo(settings, args)
+        if args.command == "dead-letters":
+            return asyncio.run(dead_letters.run(settings, args))
     except ConfigError as exc:
         print(f"neiromatrius-worker: {exc}", file=sys.stderr)
         return EXIT_CONFIG

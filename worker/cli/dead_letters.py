@@ -1,0 +1,328 @@
+"""``neiromatrius-worker dead-letters``: what is in ``DEAD_LETTER_QUEUE``, and putting it back.
+
+Listing takes each dead letter with ``basic.get`` on a channel of its own, never acknowledging
+one, at most as many as the queue held when the command started; closing the channel hands them
+all back, and RabbitMQ puts a requeued message back where it was in a classic queue (the worker
+declares the dead-letter queue classic): nothing is lost or reordered.
+
+``--replay`` publishes a copy of each selected dead letter to ``INPUT_QUEUE`` with publisher
+confirms and acknowledges the dead letter only once the broker confirmed the copy. The copy keeps
+the body and properties and drops the worker's attempt and reason headers and RabbitMQ's
+``x-death`` ones; with Redis, the message's attempt count there is deleted first: the copy starts
+a fresh count. A crash between confirm and ack leaves the dead letter in the queue and a copy in
+the input queue; the next replay sends a second copy of the same ``message_id``, which the
+worker's claims count as a duplicate (docs/reliability.md, "Replaying dead letters").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import sys
+from collections import Counter
+from collections.abc import AsyncGenerator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+import orjson
+from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
+from redis.asyncio import Redis
+
+from worker.amqp.topology import ATTEMPT_HEADER, DETAIL_HEADER, REASON_HEADER
+from worker.core.errors import ConfigError
+from worker.core.redaction import redact_url, scrub
+from worker.core.settings import Settings
+from worker.redisio.keys import RedisKeys
+from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
+
+REPLAY_HEADER = "x-neiromatrius-replay"
+CONNECT_TIMEOUT_S = 10.0
+SHOWN_TEXT_CHARS = 500
+# What the copy does not take over: the worker's attempt/reason marks and RabbitMQ's own.
+DROPPED_HEADER_PREFIXES = ("x-death", "x-first-death", "x-last-death", "x-neiromatrius-")
+DROPPED_HEADERS = frozenset({ATTEMPT_HEADER, REASON_HEADER, DETAIL_HEADER})
+KEPT_PROPERTIES = (
+    "content_type content_encoding correlation_id reply_to timestamp type app_id".split()
+)
+# Not user_id (the broker checks it against the login), nor expiration; priority below.
+UNREACHABLE_ERRORS = (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
+
+
+@dataclass(frozen=True, slots=True)
+class Letter:
+    """One dead letter as the command shows it (``text`` only when asked for)."""
+
+    message_id: str | None  # the ID the worker deduplicates on: the body's, else the property's
+    reason: str
+    detail: str
+    attempts: int | None
+    time: str | None  # the timestamp property, else RabbitMQ's latest x-death time (ISO 8601)
+    text: str | None = None
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dl = sub.add_parser(
+        "dead-letters",
+        help="list the dead-letter queue, or replay it to the input queue",
+        description="Counts DEAD_LETTER_QUEUE by reason (nothing is taken off it); --replay moves "
+        "dead letters back to INPUT_QUEUE with a fresh attempt count, each exactly once.",
+    )
+    dl.add_argument("--show", type=int, default=0, metavar="N", help="list the first N messages")
+    dl.add_argument("--text", action="store_true", help="with --show: include the message text")
+    dl.add_argument("--json", action="store_true", help="machine-readable JSON")
+    dl.add_argument("--replay", action="store_true", help="move them back to the input queue")
+    dl.add_argument("--reason", default=None, help="with --replay: only those with this reason")
+    dl.add_argument("--limit", type=int, default=0, metavar="N", help="with --replay: at most N")
+    dl.add_argument("--pace-s", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow
+
+
+async def run(settings: Settings, args: argparse.Namespace) -> int:
+    """The command; one line on stderr and exit 2 (configuration) or 1 (unreachable) on error."""
+    if args.show < 0 or args.limit < 0 or args.pace_s < 0:
+        return _fail("--show, --limit and --pace-s must be >= 0", 2)
+    try:
+        summary = await _command(settings, args)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    except UNREACHABLE_ERRORS + REDIS_UNAVAILABLE as exc:
+        return _fail(scrub(str(exc), settings.secrets).splitlines()[0] or type(exc).__name__, 1)
+    as_json = orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode()
+    print(as_json if args.json else render(summary))
+    return 0
+
+
+async def _command(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    connection = await _connect(settings)
+    try:
+        if args.replay:
+            return await _replay(connection, settings, args)
+        return await _list(connection, settings, args)
+    finally:
+        with contextlib.suppress(*UNREACHABLE_ERRORS):  # gone: the broker requeues the unacked
+            await connection.close()
+
+
+def _fail(line: str, code: int) -> int:
+    print(f"neiromatrius-worker dead-letters: {line}", file=sys.stderr)
+    return code
+
+
+async def _connect(settings: Settings) -> AbstractConnection:
+    """A plain (not robust) connection: a replay must stop, not resume on a new one."""
+    where = redact_url(settings.rabbitmq_url)
+    url = settings.rabbitmq_url
+    try:
+        return await asyncio.wait_for(aio_pika.connect(url), CONNECT_TIMEOUT_S)
+    except aiormq.exceptions.ProbableAuthenticationError:
+        raise ConfigError(f"RabbitMQ at {where} refused the login: check RABBITMQ_URL") from None
+    except UNREACHABLE_ERRORS as exc:
+        raise ConnectionError(
+            f"RabbitMQ at {where} is unreachable ({type(exc).__name__})"
+        ) from None
+
+
+async def _depth(connection: AbstractConnection, queue: str, setting: str) -> int:
+    """How many messages ``queue`` holds; ``ConfigError`` naming ``setting`` if it does not exist."""
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise ConfigError(f"{setting} names a queue that does not exist: {queue!r}") from None
+    count = declared.declaration_result.message_count or 0
+    await channel.close()
+    return count
+
+
+async def _fetch(
+    connection: AbstractConnection, queue: str
+) -> AsyncGenerator[AbstractIncomingMessage, None]:
+    """The messages ``queue`` held when asked, unacknowledged, on a channel of its own; closing
+    it at the end puts every one not acknowledged back where it was."""
+    count = await _depth(connection, queue, "DEAD_LETTER_QUEUE")
+    channel = await connection.channel()
+    try:
+        source = await channel.get_queue(queue, ensure=False)
+        for _ in range(count):  # not beyond: letters dead-lettered again meanwhile come after
+            message = await source.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            yield message
+    finally:
+        await channel.close()
+
+
+async def _list(
+    connection: AbstractConnection, settings: Settings, args: argparse.Namespace
+) -> dict[str, Any]:
+    queue = settings.dead_letter_queue
+    letters = [letter_of(m, with_text=args.text) async for m in _fetch(connection, queue)]
+    return summarise(queue, letters, args.show)
+
+
+def summarise(queue: str, letters: list[Letter], show: int) -> dict[str, Any]:
+    """Counts by reason, the oldest and newest time ("unknown" without any), the first ``show``."""
+    times = sorted(letter.time for letter in letters if letter.time)
+    shown = [
+        {k: v for k, v in asdict(letter).items() if k != "text" or v is not None}
+        for letter in letters[:show]
+    ]
+    return {
+        "queue": queue,
+        "count": len(letters),
+        "by_reason": dict(Counter(letter.reason for letter in letters).most_common()),
+        "oldest": times[0] if times else "unknown",
+        "newest": times[-1] if times else "unknown",
+        "messages": shown,
+    }
+
+
+def render(summary: dict[str, Any]) -> str:
+    """The summary for a terminal: a line per reason, then one per message shown."""
+    if "replayed" in summary:
+        line = "replayed {replayed} to {to}; {left} left in {queue} ({skipped_no_id} without an ID)"
+        return line.format(**summary)
+    lines = ["{queue}: {count} dead letters, oldest {oldest}, newest {newest}".format(**summary)]
+    lines += [f"  {count:>8}  {reason}" for reason, count in summary["by_reason"].items()]
+    for shown in summary["messages"]:
+        lines.append(
+            "{message_id}  {reason}  attempts={attempts}  {time}  {detail}".format(**shown)
+        )
+        lines += [f"    text: {shown['text']}"] if "text" in shown else []
+    return "\n".join(lines)
+
+
+def letter_of(message: AbstractIncomingMessage, *, with_text: bool = False) -> Letter:
+    headers = message.headers or {}
+    attempts = headers.get(ATTEMPT_HEADER)
+    return Letter(
+        message_id=worker_id(message),
+        reason=str(headers.get(REASON_HEADER) or "unknown"),
+        detail=str(headers.get(DETAIL_HEADER) or ""),
+        attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else None,
+        time=_time_of(message),
+        text=_text_of(message.body) if with_text else None,
+    )
+
+
+def _body_object(body: bytes) -> dict[str, Any]:
+    with contextlib.suppress(orjson.JSONDecodeError):
+        data = orjson.loads(body)
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def worker_id(message: AbstractIncomingMessage) -> str | None:
+    """The ID the worker claims the message under: the body's ``message_id``, else the property's."""
+    found = _body_object(message.body).get("message_id")
+    return found if isinstance(found, str) else message.message_id or None
+
+
+def _text_of(body: bytes) -> str:
+    text = _body_object(body).get("text")
+    return (text if isinstance(text, str) else body.decode(errors="replace"))[:SHOWN_TEXT_CHARS]
+
+
+def _time_of(message: AbstractIncomingMessage) -> str | None:
+    deaths = (message.headers or {}).get("x-death")
+    times = (
+        [d.get("time") for d in deaths if isinstance(d, dict)] if isinstance(deaths, list) else []
+    )
+    latest = max((t for t in times if isinstance(t, datetime)), default=None)
+    stamp = message.timestamp or latest
+    if stamp is None:
+        return None
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).isoformat()
+
+
+def replay_copy(message: AbstractIncomingMessage, message_id: str) -> aio_pika.Message:
+    """The copy that goes back: body and properties kept, a fresh attempt count, a replay mark
+    (the same for every copy of this dead letter, so two copies show they are one replay)."""
+    headers = {
+        k: v
+        for k, v in (message.headers or {}).items()
+        if k not in DROPPED_HEADERS and not k.startswith(DROPPED_HEADER_PREFIXES)
+    }
+    mark = hashlib.sha256(orjson.dumps([message_id, _time_of(message)]) + message.body)
+    headers[REPLAY_HEADER] = mark.hexdigest()[:32]
+    kept = {name: getattr(message, name) for name in KEPT_PROPERTIES}
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        message_id=message.message_id or message_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        **kept,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where replayed copies go, and the Redis holding the attempt counts (None: memory mode)."""
+
+    exchange: AbstractExchange
+    queue: str
+    redis: Redis | None
+    keys: RedisKeys
+
+    async def send(self, message: AbstractIncomingMessage, message_id: str) -> None:
+        """Resets the attempt count, then publishes the copy and waits for the broker's confirm."""
+        if self.redis is not None:
+            await self.redis.delete(self.keys.attempts(message_id))
+        await self.exchange.publish(replay_copy(message, message_id), self.queue, mandatory=True)
+
+
+async def _replay(
+    connection: AbstractConnection, settings: Settings, args: argparse.Namespace
+) -> dict[str, Any]:
+    queue = settings.dead_letter_queue
+    await _depth(connection, settings.input_queue, "INPUT_QUEUE")
+    out = await connection.channel(publisher_confirms=True)
+    redis = make_redis(settings.redis_url, settings.redis_timeout_s)
+    target = _Target(
+        out.default_exchange,
+        settings.input_queue,
+        redis if settings.redis_enabled else None,
+        RedisKeys(settings.redis_key_prefix),
+    )
+    try:
+        replayed, skipped = await _replay_selected(connection, target, queue, args)
+    finally:
+        await redis.aclose()
+    left = await _depth(connection, queue, "DEAD_LETTER_QUEUE")
+    summary = {"queue": queue, "to": target.queue, "reason": args.reason, "left": left}
+    return {**summary, "replayed": replayed, "skipped_no_id": skipped}
+
+
+async def _replay_selected(
+    connection: AbstractConnection, target: _Target, queue: str, args: argparse.Namespace
+) -> tuple[int, int]:
+    """Replays the selected dead letters one at a time: how many, and how many had no ID."""
+    replayed = skipped_no_id = 0
+    async with contextlib.aclosing(_fetch(connection, queue)) as letters:
+        async for message in letters:
+            letter = letter_of(message)
+            if args.reason is not None and letter.reason != args.reason:
+                continue  # left unacknowledged: back in its place when the channel closes
+            if letter.message_id is None:
+                skipped_no_id += 1  # without an ID no claim could tell two copies apart
+                continue
+            await target.send(message, letter.message_id)
+            replayed += 1
+            await _paced(args.pace_s, replayed, letter.message_id)
+            await message.ack()  # only now: a crash before leaves the letter for the next run
+            if replayed == args.limit:
+                break
+    return replayed, skipped_no_id
+
+
+async def _paced(pace_s: float, replayed: int, message_id: str) -> None:
+    """Tests only: a pause between a confirmed copy and its ack, announced, to kill the command in."""
+    if pace_s:
+        print(f"published {replayed} {message_id}", file=sys.stderr, flush=True)
+        await asyncio.sleep(pace_s)
