@@ -3,7 +3,12 @@
 Reconnection: at once, then after half as long as the broker has been away, between
 ``RECONNECT_MIN_S`` and ``RECONNECT_MAX_S``. Channels, queues and consumers are restored after a
 reconnection; deliveries unacknowledged when the connection dropped are redelivered by the broker,
-and the claim protocol keeps them from being processed twice.
+and the claim protocol keeps them from being processed twice. Until the first connection the
+start-up loop (``connect_until_stopped``) retries within the same bounds, doubling the delay.
+
+A failed attempt is told apart by ``connect_failure``: a refused login (or a broker that refuses
+the connection) is a configuration problem, said with its fix; a broker that cannot be reached is
+a transient one. Logs, readiness (``BrokerStatus``) and the commands use the same words.
 """
 
 from __future__ import annotations
@@ -11,22 +16,99 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractRobustConnection
+from aiormq.exceptions import (
+    AMQPError,
+    AuthenticationError,
+    ConnectionNotAllowed,
+    IncompatibleProtocolError,
+    ProbableAuthenticationError,
+)
 
 from worker.amqp.fastpath import FastPath, current
 from worker.amqp.fastpath.inline import DirectChannel
 from worker.core.redaction import redact_url, scrub
+from worker.observability.stats import BROKER_UNREACHABLE
 
 log = structlog.get_logger("worker.amqp.connection")
 
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 15.0
 CONNECTION_NAME = "neiromatrius-worker"
+CONNECT_TIMEOUT_S = 10.0  # for the commands: a broker that does not answer is unreachable
+
+# What connecting raises: unreachable (``OSError``, ``TimeoutError``, aiormq's connection errors)
+# or refused (the rest of ``AMQPError``: a login, a virtual host, a port that is not AMQP).
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, OSError, AMQPError)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFailure:
+    """Why an attempt to connect failed: its log event, what went wrong, and what to do."""
+
+    event: str
+    problem: str
+    fix: str
+    config: bool  # a configuration problem: retrying cannot help until the setting is fixed
+
+    def reason(self) -> str:
+        """For readiness: the problem, and the fix when it is the configuration's."""
+        return f"{self.problem}: {self.fix}" if self.config else self.problem
+
+    def line(self, where: str, error: str) -> str:
+        """One line for a command: where, what, the library's words (``error``), the fix."""
+        problem = self.problem.removeprefix("the broker ")
+        return f"RabbitMQ at {where} {problem} ({error}); {self.fix}"
+
+
+REFUSED_LOGIN = ConnectFailure(
+    "broker_refused_login",
+    "the broker refused the login",
+    "check the user and password in RABBITMQ_URL",
+    config=True,
+)
+REFUSED = ConnectFailure(
+    "broker_refused_connection",
+    "the broker refused the connection",
+    "check RABBITMQ_URL (its port, virtual host and the user's permissions)",
+    config=True,
+)
+UNREACHABLE = ConnectFailure(
+    "broker_unreachable", BROKER_UNREACHABLE, "start it or set RABBITMQ_URL", config=False
+)
+
+
+def connect_failure(exc: BaseException) -> ConnectFailure:
+    """What a failed connection attempt means (one of ``CONNECT_ERRORS``, or anything else)."""
+    if isinstance(exc, ProbableAuthenticationError | AuthenticationError):
+        return REFUSED_LOGIN
+    if isinstance(exc, ConnectionNotAllowed | IncompatibleProtocolError):
+        return REFUSED
+    if isinstance(exc, TimeoutError | OSError):  # aiormq's connection errors are OSErrors
+        return UNREACHABLE
+    return REFUSED
+
+
+def describe_failure(url: str, exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
+    """One line for a command that could not connect to ``url`` (its password masked)."""
+    error = scrub(str(exc), secrets) or type(exc).__name__
+    return connect_failure(exc).line(redact_url(url), error)
+
+
+@dataclass(slots=True)
+class BrokerStatus:
+    """The last failure of the start-up connection loop (``None`` once connected), for readiness."""
+
+    failure: ConnectFailure | None = None
+
+    def reason(self) -> str | None:
+        return None if self.failure is None else self.failure.reason()
 
 
 class BackoffRobustConnection(aio_pika.RobustConnection):
@@ -86,21 +168,25 @@ async def connect_until_stopped(
     *,
     name: str = CONNECTION_NAME,
     secrets: tuple[str, ...] = (),
+    status: BrokerStatus | None = None,
 ) -> AbstractRobustConnection | None:
-    """Connect, retrying with backoff while the broker is down; ``None`` if asked to stop first.
-    ``secrets`` are masked in the warnings (the URL's password is never printed)."""
+    """Connect, retrying with backoff while the broker is down or refuses; ``None`` if asked to
+    stop first. Each failure is logged (a configuration one as an error, with its fix) and left
+    in ``status``. ``secrets`` are masked in the logs (the URL's password is never printed)."""
+    status = status or BrokerStatus()
     delay_s = RECONNECT_MIN_S
     where = redact_url(url)
     while not stop.is_set():
         try:
-            return await connect(url, name=name)
-        except (TimeoutError, OSError, ConnectionError) as exc:
-            event = "broker_unreachable"
+            connection = await connect(url, name=name)
+        except Exception as exc:  # anything a connection attempt raises is retried
+            failure = status.failure = connect_failure(exc)
             error = scrub(f"{type(exc).__name__}: {exc}", secrets)
-        except Exception as exc:  # aiormq raises its own types for refused logins and the like
-            event = "broker_connect_failed"
-            error = scrub(f"{type(exc).__name__}: {exc}", secrets)
-        log.warning(event, broker=where, retry_in_s=delay_s, error=error)
+            report = log.error if failure.config else log.warning
+            report(failure.event, broker=where, retry_in_s=delay_s, error=error, fix=failure.fix)
+        else:
+            status.failure = None
+            return connection
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay_s)
         delay_s = min(delay_s * 2, RECONNECT_MAX_S)

@@ -19,7 +19,8 @@ from worker.core.errors import ConfigError
 from worker.core.settings import Settings, load_settings
 from worker.observability.logs import configure_logging
 
-EXIT_CONFIG = 2
+EXIT_CONFIG = 2  # a setting is wrong: fix it before trying again
+EXIT_UNREACHABLE = 1  # a server could not be reached: try again once it is up
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -185,9 +186,17 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
         messages = publish.from_jsonl_lines(lines)
         summary = {"published": len(messages)}
-    took_s = await publish.publish(
-        settings.rabbitmq_url, settings.input_queue, messages, rate_per_s=args.rate
-    )
+    try:
+        took_s = await publish.publish(
+            settings.rabbitmq_url,
+            settings.input_queue,
+            messages,
+            rate_per_s=args.rate,
+            secrets=settings.secrets,
+        )
+    except (ConfigError, publish.BrokerUnreachable) as exc:
+        print(f"neiromatrius-worker publish: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_UNREACHABLE
     summary["seconds"] = round(took_s, 3)
     summary["queue"] = settings.input_queue
     print(orjson.dumps(summary).decode())
@@ -255,6 +264,7 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
         rate_per_s=args.rate,
         seed=args.seed,
         redis_url=redis_url,
+        no_redis=args.no_redis,
         timeout_s=args.timeout,
         as_json=args.json,
     )

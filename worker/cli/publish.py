@@ -9,9 +9,20 @@ from dataclasses import dataclass
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractExchange
+from aio_pika.abc import AbstractConnection, AbstractExchange
 
-from worker.amqp.broker import connect
+from worker.amqp.connection import (
+    CONNECT_ERRORS,
+    CONNECT_TIMEOUT_S,
+    CONNECTION_NAME,
+    connect_failure,
+    describe_failure,
+)
+from worker.core.errors import ConfigError
+
+
+class BrokerUnreachable(Exception):
+    """The broker could not be reached (it may be down); the message is one line for the user."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +68,12 @@ async def publish(
     *,
     rate_per_s: float = 0.0,
     window: int = 500,
+    secrets: tuple[str, ...] = (),
 ) -> float:
-    """Publish with confirms (``window`` at a time, or paced at ``rate_per_s``); returns seconds taken."""
-    connection = await connect(rabbitmq_url)
+    """Publish with confirms (``window`` at a time, or paced at ``rate_per_s``); returns seconds
+    taken. ``ConfigError`` if the broker refuses the connection (a wrong password, say),
+    ``BrokerUnreachable`` if it cannot be reached: one line each, ``secrets`` masked."""
+    connection = await open_connection(rabbitmq_url, secrets)
     try:
         channel = await connection.channel(publisher_confirms=True)
         await channel.declare_queue(queue, durable=True)
@@ -72,6 +86,24 @@ async def publish(
         return time.perf_counter() - started
     finally:
         await connection.close()
+
+
+async def open_connection(url: str, secrets: tuple[str, ...] = ()) -> AbstractConnection:
+    """A connection to ``url``, or the reason there is none as ``ConfigError`` (refused) or
+    ``BrokerUnreachable``, in one line. Not a robust one: a robust connection cancelled while
+    it connects goes on reconnecting and keeps the command from exiting."""
+    try:
+        return await asyncio.wait_for(
+            aio_pika.connect(
+                url, client_properties={"connection_name": f"{CONNECTION_NAME} publish"}
+            ),
+            CONNECT_TIMEOUT_S,
+        )
+    except CONNECT_ERRORS as exc:
+        line = describe_failure(url, exc, secrets)
+        if connect_failure(exc).config:
+            raise ConfigError(line) from None
+        raise BrokerUnreachable(line) from None
 
 
 async def _publish_paced(
