@@ -1,17 +1,12 @@
 """``neiromatrius-worker dead-letters``: what is in ``DEAD_LETTER_QUEUE``, and putting it back.
 
-Listing takes each dead letter with ``basic.get`` on a channel of its own, never acknowledging
-one, at most as many as the queue held when the command started; closing the channel hands them
-all back, and RabbitMQ puts a requeued message back where it was in a classic queue (the worker
-declares the dead-letter queue classic): nothing is lost or reordered.
-
-``--replay`` publishes a copy of each selected dead letter to ``INPUT_QUEUE`` with publisher
-confirms and acknowledges the dead letter only once the broker confirmed the copy. The copy keeps
-the body and properties and drops the worker's attempt and reason headers and RabbitMQ's
-``x-death`` ones; with Redis, the message's attempt count there is deleted first: the copy starts
-a fresh count. A crash between confirm and ack leaves the dead letter in the queue and a copy in
-the input queue; the next replay sends a second copy of the same ``message_id``, which the
-worker's claims count as a duplicate (docs/reliability.md, "Replaying dead letters").
+Listing takes them with ``basic.get`` on a channel of its own, acknowledging none: closing it
+requeues each in its old place (the worker's dead-letter queue is a classic queue). ``--replay``
+publishes a copy of each selected one to ``INPUT_QUEUE`` (body and properties kept, attempt and
+reason headers dropped, its attempt count in Redis deleted) and acknowledges the dead letter once
+the broker confirmed the copy. A crash in between leaves both;
+the next replay's second copy is a duplicate to the worker's claims (docs/reliability.md,
+"Replaying dead letters").
 """
 
 from __future__ import annotations
@@ -21,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import sys
+from argparse import Namespace
 from collections import Counter
 from collections.abc import AsyncGenerator
 from dataclasses import asdict, dataclass
@@ -30,7 +26,8 @@ from typing import Any
 import aio_pika
 import aiormq
 import orjson
-from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection, AbstractExchange
+from aio_pika.abc import AbstractIncomingMessage as Incoming
 from redis.asyncio import Redis
 
 from worker.amqp.topology import ATTEMPT_HEADER, DETAIL_HEADER, REASON_HEADER
@@ -41,15 +38,12 @@ from worker.redisio.keys import RedisKeys
 from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
 
 REPLAY_HEADER = "x-neiromatrius-replay"
-CONNECT_TIMEOUT_S = 10.0
-SHOWN_TEXT_CHARS = 500
-# What the copy does not take over: the worker's attempt/reason marks and RabbitMQ's own.
+CONNECT_TIMEOUT_S, SHOWN_TEXT_CHARS = 10.0, 500
+# Headers the copy does not take over: x-death-reason/-detail and x-neiromatrius-attempt (the
+# worker's marks), RabbitMQ's x-death, x-first-death-* and x-last-death-*.
 DROPPED_HEADER_PREFIXES = ("x-death", "x-first-death", "x-last-death", "x-neiromatrius-")
-DROPPED_HEADERS = frozenset({ATTEMPT_HEADER, REASON_HEADER, DETAIL_HEADER})
-KEPT_PROPERTIES = (
-    "content_type content_encoding correlation_id reply_to timestamp type app_id".split()
-)
-# Not user_id (the broker checks it against the login), nor expiration; priority below.
+# Not user_id (the broker checks it against the login), nor expiration.
+KEPT_PROPERTIES = ("content_type", "content_encoding", "correlation_id", "reply_to", "timestamp")
 UNREACHABLE_ERRORS = (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
 
 
@@ -68,9 +62,7 @@ class Letter:
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dl = sub.add_parser(
         "dead-letters",
-        help="list the dead-letter queue, or replay it to the input queue",
-        description="Counts DEAD_LETTER_QUEUE by reason (nothing is taken off it); --replay moves "
-        "dead letters back to INPUT_QUEUE with a fresh attempt count, each exactly once.",
+        help="count DEAD_LETTER_QUEUE by reason (taking nothing off it), or replay it",
     )
     dl.add_argument("--show", type=int, default=0, metavar="N", help="list the first N messages")
     dl.add_argument("--text", action="store_true", help="with --show: include the message text")
@@ -81,7 +73,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     dl.add_argument("--pace-s", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow
 
 
-async def run(settings: Settings, args: argparse.Namespace) -> int:
+async def run(settings: Settings, args: Namespace) -> int:
     """The command; one line on stderr and exit 2 (configuration) or 1 (unreachable) on error."""
     if args.show < 0 or args.limit < 0 or args.pace_s < 0:
         return _fail("--show, --limit and --pace-s must be >= 0", 2)
@@ -90,13 +82,13 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc), 2)
     except UNREACHABLE_ERRORS + REDIS_UNAVAILABLE as exc:
-        return _fail(scrub(str(exc), settings.secrets).splitlines()[0] or type(exc).__name__, 1)
+        return _fail((scrub(str(exc), settings.secrets) or type(exc).__name__).splitlines()[0], 1)
     as_json = orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode()
     print(as_json if args.json else render(summary))
     return 0
 
 
-async def _command(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+async def _command(settings: Settings, args: Namespace) -> dict[str, Any]:
     connection = await _connect(settings)
     try:
         if args.replay:
@@ -115,15 +107,12 @@ def _fail(line: str, code: int) -> int:
 async def _connect(settings: Settings) -> AbstractConnection:
     """A plain (not robust) connection: a replay must stop, not resume on a new one."""
     where = redact_url(settings.rabbitmq_url)
-    url = settings.rabbitmq_url
     try:
-        return await asyncio.wait_for(aio_pika.connect(url), CONNECT_TIMEOUT_S)
+        return await asyncio.wait_for(aio_pika.connect(settings.rabbitmq_url), CONNECT_TIMEOUT_S)
     except aiormq.exceptions.ProbableAuthenticationError:
         raise ConfigError(f"RabbitMQ at {where} refused the login: check RABBITMQ_URL") from None
     except UNREACHABLE_ERRORS as exc:
-        raise ConnectionError(
-            f"RabbitMQ at {where} is unreachable ({type(exc).__name__})"
-        ) from None
+        raise ConnectionError(f"RabbitMQ at {where} is unreachable: {type(exc).__name__}") from None
 
 
 async def _depth(connection: AbstractConnection, queue: str, setting: str) -> int:
@@ -138,9 +127,7 @@ async def _depth(connection: AbstractConnection, queue: str, setting: str) -> in
     return count
 
 
-async def _fetch(
-    connection: AbstractConnection, queue: str
-) -> AsyncGenerator[AbstractIncomingMessage, None]:
+async def _fetch(connection: AbstractConnection, queue: str) -> AsyncGenerator[Incoming, None]:
     """The messages ``queue`` held when asked, unacknowledged, on a channel of its own; closing
     it at the end puts every one not acknowledged back where it was."""
     count = await _depth(connection, queue, "DEAD_LETTER_QUEUE")
@@ -156,29 +143,20 @@ async def _fetch(
         await channel.close()
 
 
-async def _list(
-    connection: AbstractConnection, settings: Settings, args: argparse.Namespace
-) -> dict[str, Any]:
+async def _list(conn: AbstractConnection, settings: Settings, args: Namespace) -> dict[str, Any]:
     queue = settings.dead_letter_queue
-    letters = [letter_of(m, with_text=args.text) async for m in _fetch(connection, queue)]
+    letters = [letter_of(m, with_text=args.text) async for m in _fetch(conn, queue)]
     return summarise(queue, letters, args.show)
 
 
 def summarise(queue: str, letters: list[Letter], show: int) -> dict[str, Any]:
     """Counts by reason, the oldest and newest time ("unknown" without any), the first ``show``."""
     times = sorted(letter.time for letter in letters if letter.time)
-    shown = [
-        {k: v for k, v in asdict(letter).items() if k != "text" or v is not None}
-        for letter in letters[:show]
-    ]
-    return {
-        "queue": queue,
-        "count": len(letters),
-        "by_reason": dict(Counter(letter.reason for letter in letters).most_common()),
-        "oldest": times[0] if times else "unknown",
-        "newest": times[-1] if times else "unknown",
-        "messages": shown,
-    }
+    shown = [{k: v for k, v in asdict(x).items() if k != "text" or v} for x in letters[:show]]
+    by_reason = dict(Counter(letter.reason for letter in letters).most_common())
+    summary = {"queue": queue, "count": len(letters), "by_reason": by_reason}
+    oldest, newest = (times[0], times[-1]) if times else ("unknown", "unknown")
+    return {**summary, "oldest": oldest, "newest": newest, "messages": shown}
 
 
 def render(summary: dict[str, Any]) -> str:
@@ -188,15 +166,14 @@ def render(summary: dict[str, Any]) -> str:
         return line.format(**summary)
     lines = ["{queue}: {count} dead letters, oldest {oldest}, newest {newest}".format(**summary)]
     lines += [f"  {count:>8}  {reason}" for reason, count in summary["by_reason"].items()]
+    row = "{message_id}  {reason}  attempts={attempts}  {time}  {detail}"
     for shown in summary["messages"]:
-        lines.append(
-            "{message_id}  {reason}  attempts={attempts}  {time}  {detail}".format(**shown)
-        )
+        lines.append(row.format(**shown))
         lines += [f"    text: {shown['text']}"] if "text" in shown else []
     return "\n".join(lines)
 
 
-def letter_of(message: AbstractIncomingMessage, *, with_text: bool = False) -> Letter:
+def letter_of(message: Incoming, *, with_text: bool = False) -> Letter:
     headers = message.headers or {}
     attempts = headers.get(ATTEMPT_HEADER)
     return Letter(
@@ -217,7 +194,7 @@ def _body_object(body: bytes) -> dict[str, Any]:
     return {}
 
 
-def worker_id(message: AbstractIncomingMessage) -> str | None:
+def worker_id(message: Incoming) -> str | None:
     """The ID the worker claims the message under: the body's ``message_id``, else the property's."""
     found = _body_object(message.body).get("message_id")
     return found if isinstance(found, str) else message.message_id or None
@@ -228,26 +205,21 @@ def _text_of(body: bytes) -> str:
     return (text if isinstance(text, str) else body.decode(errors="replace"))[:SHOWN_TEXT_CHARS]
 
 
-def _time_of(message: AbstractIncomingMessage) -> str | None:
+def _time_of(message: Incoming) -> str | None:
     deaths = (message.headers or {}).get("x-death")
-    times = (
-        [d.get("time") for d in deaths if isinstance(d, dict)] if isinstance(deaths, list) else []
-    )
-    latest = max((t for t in times if isinstance(t, datetime)), default=None)
-    stamp = message.timestamp or latest
+    entries = [e for e in (deaths if isinstance(deaths, list) else []) if isinstance(e, dict)]
+    times = [t for e in entries if isinstance(t := e.get("time"), datetime)]
+    stamp = message.timestamp or max(times, default=None)
     if stamp is None:
         return None
     return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).isoformat()
 
 
-def replay_copy(message: AbstractIncomingMessage, message_id: str) -> aio_pika.Message:
+def replay_copy(message: Incoming, message_id: str) -> aio_pika.Message:
     """The copy that goes back: body and properties kept, a fresh attempt count, a replay mark
     (the same for every copy of this dead letter, so two copies show they are one replay)."""
-    headers = {
-        k: v
-        for k, v in (message.headers or {}).items()
-        if k not in DROPPED_HEADERS and not k.startswith(DROPPED_HEADER_PREFIXES)
-    }
+    old = message.headers or {}
+    headers = {k: v for k, v in old.items() if not k.startswith(DROPPED_HEADER_PREFIXES)}
     mark = hashlib.sha256(orjson.dumps([message_id, _time_of(message)]) + message.body)
     headers[REPLAY_HEADER] = mark.hexdigest()[:32]
     kept = {name: getattr(message, name) for name in KEPT_PROPERTIES}
@@ -257,6 +229,8 @@ def replay_copy(message: AbstractIncomingMessage, message_id: str) -> aio_pika.M
         message_id=message.message_id or message_id,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         priority=message.priority,
+        type=message.type,
+        app_id=message.app_id,
         **kept,
     )
 
@@ -270,19 +244,21 @@ class _Target:
     redis: Redis | None
     keys: RedisKeys
 
-    async def send(self, message: AbstractIncomingMessage, message_id: str) -> None:
+    async def send(self, message: Incoming, message_id: str) -> None:
         """Resets the attempt count, then publishes the copy and waits for the broker's confirm."""
         if self.redis is not None:
             await self.redis.delete(self.keys.attempts(message_id))
         await self.exchange.publish(replay_copy(message, message_id), self.queue, mandatory=True)
 
 
-async def _replay(
-    connection: AbstractConnection, settings: Settings, args: argparse.Namespace
-) -> dict[str, Any]:
+async def _replay(conn: AbstractConnection, settings: Settings, args: Namespace) -> dict[str, Any]:
     queue = settings.dead_letter_queue
-    await _depth(connection, settings.input_queue, "INPUT_QUEUE")
-    out = await connection.channel(publisher_confirms=True)
+    await _depth(conn, settings.input_queue, "INPUT_QUEUE")
+    out = await conn.channel(publisher_confirms=True)
+    if not settings.redis_enabled:
+        print(
+            "without REDIS_URL the replicas' own attempt counts stay: restart them", file=sys.stderr
+        )
     redis = make_redis(settings.redis_url, settings.redis_timeout_s)
     target = _Target(
         out.default_exchange,
@@ -291,16 +267,16 @@ async def _replay(
         RedisKeys(settings.redis_key_prefix),
     )
     try:
-        replayed, skipped = await _replay_selected(connection, target, queue, args)
+        replayed, skipped = await _replay_selected(conn, target, queue, args)
     finally:
         await redis.aclose()
-    left = await _depth(connection, queue, "DEAD_LETTER_QUEUE")
+    left = await _depth(conn, queue, "DEAD_LETTER_QUEUE")
     summary = {"queue": queue, "to": target.queue, "reason": args.reason, "left": left}
     return {**summary, "replayed": replayed, "skipped_no_id": skipped}
 
 
 async def _replay_selected(
-    connection: AbstractConnection, target: _Target, queue: str, args: argparse.Namespace
+    connection: AbstractConnection, target: _Target, queue: str, args: Namespace
 ) -> tuple[int, int]:
     """Replays the selected dead letters one at a time: how many, and how many had no ID."""
     replayed = skipped_no_id = 0
@@ -314,15 +290,10 @@ async def _replay_selected(
                 continue
             await target.send(message, letter.message_id)
             replayed += 1
-            await _paced(args.pace_s, replayed, letter.message_id)
+            if args.pace_s:  # tests only: a pause after the confirm, to be killed in before the ack
+                print(f"published {replayed} {letter.message_id}", file=sys.stderr, flush=True)
+                await asyncio.sleep(args.pace_s)
             await message.ack()  # only now: a crash before leaves the letter for the next run
             if replayed == args.limit:
                 break
     return replayed, skipped_no_id
-
-
-async def _paced(pace_s: float, replayed: int, message_id: str) -> None:
-    """Tests only: a pause between a confirmed copy and its ack, announced, to kill the command in."""
-    if pace_s:
-        print(f"published {replayed} {message_id}", file=sys.stderr, flush=True)
-        await asyncio.sleep(pace_s)
