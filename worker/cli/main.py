@@ -8,113 +8,35 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 import structlog
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    NoPermissionError,
+)
 
-from worker import __version__
 from worker.cli import dead_letters
+from worker.cli.arguments import build_parser
 from worker.cli.loop import run_on_loop
 from worker.core.errors import ConfigError
+from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings, load_settings
 from worker.observability.logs import configure_logging
 
+if TYPE_CHECKING:
+    from worker.cli.publish import Outgoing
+
 EXIT_CONFIG = 2  # a setting is wrong: fix it before trying again
 EXIT_UNREACHABLE = 1  # a server could not be reached: try again once it is up
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="neiromatrius-worker",
-        description="Process each Neiromatrius chat message once across replicas; classify it once.",
-        epilog="Settings come from environment variables (and a .env file); see the README.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", help="run one replica until SIGTERM/SIGINT")
-
-    _publish_parser(sub)
-    st = sub.add_parser(
-        "stats",
-        help="print cluster-wide counters from Redis (no replica needed)",
-        description="Cluster-wide counters, throughput, live replicas and Redis memory, read "
-        "from REDIS_URL; queue depths too when RABBITMQ_URL reaches the broker.",
-    )
-    st.add_argument("--json", action="store_true", help="machine-readable JSON")
-    sub.add_parser("check", help="test the configured connections")
-    _demo_parser(sub)
-    dead_letters.add_parser(sub)
-    return parser
-
-
-def _publish_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    pub = sub.add_parser("publish", help="send messages to the input queue")
-    source = pub.add_mutually_exclusive_group(required=True)
-    source.add_argument("file", nargs="?", help="JSONL file, one message per line ('-' for stdin)")
-    source.add_argument("--sample", type=int, metavar="N", help="generate N messages")
-    pub.add_argument(
-        "--duplicates",
-        type=float,
-        default=0.0,
-        metavar="FRACTION",
-        help="with --sample: share of the N that re-send an earlier message (0..1)",
-    )
-    pub.add_argument(
-        "--repeat-texts",
-        type=float,
-        default=0.0,
-        metavar="FRACTION",
-        help="with --sample: share of unique messages reusing an earlier text (0..1)",
-    )
-    pub.add_argument("--seed", type=int, default=None, help="with --sample: reproducible traffic")
-    pub.add_argument(
-        "--rate",
-        type=float,
-        default=0.0,
-        metavar="PER_SECOND",
-        help="publish at this pace instead of as fast as possible",
-    )
-
-
-def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    demo = sub.add_parser(
-        "demo",
-        help="run replicas on generated traffic and show what dedup and the cache did",
-        description="Starts replicas on the local broker under names of their own, publishes "
-        "sample traffic with duplicates and repeated texts, shows progress and a final table, "
-        "then stops the replicas and removes everything it created. Uses REDIS_URL when set.",
-    )
-    demo.add_argument("--replicas", type=int, default=3, metavar="N", help="default 3")
-    demo.add_argument("--messages", type=int, default=2000, metavar="N", help="default 2000")
-    demo.add_argument(
-        "--duplicates",
-        type=float,
-        default=0.2,
-        metavar="FRACTION",
-        help="share of the messages that re-send an earlier one (default 0.2)",
-    )
-    demo.add_argument(
-        "--repeat-texts",
-        type=float,
-        default=0.5,
-        metavar="FRACTION",
-        help="share of unique messages reusing an earlier text (default 0.5)",
-    )
-    demo.add_argument(
-        "--rate", type=float, default=0.0, metavar="PER_SECOND", help="pace publishing"
-    )
-    demo.add_argument("--seed", type=int, default=None, help="reproducible traffic")
-    redis = demo.add_mutually_exclusive_group()
-    redis.add_argument("--redis-url", default=None, help="Redis to use (default: REDIS_URL)")
-    redis.add_argument("--no-redis", action="store_true", help="in-memory replicas")
-    demo.add_argument(
-        "--timeout", type=float, default=120.0, metavar="SECONDS", help="give up after this"
-    )
-    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+# What Redis answers to credentials it does not accept (a configuration problem, not an outage).
+REDIS_REFUSALS = (AuthenticationError, AuthenticationWrongNumberOfArgsError, NoPermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
     except ConfigError as exc:
@@ -156,36 +78,10 @@ async def _run(settings: Settings) -> int:
 async def _publish(settings: Settings, args: argparse.Namespace) -> int:
     from worker.cli import publish
 
-    summary: dict[str, object]
-    if args.sample is not None:
-        from worker.cli.samples import generate_sample
-
-        try:
-            plan = generate_sample(args.sample, args.duplicates, args.repeat_texts, seed=args.seed)
-        except ValueError as exc:
-            print(f"neiromatrius-worker publish: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        messages = publish.from_bodies(m.to_body() for m in plan.messages)
-        summary = {
-            "published": len(messages),
-            "unique_ids": plan.unique_ids,
-            "duplicates": plan.duplicate_count,
-            "distinct_texts": plan.distinct_texts,
-        }
-    else:
-        if args.file == "-":
-            lines = sys.stdin.buffer.read().splitlines()
-        else:
-            try:
-                lines = (await asyncio.to_thread(Path(args.file).read_bytes)).splitlines()
-            except OSError as exc:
-                print(
-                    f"neiromatrius-worker publish: cannot read {args.file}: {exc.strerror}",
-                    file=sys.stderr,
-                )
-                return 1
-        messages = publish.from_jsonl_lines(lines)
-        summary = {"published": len(messages)}
+    loaded = await _messages_to_publish(args)
+    if isinstance(loaded, int):
+        return loaded
+    messages, summary = loaded
     try:
         took_s = await publish.publish(
             settings.rabbitmq_url,
@@ -201,6 +97,42 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
     summary["queue"] = settings.input_queue
     print(orjson.dumps(summary).decode())
     return 0
+
+
+async def _messages_to_publish(
+    args: argparse.Namespace,
+) -> tuple[list[Outgoing], dict[str, object]] | int:
+    """The messages ``publish`` was asked to send and the summary's start, or an exit code."""
+    from worker.cli import publish
+
+    if args.sample is not None:
+        from worker.cli.samples import generate_sample
+
+        try:
+            plan = generate_sample(args.sample, args.duplicates, args.repeat_texts, seed=args.seed)
+        except ValueError as exc:
+            print(f"neiromatrius-worker publish: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        messages = publish.from_bodies(m.to_body() for m in plan.messages)
+        return messages, {
+            "published": len(messages),
+            "unique_ids": plan.unique_ids,
+            "duplicates": plan.duplicate_count,
+            "distinct_texts": plan.distinct_texts,
+        }
+    if args.file == "-":
+        lines = sys.stdin.buffer.read().splitlines()
+    else:
+        try:
+            lines = (await asyncio.to_thread(Path(args.file).read_bytes)).splitlines()
+        except OSError as exc:
+            print(
+                f"neiromatrius-worker publish: cannot read {args.file}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return 1
+    messages = publish.from_jsonl_lines(lines)
+    return messages, {"published": len(messages)}
 
 
 async def _stats(settings: Settings, *, as_json: bool) -> int:
@@ -220,6 +152,7 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
             file=sys.stderr,
         )
         return 1
+    failures: tuple[type[BaseException], ...] = (*REDIS_UNAVAILABLE, *REDIS_REFUSALS)
     client = make_redis(settings.redis_url, settings.redis_timeout_s)
     names = QueueNames(settings.input_queue, settings.dead_letter_queue)
     try:
@@ -228,12 +161,8 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
             read_cluster(client, RedisKeys(settings.redis_key_prefix)),
             probe_queue_depths(settings.rabbitmq_url, names),
         )
-    except REDIS_UNAVAILABLE as exc:
-        print(
-            f"neiromatrius-worker stats: ⚠️ Redis connection failed ({type(exc).__name__})",
-            file=sys.stderr,
-        )
-        return 1
+    except failures as exc:
+        return _redis_failed(settings, exc)
     finally:
         await client.aclose()
     data = {"cache": {"status": "redis_connected", "type": "redis"}, **data, "queues": queues}
@@ -241,6 +170,20 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
         orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else render_table(data)
     )
     return 0
+
+
+def _redis_failed(settings: Settings, exc: BaseException) -> int:
+    """Say why Redis did not answer as ``check`` does (the address, password masked, and the
+    reason) in one line; exit 2 when it refused the credentials, else 1."""
+    refused = isinstance(exc, REDIS_REFUSALS)
+    reason = scrub(str(exc), settings.secrets) or type(exc).__name__
+    fix = "; check the password (and user) in REDIS_URL" if refused else ""
+    print(
+        f"neiromatrius-worker stats: ⚠️ Redis connection failed: "
+        f"{redact_url(settings.redis_url)}: {reason}{fix}",
+        file=sys.stderr,
+    )
+    return EXIT_CONFIG if refused else EXIT_UNREACHABLE
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
