@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
 from worker.amqp import fastpath
 from worker.amqp.acks import Acker
 from worker.amqp.broker import CONNECTION_NAME, Broker, Topology
-from worker.amqp.connection import connect_until_stopped
+from worker.amqp.connection import BrokerStatus, connect_until_stopped
 from worker.claims.factory import build_claim_store
 from worker.claims.leases import LeaseKeeper
 from worker.claims.protocol import ClaimStore
@@ -55,6 +55,7 @@ class _Live:
     consumer: MessageConsumer | None = None
     broker: Broker | None = None
     consuming: bool = False
+    broker_status: BrokerStatus = field(default_factory=BrokerStatus)
 
     def in_flight(self) -> int:
         return self.consumer.in_flight if self.consumer else 0
@@ -128,6 +129,7 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
         queue_names=QueueNames(settings.input_queue, settings.dead_letter_queue),
         classifier_tallies=cached.snapshot,
         connection=lambda: live.broker.connection if live.broker else None,
+        broker_problem=live.broker_status.reason,
     )
     await stack.enter_async_context(MonitorServer(view, settings.stats_host, settings.stats_port))
     if link is not None:
@@ -147,7 +149,11 @@ async def build_broker(stack: AsyncExitStack, base: _Base, stop: asyncio.Event) 
     settings = base.settings
     name = f"{CONNECTION_NAME}/{base.identity.replica_id}"
     connection = await connect_until_stopped(
-        settings.rabbitmq_url, stop, name=name, secrets=settings.secrets
+        settings.rabbitmq_url,
+        stop,
+        name=name,
+        secrets=settings.secrets,
+        status=base.live.broker_status,
     )
     if connection is None:
         return None

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from worker import __version__
+from worker.core.errors import ConfigError
 from worker.observability.counters import Counters, ReplicaIdentity
 from worker.observability.exposition import gauge, queue_depth_metric, redis_metrics, scrape_redis
 from worker.observability.metrics import CounterName
@@ -81,6 +83,7 @@ class ReplicaView:
     queue_names: QueueNames | None = None
     connection: Callable[[], AbstractConnection | None] = lambda: None
     classifier_tallies: Callable[[], dict[str, int]] = dict
+    broker_problem: Callable[[], str | None] = lambda: None  # why not connected, when known
 
     def cache_status(self) -> dict[str, str]:
         if self.link is None:
@@ -139,7 +142,7 @@ class ReplicaView:
 
     def readiness(self) -> tuple[bool, str]:
         if not self.broker_connected():
-            return False, BROKER_UNREACHABLE
+            return False, self.broker_problem() or BROKER_UNREACHABLE
         if not self.consuming():
             return False, "the consumer is not running"
         return True, "consuming"
@@ -271,7 +274,15 @@ class MonitorServer:
     async def __aenter__(self) -> MonitorServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # most often: another replica on this host has the port
+            await self._runner.cleanup()
+            raise ConfigError(
+                f"STATS_PORT={self._port}: cannot listen on {self._host}:{self._port} "
+                f"({os.strerror(exc.errno) if exc.errno else exc}); another replica on this "
+                "host? Set STATS_PORT=0 for any free port, or another port"
+            ) from None
         server = site._server  # aiohttp exposes the bound sockets only here
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self._port
