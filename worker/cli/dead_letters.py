@@ -168,7 +168,7 @@ def render(summary: dict[str, Any]) -> str:
     lines += [f"  {count:>8}  {reason}" for reason, count in summary["by_reason"].items()]
     row = "{message_id}  {reason}  attempts={attempts}  {time}  {detail}"
     for shown in summary["messages"]:
-        lines.append(row.format(**shown))
+        lines.append(row.format(**{**shown, "time": shown["time"] or "unknown"}))
         lines += [f"    text: {shown['text']}"] if "text" in shown else []
     return "\n".join(lines)
 
@@ -255,21 +255,20 @@ async def _replay(conn: AbstractConnection, settings: Settings, args: Namespace)
     queue = settings.dead_letter_queue
     await _depth(conn, settings.input_queue, "INPUT_QUEUE")
     out = await conn.channel(publisher_confirms=True)
-    if not settings.redis_enabled:
-        print(
-            "without REDIS_URL the replicas' own attempt counts stay: restart them", file=sys.stderr
-        )
-    redis = make_redis(settings.redis_url, settings.redis_timeout_s)
-    target = _Target(
-        out.default_exchange,
-        settings.input_queue,
-        redis if settings.redis_enabled else None,
-        RedisKeys(settings.redis_key_prefix),
+    redis = (
+        make_redis(settings.redis_url, settings.redis_timeout_s) if settings.redis_enabled else None
     )
+    if redis is None:
+        print(
+            "no REDIS_URL: replicas keep their own attempt counts until restarted", file=sys.stderr
+        )
+    keys = RedisKeys(settings.redis_key_prefix)
+    target = _Target(out.default_exchange, settings.input_queue, redis, keys)
     try:
         replayed, skipped = await _replay_selected(conn, target, queue, args)
     finally:
-        await redis.aclose()
+        if redis is not None:
+            await redis.aclose()
     left = await _depth(conn, queue, "DEAD_LETTER_QUEUE")
     summary = {"queue": queue, "to": target.queue, "reason": args.reason, "left": left}
     return {**summary, "replayed": replayed, "skipped_no_id": skipped}
