@@ -1,4 +1,4 @@
-"""The reasons given for a rejected message read as sentences a producer can act on."""
+"""Words a newcomer reads: the reasons given for a rejected message, the stats table's counts."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 
 from worker.core.errors import InvalidMessage
 from worker.core.models import parse_message
+from worker.observability.stats import all_counters, rates, render_table
 
 
 @pytest.mark.parametrize(
@@ -23,3 +24,20 @@ def test_a_field_of_the_wrong_type_is_named_with_the_type_expected_and_the_type_
     with pytest.raises(InvalidMessage) as caught:
         parse_message(raw, None, 1000)
     assert caught.value.detail == detail
+
+
+def test_the_stats_table_says_one_consumer_in_the_singular() -> None:
+    """A queue with one consumer reads "1 consumer", with two "2 consumers"."""
+    table = render_table(
+        {
+            "counters": all_counters({}),
+            "rates": rates(all_counters({})),
+            "throughput": {},
+            "queues": {
+                "input": {"name": "in", "messages": 5, "consumers": 1},
+                "dead_letter": {"name": "dead", "messages": 0, "consumers": 2},
+            },
+        }
+    )
+    assert "in: 5 waiting, 1 consumer\n" in table + "\n"
+    assert "dead: 0 waiting, 2 consumers" in table

@@ -224,7 +224,8 @@ def _depth(entry: dict[str, Any]) -> str:
         return f"{entry['name']}: (no such queue)"
     if entry.get("messages") is None:
         return f"{entry['name']}: ?"
-    return f"{entry['name']}: {entry['messages']:,} waiting, {entry['consumers']} consumers"
+    consumers = f"{entry['consumers']} consumer{'' if entry['consumers'] == 1 else 's'}"
+    return f"{entry['name']}: {entry['messages']:,} waiting, {consumers}"
 
 
 def render_table(stats: dict[str, Any], now: float | None = None) -> str:
