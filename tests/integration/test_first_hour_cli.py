@@ -13,16 +13,18 @@ import asyncio
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import aio_pika
 import aiohttp
 import pytest
 
 from tests.conftest import RABBITMQ_URL, REDIS_URL, Names
 from tests.integration.raw_amqp import publish_without_id
 from tests.integration.servers import free_port
-from tests.integration.support import Replicas, drain_queue, publish_raw
+from tests.integration.support import Replicas, drain_queue
 from worker.amqp.broker import REASON_HEADER
 
 pytestmark = pytest.mark.integration
@@ -185,22 +187,42 @@ async def test_a_refused_broker_login_is_reported_as_a_configuration_error_while
         replicas.close()
 
 
-async def test_a_dead_letter_of_a_message_without_a_message_id_has_none_either(
-    names: Names, amqp: object, tmp_path: Path
+async def test_a_dead_letter_keeps_the_properties_of_the_message_an_absent_message_id_included(
+    names: Names, amqp: aio_pika.abc.AbstractRobustConnection, tmp_path: Path
 ) -> None:
     """The dead-letter copy of a message sent without an AMQP ``message_id`` has none (aiormq
-    would invent one), and a copy of one sent with it keeps it."""
+    would invent one), and a copy of one sent with properties keeps them and its headers."""
+    sent = aio_pika.Message(
+        b"not json, with properties",
+        message_id="prop-7",
+        correlation_id="corr-7",
+        reply_to="reply.queue",
+        priority=3,
+        type="chat.message",
+        app_id="producer-7",
+        content_type="application/json",
+        content_encoding="identity",
+        timestamp=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        headers={"x-producer": "tests"},
+    )
     replicas = Replicas(tmp_path)
     try:
         replica = replicas.start(names.env(redis=False))
         await replica.started()
         await publish_without_id(RABBITMQ_URL, names.input_queue, [b"not json, no id"])
-        await publish_raw(names, [(b"not json, with an id", "prop-7")])
+        channel = await amqp.channel(publisher_confirms=True)
+        await channel.default_exchange.publish(sent, routing_key=names.input_queue)
         dead = await drain_queue(names, names.dead_letter_queue, timeout_s=20, expected=2)
         by_body = {m.body: m for m in dead}
-        assert set(by_body) == {b"not json, no id", b"not json, with an id"}
+        assert set(by_body) == {b"not json, no id", b"not json, with properties"}
         assert by_body[b"not json, no id"].message_id is None
-        assert by_body[b"not json, with an id"].message_id == "prop-7"
+        copy = by_body[b"not json, with properties"]
+        kept = ("message_id", "correlation_id", "reply_to", "priority", "type", "app_id")
+        kept += ("content_type", "content_encoding", "timestamp")
+        assert {name: getattr(copy, name) for name in kept} == {
+            name: getattr(sent, name) for name in kept
+        }
+        assert (copy.headers or {})["x-producer"] == "tests"
         assert all((m.headers or {}).get(REASON_HEADER) == "not_json" for m in dead)
     finally:
         replicas.close()

@@ -197,9 +197,13 @@ class Broker:
             content_encoding=delivery.content_encoding,
             message_id=delivery.message_id,
             correlation_id=delivery.correlation_id,
+            reply_to=delivery.reply_to,
+            priority=delivery.priority,
             timestamp=delivery.timestamp,
             type=delivery.type,
             app_id=delivery.app_id,
+            # Not ``expiration`` (it would expire the dead letter) nor ``user_id`` (the broker
+            # refuses one that is not the publisher's login).
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
 
