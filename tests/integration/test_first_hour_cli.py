@@ -117,6 +117,19 @@ async def test_publish_with_a_wrong_broker_password_says_so_in_one_line_and_exit
     assert code == 2
 
 
+async def test_publish_to_an_unknown_virtual_host_says_the_broker_refused_it_and_exits_2() -> None:
+    """``publish`` to a virtual host the broker does not have prints one line saying the broker
+    refused the connection and what to check, and exits 2 (a setting, not an outage)."""
+    url = urlunsplit(urlsplit(RABBITMQ_URL)._replace(path="/no-such-vhost-5e1f"))
+    code, output = await cli(scratch_env(RABBITMQ_URL=url), "publish", "--sample", "1")
+    assert len(output) == 1, output
+    assert " refused the connection (" in output[0]
+    assert output[0].endswith(
+        "); check RABBITMQ_URL (its port, virtual host and the user's permissions)"
+    )
+    assert code == 2
+
+
 async def test_publish_with_the_broker_down_says_so_in_one_line_and_exits_1() -> None:
     """``publish`` to a port nothing listens on prints one line saying the broker is
     unreachable, what to do, and exits 1 (an outage, not a setting)."""
