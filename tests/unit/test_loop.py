@@ -66,3 +66,15 @@ def test_installed_uvloop_runs_the_coroutine_and_returns_its_result() -> None:
         ran_on = run_on_loop(loop_name(), "uvloop")
     assert ran_on == "uvloop"
     assert logs == [{"event": "event_loop", "event_loop": "uvloop", "log_level": "info"}]
+
+
+def test_quiet_run_logs_its_loop_at_debug_but_a_fallback_still_warns() -> None:
+    """The demo's runner (quiet) keeps the loop line out of its output's info level, while a
+    missing uvloop is still said as a warning."""
+    with capture_logs() as logs:
+        run_on_loop(loop_name(), "asyncio", quiet=True)
+        run_on_loop(loop_name(), "uvloop", quiet=True, import_module=missing_uvloop)
+    assert [(e["log_level"], e["event_loop"]) for e in logs] == [
+        ("debug", "asyncio"),
+        ("warning", "asyncio"),
+    ]

@@ -55,16 +55,20 @@ def run_on_loop(
     main: Coroutine[Any, Any, T],
     wanted: LoopName,
     *,
+    quiet: bool = False,
     import_module: Importer = importlib.import_module,
 ) -> T:
     """Run ``main`` to completion on the chosen loop (as ``asyncio.run`` does) and return its
-    result; logs the loop it runs on first."""
+    result; logs the loop it runs on first (at debug when ``quiet``: the demo's output is for
+    people, and its replicas log their own; a fallback is a warning either way)."""
     choice = choose_loop(wanted, import_module)
     with asyncio.Runner(loop_factory=choice.factory) as runner:
-        return runner.run(_announced(main, wanted, choice))
+        return runner.run(_announced(main, wanted, choice, quiet=quiet))
 
 
-async def _announced(main: Coroutine[Any, Any, T], wanted: LoopName, choice: LoopChoice) -> T:
+async def _announced(
+    main: Coroutine[Any, Any, T], wanted: LoopName, choice: LoopChoice, *, quiet: bool
+) -> T:
     log = structlog.get_logger("worker")
     if choice.fallback_reason:
         log.warning(
@@ -74,6 +78,8 @@ async def _announced(main: Coroutine[Any, Any, T], wanted: LoopName, choice: Loo
             reason=choice.fallback_reason,
             fix="pip install uvloop, or set EVENT_LOOP=asyncio to silence this",
         )
+    elif quiet:
+        log.debug("event_loop", event_loop=running_loop_name())
     else:
         log.info("event_loop", event_loop=running_loop_name())
     return await main

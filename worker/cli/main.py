@@ -215,7 +215,7 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     async def demo() -> int:
         return await run_demo(settings, options, _stop_on_signals())
 
-    return run_on_loop(demo(), settings.event_loop)
+    return run_on_loop(demo(), settings.event_loop, quiet=True)
 
 
 def _demo_problem(args: argparse.Namespace) -> str | None:
