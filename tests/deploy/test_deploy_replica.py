@@ -39,6 +39,8 @@ from deploy_support import (
     service_environment,
 )
 
+from worker.redisio.keys import RedisKeys
+
 VENV = "/opt/venv"
 CONNECTED = "✅ Redis cache connected"
 COMPOSE_HOSTS = frozenset({"neiromatrius-redis", "rabbitmq"})
@@ -163,6 +165,10 @@ class Names:
     results_exchange: str
     dead_letter_queue: str
     key_prefix: str
+
+    @property
+    def keys(self) -> RedisKeys:
+        return RedisKeys(self.key_prefix)
 
 
 @pytest.fixture
