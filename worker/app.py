@@ -34,7 +34,7 @@ from worker.observability.http import MonitorServer, ReplicaView
 from worker.observability.stats import QueueNames
 from worker.processing.claiming import Claimer
 from worker.processing.failures import Failures
-from worker.processing.faults import Faults
+from worker.processing.hooks import Hooks
 from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.pipeline import Pipeline
 from worker.processing.stopping import Stopping
@@ -78,6 +78,7 @@ class _Base:
     link: RedisLink | None
     live: _Live
     classifier: Classifier
+    hooks: Hooks
 
 
 def build_link(settings: Settings) -> RedisLink | None:
@@ -190,7 +191,7 @@ def build_consumer(
         classifier=classifier,
         failures=failures,
         counters=counters,
-        hooks=pipeline_hooks(settings, replica_id=base.identity.replica_id),
+        hooks=base.hooks,
     )
     limits = ConsumerLimits(settings.max_message_bytes, settings.max_attempts, settings.prefetch)
     return MessageConsumer(
@@ -236,21 +237,29 @@ async def consume_until_stopped(
     return drained
 
 
-async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
-    """Run one replica until ``stop`` is set; ``True`` if it drained everything in time."""
-    Faults.parse(settings.fault_injection)  # a bad spec stops start-up before anything connects
-    fastpath.install(settings.amqp_fast_path)  # the only place aiormq is patched
+def build_base(settings: Settings) -> _Base:
+    """What needs no server: built first, so that a bad fault spec, tracing or classifier
+    setting stops start-up before anything connects."""
+    identity = ReplicaIdentity.create(settings.replica_id)
+    hooks = pipeline_hooks(settings, replica_id=identity.replica_id)
     link = build_link(settings)
-    base = _Base(
+    return _Base(
         settings=settings,
-        identity=ReplicaIdentity.create(settings.replica_id),
+        identity=identity,
+        hooks=hooks,
         keys=RedisKeys(settings.redis_key_prefix),
         counters=Counters(cluster=settings.redis_enabled),
         link=link,
         live=_Live(),
-        # Built before connecting anything, so that a bad classifier setting stops start-up.
         classifier=build_classifier(settings, link=link),
     )
+
+
+async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
+    """Run one replica until ``stop`` is set; ``True`` if it drained everything in time."""
+    base = build_base(settings)
+    fastpath.install(settings.amqp_fast_path)  # the only place aiormq is patched
+    link = base.link
     async with AsyncExitStack() as stack:
         stack.push_async_callback(base.classifier.aclose)
         if link is not None:
