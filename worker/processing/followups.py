@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 import structlog
 from structlog.contextvars import bound_contextvars
@@ -46,6 +47,7 @@ def suspect_at(delivery: Delivery) -> int:
     return attempt_of(delivery) + 1
 
 
+@dataclass(slots=True)
 class FollowUps:
     """Resolves busy and suspect claims, each in a task of its own, so that a pass can end.
 
@@ -53,22 +55,13 @@ class FollowUps:
     nothing settled (the replica stopped, or its channel closed).
     """
 
-    def __init__(
-        self,
-        *,
-        claimer: Claimer,
-        isolation: Isolation,
-        stopping: Stopping,
-        act: Act,
-        settle_if_open: Callable[[Delivery, Outcome], None],
-    ) -> None:
-        self._claimer = claimer
-        self._isolation = isolation
-        self._stopping = stopping
-        self._act = act
-        self._settle_if_open = settle_if_open
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.claiming = 0  # claim calls of busy waits in flight
+    claimer: Claimer
+    isolation: Isolation
+    stopping: Stopping
+    act: Act
+    settle_if_open: Callable[[Delivery, Outcome], None]
+    tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+    claiming: int = field(default=0, init=False)  # claim calls of busy waits in flight
 
     def follow(self, item: Claimed) -> None:
         task = asyncio.get_running_loop().create_task(self._resolve(item))
@@ -89,12 +82,12 @@ class FollowUps:
                     log.info("suspect_isolated", attempts_started=resolved.attempt)
                     await self._alone(delivery, message)
                 elif resolved is not None:
-                    await self._act([Claimed(delivery, message, resolved)])
+                    await self.act([Claimed(delivery, message, resolved)])
             except Exception:
                 log.exception("message_handling_failed")
-                await self._stopping.pause(REQUEUE_PAUSE_S)
+                await self.stopping.pause(REQUEUE_PAUSE_S)
             finally:
-                self._settle_if_open(delivery, Outcome.REQUEUE)
+                self.settle_if_open(delivery, Outcome.REQUEUE)
 
     async def _wait_while_busy(self, item: Claimed) -> ClaimResult | None:
         """Claim again with backoff while another replica holds the ID; ``None`` if we stop
@@ -106,10 +99,10 @@ class FollowUps:
         retry_after_s = item.claim.retry_after_s
         while True:
             delay_s = min(delay_s, max(retry_after_s, BUSY_POLL_MIN_S))
-            if await self._stopping.pause(delay_s) or delivery.stale:
+            if await self.stopping.pause(delay_s) or delivery.stale:
                 return None
             delay_s = min(delay_s * 2, BUSY_POLL_MAX_S)
-            if not self._isolation.open:  # a suspect is being worked on alone
+            if not self.isolation.open:  # a suspect is being worked on alone
                 continue
             self.claiming += 1
             try:
@@ -121,26 +114,26 @@ class FollowUps:
             retry_after_s = claim.retry_after_s
 
     async def _claim_one(self, ask: ClaimAsk, delivery: Delivery) -> ClaimResult | None:
-        claims = await self._claimer.claim([ask], given_up=lambda: delivery.stale)
+        claims = await self.claimer.claim([ask], given_up=lambda: delivery.stale)
         return None if claims is None else claims[0]
 
     async def _alone(self, delivery: Delivery, message: ChatMessage) -> None:
         """Claim and work on a suspect with nothing else claimed or in work in this replica."""
         ask = ClaimAsk(message.message_id, seen_before(delivery))
         delay_s = BUSY_POLL_MIN_S
-        async with self._isolation.alone():
-            while await self._isolation.isolate() and not delivery.stale:
+        async with self.isolation.alone():
+            while await self.isolation.isolate() and not delivery.stale:
                 claim = await self._claim_one(ask, delivery)
                 if claim is None:
                     return
                 if claim.status is not ClaimStatus.BUSY:
                     with bound_contextvars(alone=True):
-                        await self._act([Claimed(delivery, message, claim)])
+                        await self.act([Claimed(delivery, message, claim)])
                     return
                 # Another replica holds it (maybe a dead one, until its lease lapses): let the
                 # other messages flow meanwhile.
-                self._isolation.reopen()
-                if await self._stopping.pause(delay_s):
+                self.isolation.reopen()
+                if await self.stopping.pause(delay_s):
                     return
                 retry_after_s = max(claim.retry_after_s, BUSY_POLL_MIN_S)
                 delay_s = min(delay_s * 2, BUSY_POLL_MAX_S, retry_after_s)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import structlog
@@ -46,38 +47,24 @@ class Finished(NamedTuple):
     done: bool = False
 
 
+@dataclass(frozen=True, slots=True)
 class Pipeline:
-    """Works on batches of claimed messages; see the module docstring."""
+    """Works on batches of claimed messages; see the module docstring. ``hooks`` are the
+    steps of the messages' path (the inbox calls those of the claims)."""
 
-    def __init__(
-        self,
-        *,
-        outbox: Outbox,
-        claims: ClaimStore,
-        leases: LeaseKeeper,
-        classifier: CachedClassifier,
-        failures: Failures,
-        counters: Counters,
-        hooks: Hooks,
-    ) -> None:
-        self._outbox = outbox
-        self._claims = claims
-        self._leases = leases
-        self._classifier = classifier
-        self._failures = failures
-        self._counters = counters
-        self._hooks = hooks
-
-    @property
-    def hooks(self) -> Hooks:
-        """The hooks of the messages' path (the inbox calls those of the claims)."""
-        return self._hooks
+    outbox: Outbox
+    claims: ClaimStore
+    leases: LeaseKeeper
+    classifier: CachedClassifier
+    failures: Failures
+    counters: Counters
+    hooks: Hooks
 
     async def work(self, batch: Sequence[Work]) -> list[Finished]:
         """Work on ``batch``; how each of its deliveries is to be settled, in order."""
         started = time.perf_counter()
         for item in batch:
-            self._hooks.before_process(item.message.message_id)
+            self.hooks.before_process(item.message.message_id)
         produced = await self._produce(batch)
         finished = [Finished(Outcome.REQUEUE)] * len(batch)
         published = [i for i, p in enumerate(produced) if not isinstance(p, BaseException)]
@@ -105,18 +92,18 @@ class Pipeline:
         """Write the completions of the messages whose results are confirmed, and count them."""
         if not published:
             return
-        self._hooks.published(batch, published)
+        self.hooks.published(batch, published)
         for i in published:
-            self._hooks.after_publish(batch[i].message.message_id)
+            self.hooks.after_publish(batch[i].message.message_id)
         cached = [_cached(produced[i]) for i in published]
-        statuses = await self._claims.complete_many(
+        statuses = await self.claims.complete_many(
             [
                 Completion(batch[i].message.message_id, batch[i].token, hit)
                 for i, hit in zip(published, cached, strict=True)
             ]
         )
         for i, status in zip(published, statuses, strict=True):
-            self._hooks.after_complete(batch[i].message.message_id)
+            self.hooks.after_complete(batch[i].message.message_id)
             finished[i] = Finished(Outcome.ACK, done=status is not CompleteStatus.LOST)
         self._count_completed(
             [batch[i].message.message_id for i in published], statuses, cached, started
@@ -124,7 +111,7 @@ class Pipeline:
 
     async def _failed(self, work: Work, exc: BaseException) -> Outcome:
         with bound_contextvars(message_id=work.message.message_id, attempt=work.attempt):
-            return await self._failures.failed(work, exc)
+            return await self.failures.failed(work, exc)
 
     async def _produce(self, batch: Sequence[Work]) -> list[Produced]:
         """Classify and publish the batch's results under its leases: per message, the
@@ -133,7 +120,7 @@ class Pipeline:
         confirms: dict[int, asyncio.Future[object]] = {}
         leases = [Lease(w.message.message_id, w.token) for w in batch]
         try:
-            async with self._leases.working_many(leases):
+            async with self.leases.working_many(leases):
                 await self._classify_and_queue(batch, produced, confirms)
                 if confirms:
                     await asyncio.wait(confirms.values())
@@ -154,21 +141,21 @@ class Pipeline:
         asked: list[int] = []
         for i, work in enumerate(batch):
             try:
-                self._hooks.before_classify(work.message.message_id)
+                self.hooks.before_classify(work.message.message_id)
             except Exception as exc:
                 produced[i] = exc
             else:
                 asked.append(i)
         started_ns = time.time_ns()
-        answers = await self._classifier.classify_many([batch[i].message.text for i in asked])
-        self._hooks.classified(batch, asked, answers, started_ns)
+        answers = await self.classifier.classify_many([batch[i].message.text for i in asked])
+        self.hooks.classified(batch, asked, answers, started_ns)
         for i, answer in zip(asked, answers, strict=True):
             if isinstance(answer, BaseException):
                 produced[i] = answer
                 continue
             try:
-                headers = self._hooks.result_headers(batch[i])
-                confirms[i] = self._outbox.queue_result(batch[i].message, *answer, headers)
+                headers = self.hooks.result_headers(batch[i])
+                confirms[i] = self.outbox.queue_result(batch[i].message, *answer, headers)
             except PermanentError as exc:
                 produced[i] = exc
             else:
@@ -188,7 +175,7 @@ class Pipeline:
         for message_id, status, hit in zip(message_ids, statuses, cached, strict=True):
             if status is CompleteStatus.LOST:
                 # Our lease lapsed and another replica owns the ID now: it finishes and counts it.
-                self._counters.record(CounterName.CLAIMS_LOST)
+                self.counters.record(CounterName.CLAIMS_LOST)
                 log.warning("claim_lost_before_completion", message_id=message_id)
                 continue
             in_redis = status is CompleteStatus.IN_REDIS or status is CompleteStatus.DEFERRED
@@ -198,16 +185,16 @@ class Pipeline:
         for in_redis in (True, False):
             self._count(processed[in_redis], hits[in_redis], in_redis)
         if done := processed[True] + processed[False]:
-            self._counters.latency.observe(time.perf_counter() - started, done)
+            self.counters.latency.observe(time.perf_counter() - started, done)
 
     def _count(self, processed: int, hits: int, in_redis: bool) -> None:
         if not processed:
             return
-        self._counters.record(CounterName.PROCESSED, processed, in_redis=in_redis)
+        self.counters.record(CounterName.PROCESSED, processed, in_redis=in_redis)
         if hits:
-            self._counters.record(CounterName.CACHE_HITS, hits, in_redis=in_redis)
+            self.counters.record(CounterName.CACHE_HITS, hits, in_redis=in_redis)
         if misses := processed - hits:
-            self._counters.record(CounterName.CACHE_MISSES, misses, in_redis=in_redis)
+            self.counters.record(CounterName.CACHE_MISSES, misses, in_redis=in_redis)
 
 
 def _cached(produced: Produced) -> bool:
