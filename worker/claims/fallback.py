@@ -16,18 +16,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
 from worker.claims.memory_store import MemoryClaimStore
-from worker.claims.protocol import (
-    ClaimAsk,
-    ClaimResult,
-    ClaimStatus,
-    CompleteStatus,
-    Completion,
-    Lease,
-)
+from worker.claims.protocol import ClaimResult, ClaimStatus, CompleteStatus
 from worker.claims.redis_store import RedisClaimStore
 from worker.core.errors import StoreUnavailable
 from worker.observability.counters import Counters
@@ -36,6 +30,9 @@ from worker.redisio.batching import MAX_SCRIPT_BATCH
 from worker.redisio.keys import THROUGHPUT_BUCKET_TTL_S, RedisKeys
 from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
 from worker.redisio.scripts import LuaScript
+
+if TYPE_CHECKING:
+    from worker.claims.protocol import ClaimAsk, Completion, Lease
 
 log = structlog.get_logger("worker.claims")
 

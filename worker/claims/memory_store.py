@@ -6,16 +6,12 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from worker.claims.protocol import (
-    ClaimAsk,
-    ClaimResult,
-    ClaimStatus,
-    CompleteStatus,
-    Completion,
-    Lease,
-    TokenSource,
-)
+from worker.claims.protocol import ClaimResult, ClaimStatus, CompleteStatus
+
+if TYPE_CHECKING:
+    from worker.claims.protocol import ClaimAsk, Completion, Lease, TokenSource
 
 
 class MemoryClaimStore:

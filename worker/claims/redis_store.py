@@ -11,22 +11,17 @@ buckets.)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from redis.asyncio import Redis
 
-from worker.claims.protocol import (
-    ClaimAsk,
-    ClaimResult,
-    ClaimStatus,
-    CompleteStatus,
-    Completion,
-    Lease,
-    TokenSource,
-)
+from worker.claims.protocol import ClaimResult, ClaimStatus, CompleteStatus, Lease
 from worker.redisio.batching import MicroBatcher, in_script_batches
 from worker.redisio.keys import THROUGHPUT_BUCKET_TTL_S, RedisKeys
 from worker.redisio.scripts import RENEW, LuaScript
+
+if TYPE_CHECKING:
+    from worker.claims.protocol import ClaimAsk, Completion, TokenSource
 
 CLAIM = LuaScript("worker.claims", "claim.lua")
 COMPLETE = LuaScript("worker.claims", "complete.lua", library=("count_completed.lua",))
