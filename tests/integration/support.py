@@ -10,6 +10,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -322,3 +323,17 @@ def close_broker_connections(connection_pids: list[str]) -> None:
             timeout=30,
             check=True,
         )
+
+
+def run_cli(env: dict[str, str], *args: str, timeout_s: float = 60) -> tuple[int, list[str]]:
+    """``python -m worker ARGS`` in a process of its own: its exit code and the lines of its
+    stdout and stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    return done.returncode, (done.stdout + done.stderr).splitlines()

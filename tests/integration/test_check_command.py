@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 from tests.conftest import REDIS_URL
+from tests.integration.support import run_cli
 
 
 def test_check_against_a_port_that_is_not_rabbitmq_prints_only_its_lines() -> None:
@@ -17,16 +16,8 @@ def test_check_against_a_port_that_is_not_rabbitmq_prints_only_its_lines() -> No
         "PATH": os.environ.get("PATH", ""),
         "RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{redis_port}/",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "check"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    lines = (done.stdout + done.stderr).splitlines()
-    assert done.returncode == 1
+    code, lines = run_cli(env, "check")
+    assert code == 1
     assert [line.split()[:2] for line in lines] == [
         ["info", "redis"],
         ["FAIL", "rabbitmq"],

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -24,7 +22,7 @@ import pytest
 from tests.conftest import RABBITMQ_URL, REDIS_URL, Names
 from tests.integration.raw_amqp import publish_without_id
 from tests.integration.servers import free_port
-from tests.integration.support import Replicas, drain_queue
+from tests.integration.support import Replicas, drain_queue, run_cli
 from worker.amqp.broker import REASON_HEADER
 
 pytestmark = pytest.mark.integration
@@ -60,17 +58,8 @@ def scratch_env(**settings: str) -> dict[str, str]:
 
 
 async def cli(env: dict[str, str], *args: str) -> tuple[int, list[str]]:
-    """Run ``python -m worker ARGS``; its exit code and the lines of its stdout and stderr."""
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "worker", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return done.returncode, (done.stdout + done.stderr).splitlines()
+    """Run ``python -m worker ARGS`` off the event loop (``support.run_cli``)."""
+    return await asyncio.to_thread(run_cli, env, *args)
 
 
 async def test_a_second_replica_on_a_stats_port_in_use_says_so_in_one_line_and_exits_2(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -19,7 +18,7 @@ from tests.conftest import RABBITMQ_URL, Names
 from tests.integration.llm_server import FakeLLM, replica_env
 from tests.integration.proxy import CuttableProxy
 from tests.integration.servers import free_port
-from tests.integration.support import Replicas, ResultSink, body, publish_bodies
+from tests.integration.support import Replicas, ResultSink, body, publish_bodies, run_cli
 from worker.cli.demo import DemoOptions, run_demo
 from worker.core.settings import load_settings
 
@@ -104,15 +103,7 @@ async def test_redis_connections_and_commands_per_second_in_stats_and_metrics(
 
 def run_check(env: dict[str, str]) -> tuple[int, list[str]]:
     """``neiromatrius-worker check`` in a process of its own: its exit code and output lines."""
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "check"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return done.returncode, (done.stdout + done.stderr).splitlines()
+    return run_cli(env, "check")
 
 
 def classifier_line(lines: list[str]) -> str:
