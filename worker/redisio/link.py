@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.core.redaction import redact_url, scrub
-from worker.redisio.clients import RedisClient
+from worker.redisio.clients import RedisClient, ping
 
 log = structlog.get_logger("worker.redis")
 
@@ -90,7 +90,7 @@ class RedisLink:
     async def connect(self) -> bool:
         """Try once; on failure keep working (callers fall back) and retry in the background."""
         try:
-            await self.client.ping()  # type: ignore[misc]
+            await ping(self.client)
         except REDIS_UNAVAILABLE as exc:
             self.report_failure(exc)
             return False
@@ -119,7 +119,7 @@ class RedisLink:
         while True:
             await asyncio.sleep(delay_s)
             try:
-                await self.client.ping()  # type: ignore[misc]
+                await ping(self.client)
             except REDIS_UNAVAILABLE:
                 delay_s = min(delay_s * 2, self._max_backoff_s)
                 continue
