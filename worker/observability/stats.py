@@ -20,6 +20,7 @@ import orjson
 from aio_pika.abc import AbstractConnection
 from redis.asyncio import Redis
 
+from worker.core.settings import Settings
 from worker.observability.metrics import CounterName
 from worker.redisio.keys import RedisKeys
 
@@ -138,9 +139,15 @@ class QueueNames:
 
     input: str
     dead_letter: str
+    unrouted: str | None = None  # ``{RESULTS_EXCHANGE}.unrouted``, unless results are discarded
+
+    @classmethod
+    def of(cls, settings: Settings) -> QueueNames:
+        return cls(settings.input_queue, settings.dead_letter_queue, settings.unrouted_queue)
 
     def roles(self) -> tuple[tuple[str, str], ...]:
-        return (("input", self.input), ("dead_letter", self.dead_letter))
+        roles = (("input", self.input), ("dead_letter", self.dead_letter))
+        return roles + ((("unrouted", self.unrouted),) if self.unrouted else ())
 
 
 def unknown_depths(names: QueueNames, reason: str) -> dict[str, Any]:
@@ -286,6 +293,8 @@ def _queue_lines(queues: dict[str, Any] | None) -> list[str]:
         f"  input queue      {_depth(queues['input'])}",
         f"  dead letters     {_depth(queues['dead_letter'])}",
     ]
+    if "unrouted" in queues:
+        lines.append(f"  unrouted results {_depth(queues['unrouted'])}")
     if "error" in queues:
         lines.append(f"  (queue depths unknown: {queues['error']})")
     return lines
