@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.core.addresses import split_addresses
 from worker.core.errors import ConfigError
 from worker.core.redaction import url_secrets
 
@@ -132,7 +133,19 @@ class Settings(BaseSettings):
     @field_validator("rabbitmq_url")
     @classmethod
     def _rabbitmq_url(cls, value: str) -> str:
-        return _check_url(value.strip(), AMQP_SCHEMES)
+        """One address, or a cluster's: several comma-separated, each checked on its own."""
+        addresses = [part.strip() for part in value.split(",")]
+        if len(addresses) == 1:
+            return _check_url(addresses[0], AMQP_SCHEMES)
+        for number, address in enumerate(addresses, 1):
+            where = f"address {number} of {len(addresses)}"
+            if not address:
+                raise ValueError(f"{where} is empty (a comma too many?)")
+            try:
+                _check_url(address, AMQP_SCHEMES)
+            except ValueError as exc:
+                raise ValueError(f"{where} {exc}") from None
+        return ",".join(addresses)
 
     @field_validator("llm_base_url")
     @classmethod
@@ -205,6 +218,11 @@ class Settings(BaseSettings):
         that work's timeout), then does its own work; all of it before the broker's
         consumer_timeout closes the channel."""
         return 3 * self.work_timeout_s + self.claim_lease_s
+
+    @property
+    def rabbitmq_urls(self) -> tuple[str, ...]:
+        """The broker's addresses (one, or every node of a cluster), in the order listed."""
+        return split_addresses(self.rabbitmq_url)
 
     @property
     def redis_enabled(self) -> bool:
