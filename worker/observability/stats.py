@@ -20,6 +20,7 @@ import orjson
 from aio_pika.abc import AbstractConnection
 from redis.asyncio import Redis
 
+from worker.observability.breakers import breaker_lines, read_breakers
 from worker.observability.metrics import CounterName
 from worker.redisio.keys import RedisKeys
 
@@ -129,6 +130,7 @@ async def read_cluster(redis: Redis, keys: RedisKeys) -> dict[str, Any]:
         "throughput": await read_throughput(redis, keys),
         "replicas": await read_replicas(redis, keys),
         "redis": await read_redis_memory(redis),
+        "breakers": await read_breakers(redis, keys),
     }
 
 
@@ -247,6 +249,7 @@ def render_table(stats: dict[str, Any], now: float | None = None) -> str:
     lines.append("  throughput       " + "  ".join(f"{k}: {v:,.1f}/s" for k, v in tp.items()))
     lines.extend(_replica_lines(stats.get("replicas", []), now))
     lines.extend(_redis_lines(stats.get("redis")))
+    lines.extend(breaker_lines(stats.get("breakers")))
     lines.extend(_queue_lines(stats.get("queues")))
     return "\n".join(lines)
 
