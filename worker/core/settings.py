@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(default=30.0, gt=0, le=600)
     llm_max_retries: int = Field(default=3, ge=0, le=20)
     llm_max_rps: float = Field(default=0.0, ge=0, le=100_000)
+    llm_breaker_failures: int = Field(default=5, ge=1, le=10_000)
+    llm_breaker_probe_min_s: float = Field(default=1.0, gt=0, le=3_600)
+    llm_breaker_probe_max_s: float = Field(default=5.0, gt=0, le=3_600)
+    llm_breaker_config_probe_s: float = Field(default=30.0, gt=0, le=3_600)
+    llm_breaker_hold_s: float = Field(default=5.0, gt=0, le=600)
     single_flight_wait_s: float = Field(default=30.0, gt=0, le=3_600)
     prefetch: int = Field(default=1024, ge=1, le=65_535)
     stats_host: str = "0.0.0.0"
@@ -181,6 +186,15 @@ class Settings(BaseSettings):
                 "inbox behind a pass, a wait for another replica's work, its own work) must stay "
                 f"below RABBITMQ_CONSUMER_TIMEOUT_S ({self.rabbitmq_consumer_timeout_s:g} s, the "
                 "broker's consumer_timeout)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _breaker(self) -> Settings:
+        if self.llm_breaker_probe_max_s < self.llm_breaker_probe_min_s:
+            raise ValueError(
+                "LLM_BREAKER_PROBE_MAX_S must not be below LLM_BREAKER_PROBE_MIN_S "
+                f"({self.llm_breaker_probe_min_s:g} s)"
             )
         return self
 

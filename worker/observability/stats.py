@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from worker.core.addresses import in_turn, split_addresses
 from worker.core.settings import Settings
+from worker.observability.breakers import breaker_lines, read_breakers
 from worker.observability.metrics import CounterName
 from worker.redisio.keys import RedisKeys
 
@@ -131,6 +132,7 @@ async def read_cluster(redis: Redis, keys: RedisKeys) -> dict[str, Any]:
         "throughput": await read_throughput(redis, keys),
         "replicas": await read_replicas(redis, keys),
         "redis": await read_redis_memory(redis),
+        "breakers": await read_breakers(redis, keys),
     }
 
 
@@ -259,6 +261,7 @@ def render_table(stats: dict[str, Any], now: float | None = None) -> str:
     lines.append("  throughput       " + "  ".join(f"{k}: {v:,.1f}/s" for k, v in tp.items()))
     lines.extend(_replica_lines(stats.get("replicas", []), now))
     lines.extend(_redis_lines(stats.get("redis")))
+    lines.extend(breaker_lines(stats.get("breakers")))
     lines.extend(_queue_lines(stats.get("queues")))
     return "\n".join(lines)
 
