@@ -40,7 +40,7 @@ def free_port() -> int:
             return port
 
 
-def _wait_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+def wait_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -133,7 +133,7 @@ class LocalCluster:
         args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
         args += ["--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no"]
         node.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(node.port, node.process)
+        wait_port(node.port, node.process)
         return node
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
