@@ -201,3 +201,12 @@ def test_check_and_stats_work_with_a_cluster_url(cluster: LocalCluster, names: N
     stats = json.loads("\n".join(lines))
     assert stats["counters"][CounterName.PROCESSED] == 0
     assert stats["redis"]["cluster_masters"] == 3
+
+
+def test_cluster_mode_forced_on_a_single_redis_is_one_line(names: Names) -> None:
+    """``?cluster=true`` on a Redis that is no cluster node stops ``check`` with one line naming
+    REDIS_URL and exit code 2, not redis-py's traceback."""
+    code, lines = run_cli(names.env(REDIS_URL=f"{REDIS_URL}?cluster=true"), "check")
+    assert code == 2
+    assert len(lines) == 1
+    assert "REDIS_URL" in lines[0] and "not a Redis Cluster node" in lines[0]
