@@ -209,4 +209,5 @@ def test_cluster_mode_forced_on_a_single_redis_is_one_line(names: Names) -> None
     code, lines = run_cli(names.env(REDIS_URL=f"{REDIS_URL}?cluster=true"), "check")
     assert code == 2
     assert len(lines) == 1
-    assert "REDIS_URL" in lines[0] and "not a Redis Cluster node" in lines[0]
+    assert "REDIS_URL" in lines[0]
+    assert "not a Redis Cluster node" in lines[0]
