@@ -91,9 +91,10 @@ async def build_link(settings: Settings) -> RedisLink | None:
     if not settings.redis_enabled:
         log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
         return None
+    url, mode, timeout_s = settings.redis_url, settings.redis_mode, settings.redis_timeout_s
     return RedisLink(
-        await make_client(settings.redis_url, settings.redis_mode, settings.redis_timeout_s),
-        settings.redis_url,
+        await make_client(url, mode, timeout_s, log_assumed=True),
+        url,
         secrets=settings.secrets,
         fallback=FALLBACK_STRICT if settings.redis_failure_mode == "strict" else FALLBACK_IN_MEMORY,
     )

@@ -112,8 +112,12 @@ def mode_in_url(url: str) -> tuple[str, RedisMode | None]:
     return urlunsplit(parts._replace(query=rest)), mode
 
 
-async def make_client(url: str, mode: str, timeout_s: float) -> RedisClient:
-    """A client for ``url`` in ``mode`` (``auto`` asks the server, see the module docstring)."""
+async def make_client(
+    url: str, mode: str, timeout_s: float, *, log_assumed: bool = False
+) -> RedisClient:
+    """A client for ``url`` in ``mode`` (``auto`` asks the server, see the module docstring).
+    ``log_assumed``: log a warning when standalone is assumed because the server cannot be asked
+    (a replica does; a command reports the unreachable server in its own words)."""
     url, forced = mode_in_url(url)
     chosen = forced or RedisMode(mode)
     if chosen is RedisMode.SENTINEL:
@@ -121,7 +125,7 @@ async def make_client(url: str, mode: str, timeout_s: float) -> RedisClient:
             "invalid setting REDIS_MODE: sentinel needs a redis+sentinel:// REDIS_URL"
         )
     if chosen is RedisMode.AUTO:
-        chosen = await detect_mode(url, timeout_s)
+        chosen = await detect_mode(url, timeout_s, log_assumed=log_assumed)
     elif chosen is RedisMode.CLUSTER and await server_mode(url, timeout_s) is RedisMode.STANDALONE:
         raise ConfigError(
             f"invalid setting REDIS_URL: {redact_url(url)} is not a Redis Cluster node "
@@ -132,19 +136,18 @@ async def make_client(url: str, mode: str, timeout_s: float) -> RedisClient:
     return make_redis(url, timeout_s)
 
 
-async def detect_mode(url: str, timeout_s: float) -> RedisMode:
+async def detect_mode(url: str, timeout_s: float, *, log_assumed: bool = False) -> RedisMode:
     """``CLUSTER`` if the server at ``url`` is a cluster node, else ``STANDALONE`` (also when it
-    cannot be asked, which is logged)."""
+    cannot be asked)."""
     found = await server_mode(url, timeout_s)
-    if found is None:
+    if found is None and log_assumed:
         log.warning(
             "redis_mode_assumed",
             mode=RedisMode.STANDALONE.value,
             reason=f"cannot ask {redact_url(url)}",
             hint="set REDIS_MODE=cluster if it is a Redis Cluster",
         )
-        return RedisMode.STANDALONE
-    return found
+    return found or RedisMode.STANDALONE
 
 
 async def server_mode(url: str, timeout_s: float) -> RedisMode | None:
