@@ -86,7 +86,8 @@ async def test_a_predeclared_quorum_input_queue_is_used_as_it_is(
             assert all(len(results) == 1 for results in sink.by_id.values())
             assert counters[CounterName.PROCESSED] == 2000
             ready = replica.event("topology_ready")
-            assert ready is not None and ready["input_queue"] == "quorum, existing"
+            assert ready is not None
+            assert ready["input_queue"] == "quorum, existing"
     finally:
         replicas.close()
 
@@ -124,7 +125,8 @@ async def test_queue_type_creates_its_queues_and_retries_and_dead_letters_work_o
             }
             assert created == dict.fromkeys(expected, queue_type)
             ready = replica.event("topology_ready")
-            assert ready is not None and ready["input_queue"] == f"{queue_type}, created"
+            assert ready is not None
+            assert ready["input_queue"] == f"{queue_type}, created"
     finally:
         replicas.close()
 
@@ -164,10 +166,13 @@ async def test_a_delivery_limit_sends_what_the_broker_drops_to_the_dead_letter_q
 
             reasons = {(m.headers or {})["x-death"][0]["reason"] for m in dead}
             dead_ids = {orjson.loads(m.body)["message_id"] for m in dead}
-            print(f"delivery limit 2: {len(dead)} dead-lettered by the broker, {sink.total} processed")
+            print(
+                f"delivery limit 2: {len(dead)} dead-lettered by the broker, {sink.total} processed"
+            )
             assert 0 < len(dead) < 100
             assert reasons == {"delivery_limit"}
-            assert sink.total == processed and not dead_ids & sink.by_id.keys()
+            assert sink.total == processed
+            assert not dead_ids & sink.by_id.keys()
             assert dead_ids | sink.by_id.keys() == {b["message_id"] for b in bodies}
     finally:
         replicas.close()
