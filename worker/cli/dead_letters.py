@@ -29,6 +29,7 @@ from aio_pika.abc import AbstractConnection, AbstractExchange
 from aio_pika.abc import AbstractIncomingMessage as Incoming
 from redis.asyncio import Redis
 
+from worker.amqp.connection import CONNECTION_NAME, connect_once
 from worker.cli.letters import Letter, letter_of, time_of
 from worker.core.errors import ConfigError
 from worker.core.redaction import redact_url, scrub
@@ -99,9 +100,9 @@ def _fail(line: str, code: int) -> int:
 
 async def _connect(settings: Settings) -> AbstractConnection:
     """A plain (not robust) connection: a replay must stop, not resume on a new one."""
-    where = redact_url(settings.rabbitmq_url)
+    where, name = redact_url(settings.rabbitmq_url), f"{CONNECTION_NAME} dead-letters"
     try:
-        return await asyncio.wait_for(aio_pika.connect(settings.rabbitmq_url), CONNECT_TIMEOUT_S)
+        return await connect_once(settings.rabbitmq_url, name=name, timeout_s=CONNECT_TIMEOUT_S)
     except aiormq.exceptions.ProbableAuthenticationError:
         raise ConfigError(f"RabbitMQ at {where} refused the login: check RABBITMQ_URL") from None
     except UNREACHABLE_ERRORS as exc:

@@ -16,6 +16,7 @@ from worker.amqp.connection import (
     CONNECT_TIMEOUT_S,
     CONNECTION_NAME,
     connect_failure,
+    connect_once,
     describe_failure,
 )
 from worker.amqp.declaring import ensure_queue
@@ -93,15 +94,11 @@ async def publish(
 
 
 async def open_connection(url: str, secrets: tuple[str, ...] = ()) -> AbstractConnection:
-    """A connection to ``url``, or the reason there is none as ``ConfigError`` (refused) or
-    ``BrokerUnreachable``, in one line. Not a robust one: a robust connection cancelled while
-    it connects goes on reconnecting and keeps the command from exiting."""
+    """A connection to ``url`` (to one of its addresses, tried in turn), or the reason there is
+    none as ``ConfigError`` (refused) or ``BrokerUnreachable``, in one line."""
     try:
-        return await asyncio.wait_for(
-            aio_pika.connect(
-                url, client_properties={"connection_name": f"{CONNECTION_NAME} publish"}
-            ),
-            CONNECT_TIMEOUT_S,
+        return await connect_once(
+            url, name=f"{CONNECTION_NAME} publish", timeout_s=CONNECT_TIMEOUT_S
         )
     except CONNECT_ERRORS as exc:
         line = describe_failure(url, exc, secrets)

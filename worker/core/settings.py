@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.core.addresses import split_addresses
 from worker.core.errors import ConfigError
 from worker.core.redaction import url_secrets
 
@@ -132,7 +133,19 @@ class Settings(BaseSettings):
     @field_validator("rabbitmq_url")
     @classmethod
     def _rabbitmq_url(cls, value: str) -> str:
-        return _check_url(value.strip(), AMQP_SCHEMES)
+        """One address, or a cluster's: several comma-separated, each checked on its own."""
+        addresses = [part.strip() for part in value.split(",")]
+        if len(addresses) == 1:
+            return _check_url(addresses[0], AMQP_SCHEMES)
+        for number, address in enumerate(addresses, 1):
+            where = f"address {number} of {len(addresses)}"
+            if not address:
+                raise ValueError(f"{where} is empty (a comma too many?)")
+            try:
+                _check_url(address, AMQP_SCHEMES)
+            except ValueError as exc:
+                raise ValueError(f"{where} {exc}") from None
+        return ",".join(addresses)
 
     @field_validator("llm_base_url")
     @classmethod
@@ -190,6 +203,11 @@ class Settings(BaseSettings):
         """Whether spans are recorded: an exporter is configured and the SDK is not disabled."""
         configured = bool(self.otel_exporter_otlp_endpoint or self.otel_traces_exporter)
         return configured and not self.otel_sdk_disabled and self.otel_traces_exporter != "none"
+
+    @property
+    def rabbitmq_urls(self) -> tuple[str, ...]:
+        """The broker's addresses (one, or every node of a cluster), in the order listed."""
+        return split_addresses(self.rabbitmq_url)
 
     @property
     def unrouted_queue(self) -> str | None:
