@@ -176,3 +176,31 @@ async def test_a_delivery_limit_sends_what_the_broker_drops_to_the_dead_letter_q
             assert dead_ids | sink.by_id.keys() == {b["message_id"] for b in bodies}
     finally:
         replicas.close()
+
+
+async def test_in_memory_mode_the_quorum_delivery_count_bounds_a_message_that_kills_replicas(
+    names: Names, amqp: object, tmp_path: Path
+) -> None:
+    """Without Redis, attempts counted in memory die with each replica a poison message kills;
+    a quorum queue's x-delivery-count still counts them, so after MAX_ATTEMPTS crashes the next
+    replica dead-letters the message instead of dying too."""
+    env = names.env(
+        redis=False,
+        QUEUE_TYPE="quorum",
+        MAX_ATTEMPTS="2",
+        FAULT_INJECTION="kill_after_claim:poison-",
+    )
+    replicas = Replicas(tmp_path)
+    try:
+        replica = await replicas.start(env).started()
+        await publish_bodies(names, [body("poison-1", "Этот убивает реплику")])
+        for _ in range(2):  # attempts 1 and 2: each kills its replica
+            assert await replica.wait_exit(30) == -9
+            replica = await replicas.start(env).started()
+        (letter,) = await drain_queue(names, names.dead_letter_queue, 30, expected=1)
+        headers = letter.headers or {}
+        assert headers[REASON_HEADER] == "retries_exhausted"
+        assert headers[ATTEMPT_HEADER] == 2
+        assert not replica.exited
+    finally:
+        replicas.close()
