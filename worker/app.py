@@ -18,6 +18,8 @@ from worker.amqp import fastpath
 from worker.amqp.acks import Acker
 from worker.amqp.broker import CONNECTION_NAME, Broker, Topology
 from worker.amqp.connection import BrokerStatus, connect_until_stopped
+from worker.amqp.timeouts import ConsumerTimeouts
+from worker.amqp.unrouted import UnroutedWatch
 from worker.claims.factory import build_claim_store
 from worker.claims.leases import LeaseKeeper
 from worker.claims.protocol import ClaimStore
@@ -127,7 +129,7 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
         in_flight=live.in_flight,
         broker_connected=lambda: live.broker is not None and live.broker.connected,
         consuming=lambda: live.consuming and not live.waiting_for_redis(strict, link),
-        queue_names=QueueNames(settings.input_queue, settings.dead_letter_queue),
+        queue_names=QueueNames.of(settings),
         classifier_tallies=cached.snapshot,
         connection=lambda: live.broker.connection if live.broker else None,
         broker_problem=live.broker_status.reason,
@@ -161,6 +163,8 @@ async def build_broker(stack: AsyncExitStack, base: _Base, stop: asyncio.Event) 
     stack.push_async_callback(connection.close)
     broker = Broker(connection, Topology.of(settings), app_id=base.identity.replica_id)
     await broker.declare()
+    if broker.topology.keep_unrouted:
+        await stack.enter_async_context(UnroutedWatch(connection, broker.topology.unrouted))
     return broker
 
 
@@ -211,7 +215,8 @@ async def consume_until_stopped(
     """Consume until ``stop`` is set, then stop consuming and drain; ``True`` if in time."""
     settings, counters, live = base.settings, base.counters, base.live
     tune_for_throughput()  # start-up is done (see worker.core.gc_tuning)
-    consuming = await broker.consume(settings.prefetch, consumer.on_delivery)
+    timeouts = ConsumerTimeouts(counters, settings.rabbitmq_consumer_timeout_s)
+    consuming = await broker.consume(settings.prefetch, consumer.on_delivery, timeouts=timeouts)
     live.consuming = True
     summaries = asyncio.get_running_loop().create_task(
         log_progress(counters, live.in_flight, SUMMARY_INTERVAL_S)

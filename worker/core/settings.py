@@ -22,6 +22,7 @@ AMQP_SCHEMES = frozenset({"amqp", "amqps"})
 SECRET_FIELDS = frozenset(
     {"redis_url", "rabbitmq_url", "llm_api_key", "llm_base_url", "otel_exporter_otlp_endpoint"}
 )
+UNROUTED_SUFFIX = ".unrouted"  # {RESULTS_EXCHANGE}.unrouted: the name CONTRACT.md fixes
 DEFAULT_LLM_LABELS = "question,complaint,order,greeting,spam,other"
 # Labels become AMQP routing keys: one topic word (no dots, no wildcards), letters first.
 _LLM_LABEL_RE = re.compile(r"[^\W\d_][\w-]{0,63}")
@@ -94,6 +95,10 @@ class Settings(BaseSettings):
     redis_failure_mode: Literal["fallback", "strict"] = "fallback"
     redis_fallback_after_s: float = Field(default=3.0, ge=0, le=3_600)
     rabbitmq_consumer_timeout_s: float = Field(default=1_800.0, gt=0)
+    # The type of the queues the worker creates; a queue that exists is used as it is.
+    queue_type: Literal["classic", "quorum"] = "classic"
+    # ``keep``: results no binding takes wait in ``{RESULTS_EXCHANGE}.unrouted``; ``discard``: dropped.
+    results_unrouted: Literal["keep", "discard"] = "keep"
     # ``off`` runs on stock aio-pika/aiormq (see worker/amqp/fastpath and the README).
     amqp_fast_path: bool = True
     # ``uvloop`` where it is installed (else asyncio, said once at start); ``asyncio`` opts out.
@@ -111,6 +116,8 @@ class Settings(BaseSettings):
         "llm_response_format",
         "redis_failure_mode",
         "event_loop",
+        "queue_type",
+        "results_unrouted",
         mode="before",
     )
     @classmethod
@@ -168,12 +175,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "REDIS_FAILURE_MODE=strict needs REDIS_URL (without Redis there is nothing to wait for)"
             )
-        # A delivery may wait for another replica's work on its ID, then do its own: both must
-        # end before RabbitMQ's consumer_timeout closes the channel over the unacknowledged delivery.
-        if 2 * self.work_timeout_s + self.claim_lease_s >= self.rabbitmq_consumer_timeout_s:
+        if self.longest_unacked_s >= self.rabbitmq_consumer_timeout_s:
             raise ValueError(
-                "WORK_TIMEOUT_S is too long: 2 × WORK_TIMEOUT_S + CLAIM_LEASE_S must stay below "
-                f"RABBITMQ_CONSUMER_TIMEOUT_S ({self.rabbitmq_consumer_timeout_s:g} s, the "
+                "WORK_TIMEOUT_S is too long: 3 × WORK_TIMEOUT_S + CLAIM_LEASE_S (a wait in the "
+                "inbox behind a pass, a wait for another replica's work, its own work) must stay "
+                f"below RABBITMQ_CONSUMER_TIMEOUT_S ({self.rabbitmq_consumer_timeout_s:g} s, the "
                 "broker's consumer_timeout)"
             )
         return self
@@ -202,6 +208,21 @@ class Settings(BaseSettings):
     def rabbitmq_urls(self) -> tuple[str, ...]:
         """The broker's addresses (one, or every node of a cluster), in the order listed."""
         return split_addresses(self.rabbitmq_url)
+
+    @property
+    def unrouted_queue(self) -> str | None:
+        """Where results no binding takes wait; ``None`` with ``RESULTS_UNROUTED=discard``."""
+        return self.results_exchange + UNROUTED_SUFFIX if self.results_unrouted == "keep" else None
+
+    @property
+    def longest_unacked_s(self) -> float:
+        """The longest a delivery can stay unacknowledged: it waits in the inbox until one of the
+        passes ahead of it ends (each bounded by WORK_TIMEOUT_S: the inbox holds at most PREFETCH
+        deliveries, which two passes of PREFETCH / 2 take at once, so one pass at most is ahead),
+        may then wait for another replica's work on its ID (its lease lapses CLAIM_LEASE_S after
+        that work's timeout), then does its own work; all of it before the broker's
+        consumer_timeout closes the channel."""
+        return 3 * self.work_timeout_s + self.claim_lease_s
 
     @property
     def redis_enabled(self) -> bool:

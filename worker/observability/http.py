@@ -30,8 +30,15 @@ from prometheus_client.registry import Collector
 from worker import __version__
 from worker.core.errors import ConfigError
 from worker.observability.counters import Counters, ReplicaIdentity
-from worker.observability.exposition import gauge, queue_depth_metric, redis_metrics, scrape_redis
-from worker.observability.metrics import CounterName
+from worker.observability.exposition import (
+    gauge,
+    queue_depth_metric,
+    redis_metrics,
+    results_unrouted,
+    scrape_redis,
+    unrouted_metric,
+)
+from worker.observability.metrics import COUNTER_HELP, CounterName
 from worker.observability.stats import (
     BROKER_UNREACHABLE,
     QUEUE_PROBE_ERRORS,
@@ -50,20 +57,6 @@ log = structlog.get_logger("worker.observability.http")
 
 # What ``generate_latest`` writes (newer prometheus_client versions advertise 1.0.0 by default).
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-COUNTER_HELP: dict[str, str] = {
-    CounterName.PROCESSED: "Messages processed (classified, result published) by this replica.",
-    CounterName.DUPLICATES: "Deliveries skipped because their message ID was already processed.",
-    CounterName.REDELIVERED_DONE: "Redeliveries of messages already processed (not counted twice).",
-    CounterName.CACHE_HITS: "Processed messages whose classification came from the cache.",
-    CounterName.CACHE_MISSES: "Processed messages whose classification had to be computed.",
-    CounterName.CLASSIFIER_CALLS: "Calls made to the classifier.",
-    CounterName.FAILED: "Processing attempts that failed (then retried or dead-lettered).",
-    CounterName.RETRIED: "Messages parked in a retry queue after a transient failure.",
-    CounterName.DEAD_LETTERED: "Messages sent to the dead-letter queue.",
-    CounterName.CLAIMS_LOST: "Messages whose claim lapsed before completion (another replica took over).",
-    CounterName.DEGRADED: "Claims made in memory because Redis was unreachable.",
-}
 
 
 GAUGE_TALLIES = frozenset({"cache_local_entries"})
@@ -122,6 +115,7 @@ class ReplicaView:
         if self.link is not None and self.link.available:
             try:
                 cluster = await read_cluster(self.link.client, self.keys)
+                cluster["results_unrouted"] = results_unrouted(queues)
                 return {"cache": cache, **cluster, "queues": queues, "replica": replica}
             except REDIS_UNAVAILABLE as exc:
                 self.link.report_failure(exc)
@@ -137,6 +131,7 @@ class ReplicaView:
             "replicas": [replica_entry(own)],
             "redis": None,
             "queues": queues,
+            "results_unrouted": results_unrouted(queues),
             "replica": replica,
         }
 
@@ -180,6 +175,7 @@ class ReplicaCollector(Collector):
         yield from _state_gauges(view)
         if self.queue_depths is not None:
             yield queue_depth_metric(self.queue_depths)
+            yield from unrouted_metric(self.queue_depths)
         if self.redis is not None:
             yield from redis_metrics(self.redis)
 

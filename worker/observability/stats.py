@@ -21,6 +21,7 @@ from aio_pika.abc import AbstractConnection
 from redis.asyncio import Redis
 
 from worker.core.addresses import in_turn, split_addresses
+from worker.core.settings import Settings
 from worker.observability.metrics import CounterName
 from worker.redisio.keys import RedisKeys
 
@@ -139,9 +140,15 @@ class QueueNames:
 
     input: str
     dead_letter: str
+    unrouted: str | None = None  # ``{RESULTS_EXCHANGE}.unrouted``, unless results are discarded
+
+    @classmethod
+    def of(cls, settings: Settings) -> QueueNames:
+        return cls(settings.input_queue, settings.dead_letter_queue, settings.unrouted_queue)
 
     def roles(self) -> tuple[tuple[str, str], ...]:
-        return (("input", self.input), ("dead_letter", self.dead_letter))
+        roles = (("input", self.input), ("dead_letter", self.dead_letter))
+        return roles + ((("unrouted", self.unrouted),) if self.unrouted else ())
 
 
 def unknown_depths(names: QueueNames, reason: str) -> dict[str, Any]:
@@ -189,22 +196,17 @@ async def read_queue_depths(
 async def probe_queue_depths(
     rabbitmq_url: str, names: QueueNames, *, timeout_s: float = 3.0
 ) -> dict[str, Any]:
-    """``read_queue_depths`` over a short-lived connection (to the first of the broker's
-    addresses that answers, tried in turn); unknown depths if none does."""
-    connection: AbstractConnection | None = None
+    """``read_queue_depths`` over a short-lived connection to the first of the broker's addresses
+    that answers (tried in turn); unknown depths if none does."""
     for address in in_turn(split_addresses(rabbitmq_url)):
         with contextlib.suppress(*QUEUE_PROBE_ERRORS):
             connection = await asyncio.wait_for(aio_pika.connect(address), timeout_s)
-            break
-    if connection is None:
-        return unknown_depths(names, BROKER_UNREACHABLE)
-    try:
-        return await read_queue_depths(connection, names, timeout_s=timeout_s)
-    except QUEUE_PROBE_ERRORS:
-        return unknown_depths(names, BROKER_UNREACHABLE)
-    finally:
-        with contextlib.suppress(*QUEUE_PROBE_ERRORS):
-            await connection.close()
+            try:
+                return await read_queue_depths(connection, names, timeout_s=timeout_s)
+            finally:
+                with contextlib.suppress(*QUEUE_PROBE_ERRORS):
+                    await connection.close()
+    return unknown_depths(names, BROKER_UNREACHABLE)
 
 
 def _ago(epoch_s: Any, now: float) -> str:
@@ -291,6 +293,8 @@ def _queue_lines(queues: dict[str, Any] | None) -> list[str]:
         f"  input queue      {_depth(queues['input'])}",
         f"  dead letters     {_depth(queues['dead_letter'])}",
     ]
+    if "unrouted" in queues:
+        lines.append(f"  unrouted results {_depth(queues['unrouted'])}")
     if "error" in queues:
         lines.append(f"  (queue depths unknown: {queues['error']})")
     return lines

@@ -24,7 +24,7 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from worker.amqp.acks import Acker, Outcome
-from worker.amqp.broker import attempt_of
+from worker.amqp.broker import attempts_of
 from worker.amqp.delivery import Delivery
 from worker.claims.protocol import ClaimAsk, ClaimResult, ClaimStatus
 from worker.core.errors import InvalidMessage
@@ -212,7 +212,7 @@ class MessageConsumer:
     def _verdict_of(self, delivery: Delivery, claim: ClaimResult) -> Triage:
         return triage(
             claim,
-            header_attempt=attempt_of(delivery),
+            attempts=attempts_of(delivery),
             seen_before=seen_before(delivery),
             max_attempts=self._limits.max_attempts,
         )

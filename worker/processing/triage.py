@@ -21,6 +21,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import NamedTuple
 
+from worker.amqp.topology import Attempts
 from worker.claims.protocol import ClaimResult, ClaimStatus
 
 
@@ -43,12 +44,17 @@ class Triage(NamedTuple):
 
 
 def triage(
-    claim: ClaimResult, *, header_attempt: int, seen_before: bool, max_attempts: int
+    claim: ClaimResult, *, attempts: Attempts, seen_before: bool, max_attempts: int
 ) -> Triage:
-    """Decide what ``claim`` means for a delivery whose attempt header says ``header_attempt``.
+    """Decide what ``claim`` means for a delivery whose attempt header and broker delivery count
+    are ``attempts``.
 
     The store counts attempts when a claim is taken (``claim.attempt``); the header survives a
-    Redis outage and a memory store's restart: the attempt is the larger of the two.
+    Redis outage and a memory store's restart, and so does a quorum queue's count of the times a
+    delivery came back unacknowledged (a replica that crashed on it, a lost channel): each such
+    return is an attempt on top of the header's. The attempt is the larger of the two counts, so
+    a message that kills every replica working on it ends in the dead-letter queue even when the
+    attempts counted in memory die with the replicas.
     """
     status = claim.status
     if status is ClaimStatus.DONE:
@@ -59,7 +65,7 @@ def triage(
         return Triage(Verdict.SUSPECT, claim.attempt)
     if status is ClaimStatus.EXHAUSTED:
         return Triage(Verdict.EXHAUSTED, claim.attempt)
-    attempt = max(header_attempt, claim.attempt)
+    attempt = max(attempts.header + attempts.returned, claim.attempt)
     if attempt > max_attempts:
         return Triage(Verdict.OVER_LIMIT, attempt - 1)
     return Triage(Verdict.WORK, attempt)
