@@ -195,19 +195,14 @@ async def read_queue_depths(
 async def probe_queue_depths(
     rabbitmq_url: str, names: QueueNames, *, timeout_s: float = 3.0
 ) -> dict[str, Any]:
-    """``read_queue_depths`` over a short-lived connection (to the first of the broker's
-    addresses that answers, tried in turn); unknown depths if none does."""
-    connection: AbstractConnection | None = None
+    """``read_queue_depths`` over a short-lived connection to the first of the broker's addresses
+    that answers (tried in turn); unknown depths if none does."""
     for address in in_turn(split_addresses(rabbitmq_url)):
         with contextlib.suppress(*QUEUE_PROBE_ERRORS):
             connection = await asyncio.wait_for(aio_pika.connect(address), timeout_s)
-            break
-    if connection is None:
-        return unknown_depths(names, BROKER_UNREACHABLE)
-    try:
-        return await read_queue_depths(connection, names, timeout_s=timeout_s)
-    except QUEUE_PROBE_ERRORS:
-        return unknown_depths(names, BROKER_UNREACHABLE)
-    finally:
-        with contextlib.suppress(*QUEUE_PROBE_ERRORS):
-            await connection.close()
+            try:
+                return await read_queue_depths(connection, names, timeout_s=timeout_s)
+            finally:
+                with contextlib.suppress(*QUEUE_PROBE_ERRORS):
+                    await connection.close()
+    return unknown_depths(names, BROKER_UNREACHABLE)
