@@ -143,8 +143,8 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
         QueueNames,
         probe_queue_depths,
         read_cluster,
-        render_table,
     )
+    from worker.observability.table import render_table
     from worker.redisio.keys import RedisKeys
     from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
 

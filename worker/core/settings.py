@@ -219,6 +219,11 @@ class Settings(BaseSettings):
         return configured and not self.otel_sdk_disabled and self.otel_traces_exporter != "none"
 
     @property
+    def rabbitmq_urls(self) -> tuple[str, ...]:
+        """The broker's addresses (one, or every node of a cluster), in the order listed."""
+        return split_addresses(self.rabbitmq_url)
+
+    @property
     def unrouted_queue(self) -> str | None:
         """Where results no binding takes wait; ``None`` with ``RESULTS_UNROUTED=discard``."""
         return self.results_exchange + UNROUTED_SUFFIX if self.results_unrouted == "keep" else None
@@ -232,11 +237,6 @@ class Settings(BaseSettings):
         that work's timeout), then does its own work; all of it before the broker's
         consumer_timeout closes the channel."""
         return 3 * self.work_timeout_s + self.claim_lease_s
-
-    @property
-    def rabbitmq_urls(self) -> tuple[str, ...]:
-        """The broker's addresses (one, or every node of a cluster), in the order listed."""
-        return split_addresses(self.rabbitmq_url)
 
     @property
     def redis_enabled(self) -> bool:
