@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     llm_max_rps: float = Field(default=0.0, ge=0, le=100_000)
     llm_breaker_failures: int = Field(default=5, ge=1, le=10_000)
     llm_breaker_probe_min_s: float = Field(default=1.0, gt=0, le=3_600)
-    llm_breaker_probe_max_s: float = Field(default=5.0, gt=0, le=3_600)
+    llm_breaker_probe_max_s: float = Field(default=3.0, gt=0, le=3_600)
     llm_breaker_config_probe_s: float = Field(default=30.0, gt=0, le=3_600)
     llm_breaker_hold_s: float = Field(default=5.0, gt=0, le=600)
     single_flight_wait_s: float = Field(default=30.0, gt=0, le=3_600)
