@@ -42,8 +42,9 @@ from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.pipeline import Pipeline
 from worker.processing.stopping import Stopping
 from worker.processing.traced import pipeline_hooks
+from worker.redisio.clients import make_client
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import FALLBACK_IN_MEMORY, FALLBACK_STRICT, RedisLink, make_redis
+from worker.redisio.link import FALLBACK_IN_MEMORY, FALLBACK_STRICT, RedisLink
 
 log = structlog.get_logger("worker.app")
 
@@ -85,13 +86,13 @@ class _Base:
     hooks: Hooks
 
 
-def build_link(settings: Settings) -> RedisLink | None:
+async def build_link(settings: Settings) -> RedisLink | None:
     """The link to Redis; ``None`` (and the contract's in-memory line) without ``REDIS_URL``."""
     if not settings.redis_enabled:
         log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
         return None
     return RedisLink(
-        make_redis(settings.redis_url, settings.redis_timeout_s),
+        await make_client(settings.redis_url, settings.redis_mode, settings.redis_timeout_s),
         settings.redis_url,
         secrets=settings.secrets,
         fallback=FALLBACK_STRICT if settings.redis_failure_mode == "strict" else FALLBACK_IN_MEMORY,
@@ -253,11 +254,11 @@ async def consume_until_stopped(
     return drained
 
 
-def build_base(settings: Settings) -> _Base:
-    """What needs no server: built first, so a bad setting stops start-up before any connection."""
+async def build_base(settings: Settings) -> _Base:
+    """Built first, so a bad setting stops start-up before any connection but Redis's mode probe."""
     identity = ReplicaIdentity.create(settings.replica_id)
     hooks = pipeline_hooks(settings, replica_id=identity.replica_id)
-    link = build_link(settings)
+    link = await build_link(settings)
     counters = Counters(cluster=settings.redis_enabled)
     classifier = build_classifier(settings, link=link, counters=counters)
     return _Base(
@@ -275,7 +276,7 @@ def build_base(settings: Settings) -> _Base:
 
 async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
     """Run one replica until ``stop`` is set; ``True`` if it drained everything in time."""
-    base = build_base(settings)
+    base = await build_base(settings)
     fastpath.install(settings.amqp_fast_path)  # the only place aiormq is patched
     link = base.link
     async with AsyncExitStack() as stack:

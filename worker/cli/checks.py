@@ -19,8 +19,9 @@ from worker.core.errors import ConfigError
 from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
 from worker.observability.breakers import breaker_entry
+from worker.redisio.clients import make_client
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
+from worker.redisio.link import REDIS_UNAVAILABLE
 
 PROBE_TIMEOUT_S = 10.0
 NO_MODELS_ROUTE = frozenset({404, 405})
@@ -42,7 +43,7 @@ def line(status: str, name: str, detail: str) -> str:
 
 async def check_redis(settings: Settings) -> Outcome:
     where = redact_url(settings.redis_url)
-    client = make_redis(settings.redis_url, settings.redis_timeout_s)
+    client = await make_client(settings.redis_url, settings.redis_mode, settings.redis_timeout_s)
     try:
         info = await client.info("server")
         return Outcome(True, f"{where} (Redis {info.get('redis_version')})")
@@ -162,7 +163,7 @@ async def check_breaker(settings: Settings) -> Outcome | None:
         return None  # the classifier line says why
     identity = classifier.identity
     await classifier.aclose()
-    client = make_redis(settings.redis_url, settings.redis_timeout_s)
+    client = await make_client(settings.redis_url, settings.redis_mode, settings.redis_timeout_s)
     try:
         raw = await client.hgetall(RedisKeys(settings.redis_key_prefix).breaker(identity))  # type: ignore[misc]
     except REDIS_UNAVAILABLE:

@@ -17,13 +17,14 @@ import aio_pika
 import aiormq
 import orjson
 from aio_pika.abc import AbstractConnection
-from redis.asyncio import Redis
 
 from worker.core.addresses import in_turn, split_addresses
 from worker.core.settings import Settings
 from worker.observability.breakers import read_breakers
 from worker.observability.metrics import CounterName
-from worker.redisio.keys import RedisKeys
+from worker.redisio.batching import summed_hashes
+from worker.redisio.clients import RedisClient, server_info
+from worker.redisio.keys import SHARDS, RedisKeys
 
 WINDOWS_S = (10, 60, 300)
 REPLICA_FIELDS = ("id", "host", "pid", "started_at", "last_seen", "in_flight", "processed")
@@ -57,20 +58,24 @@ def all_counters(values: dict[str, int]) -> dict[str, int]:
     return {c.value: int(values.get(c.value, 0)) for c in CounterName}
 
 
-async def read_counters(redis: Redis, keys: RedisKeys) -> dict[str, int]:
-    raw: dict[bytes, bytes] = await redis.hgetall(keys.stats)  # type: ignore[misc]
-    return all_counters({k.decode(): int(v) for k, v in raw.items()})
+async def read_counters(redis: RedisClient, keys: RedisKeys) -> dict[str, int]:
+    """The cluster counters: the sum of their shards."""
+    totals = await summed_hashes(redis, keys.stats_shards)
+    return all_counters({name.decode(): value for name, value in totals.items()})
 
 
 async def read_throughput(
-    redis: Redis, keys: RedisKeys, now: float | None = None
+    redis: RedisClient, keys: RedisKeys, now: float | None = None
 ) -> dict[str, float]:
     """Messages per second for the whole cluster over the last 10 s, 60 s and 5 min (full seconds)."""
     current = int(now if now is not None else time.time())
-    seconds = list(range(current - max(WINDOWS_S), current))
-    values = await redis.mget([keys.throughput(s) for s in seconds])
-    per_second = {s: int(v) if v is not None else 0 for s, v in zip(seconds, values, strict=True)}
-    return {f"{w}s": round(sum(per_second[s] for s in seconds[-w:]) / w, 2) for w in WINDOWS_S}
+    seconds = range(current - max(WINDOWS_S), current)
+    minutes = range(seconds[0] // 60, seconds[-1] // 60 + 1)
+    buckets = [keys.throughput(shard, m * 60) for shard in range(SHARDS) for m in minutes]
+    per_second = {int(second): n for second, n in (await summed_hashes(redis, buckets)).items()}
+    return {
+        f"{w}s": round(sum(per_second.get(s, 0) for s in seconds[-w:]) / w, 2) for w in WINDOWS_S
+    }
 
 
 def replica_entry(heartbeat: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +83,7 @@ def replica_entry(heartbeat: dict[str, Any]) -> dict[str, Any]:
     return {name: heartbeat.get(name) for name in REPLICA_FIELDS}
 
 
-async def read_replicas(redis: Redis, keys: RedisKeys) -> list[dict[str, Any]]:
+async def read_replicas(redis: RedisClient, keys: RedisKeys) -> list[dict[str, Any]]:
     """Heartbeats of live replicas; IDs whose heartbeat expired are dropped from the set."""
     ids = sorted(m.decode() for m in await redis.smembers(keys.replicas))  # type: ignore[misc]
     if not ids:
@@ -98,12 +103,13 @@ async def read_replicas(redis: Redis, keys: RedisKeys) -> list[dict[str, Any]]:
     return live
 
 
-async def read_redis_memory(redis: Redis) -> dict[str, Any]:
+async def read_redis_memory(redis: RedisClient) -> dict[str, Any]:
     """The three figures the source document watches (memory, connections, commands per
-    second) and evictions, from ``INFO memory``, ``clients`` and ``stats``."""
-    memory = await redis.info("memory")
-    clients = await redis.info("clients")
-    stats = await redis.info("stats")
+    second) and evictions, from ``INFO memory``, ``clients`` and ``stats`` (summed over the
+    masters of a cluster)."""
+    memory = await server_info(redis, "memory")
+    clients = await server_info(redis, "clients")
+    stats = await server_info(redis, "stats")
     evicted = int(stats.get("evicted_keys", 0))
     found: dict[str, Any] = {
         "used_memory": int(memory.get("used_memory", 0)),
@@ -114,6 +120,8 @@ async def read_redis_memory(redis: Redis) -> dict[str, Any]:
         "connected_clients": int(clients.get("connected_clients", 0)),
         "instantaneous_ops_per_sec": int(stats.get("instantaneous_ops_per_sec", 0)),
     }
+    if "masters" in memory:
+        found["cluster_masters"] = memory["masters"]
     if evicted:
         found["warning"] = (
             f"{evicted} keys were evicted: evicted done markers let duplicates through; "
@@ -122,7 +130,7 @@ async def read_redis_memory(redis: Redis) -> dict[str, Any]:
     return found
 
 
-async def read_cluster(redis: Redis, keys: RedisKeys) -> dict[str, Any]:
+async def read_cluster(redis: RedisClient, keys: RedisKeys) -> dict[str, Any]:
     counters = await read_counters(redis, keys)
     return {
         "scope": "cluster",
