@@ -25,7 +25,8 @@ from prometheus_client.core import HistogramMetricFamily
 
 from worker.observability.metrics import CounterName
 from worker.redisio.keys import THROUGHPUT_BUCKET_TTL_S, RedisKeys
-from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+from worker.observability.tasks import BackgroundErrors
+from worker.redisio.link import REDIS_ERRORS, RedisLink
 
 log = structlog.get_logger("worker.observability.counters")
 
@@ -145,8 +146,10 @@ class ClusterReporter:
         status: Callable[[], dict[str, Any]],
         *,
         interval_s: float,
+        errors: BackgroundErrors | None = None,
     ) -> None:
         self._link = link
+        self._errors = errors or BackgroundErrors()
         self._keys = keys
         self._counters = counters
         self._identity = identity
@@ -185,14 +188,28 @@ class ClusterReporter:
         pipe.sadd(self._keys.replicas, self._identity.replica_id)
         try:
             await pipe.execute()
-        except REDIS_UNAVAILABLE as exc:
+        except BaseException:
             self._counters.restore_pending(deltas)
-            self._link.report_failure(exc)
+            raise
 
     async def _run(self) -> None:
+        """Flush every interval; a failed flush is logged, reported and tried again next time."""
         while True:
-            await self.flush()
+            try:
+                await self.flush()
+            except REDIS_ERRORS as exc:
+                self._failed(exc)
+                with contextlib.suppress(*REDIS_ERRORS):
+                    self._link.report_failure(exc)  # an unclassified error is only recorded
+            except Exception as exc:
+                self._failed(exc)
+            else:
+                self._errors.succeeded("heartbeat")
             await asyncio.sleep(self._interval_s)
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._errors.failed("heartbeat", exc):
+            log.warning("heartbeat_failed", error=type(exc).__name__, retry_in_s=self._interval_s)
 
     async def __aenter__(self) -> ClusterReporter:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -209,9 +226,10 @@ class ClusterReporter:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await self.flush()
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.flush()
         if self._link.available:
-            with contextlib.suppress(*REDIS_UNAVAILABLE):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await self._link.client.delete(self._keys.replica(self._identity.replica_id))
                 await self._link.client.srem(self._keys.replicas, self._identity.replica_id)  # type: ignore[misc]
 

@@ -1,10 +1,24 @@
-"""The replica's connection to Redis: its state, the contract's log lines, and background recovery.
+"""The replica's connection to Redis: its state, what each Redis error means, and recovery.
 
-Components that use Redis ask ``available`` before a call and ``report_failure`` when a call fails;
-the link then logs ``⚠️ Redis connection failed`` once, and retries with backoff in the background
-until a PING answers, when it logs ``✅ Redis cache connected`` and everybody switches back.
-``outage_s`` says how long the current outage has lasted (claims fall back to memory only after
-``REDIS_FALLBACK_AFTER_S`` of it, see ``fallback``).
+Components that use Redis ask ``available`` before a call and hand any error of a call to
+``report_failure``, which classifies it (``classify``) and answers what it is:
+
+- ``UNAVAILABLE``: Redis cannot be reached or cannot serve now (connection, timeout, ``LOADING``,
+  ``CLUSTERDOWN``, ``TRYAGAIN``, ``MASTERDOWN``, ``READONLY`` from a demoted master). The link logs
+  ``⚠️ Redis connection failed`` once and PINGs with backoff in the background until Redis
+  answers, then logs ``✅ Redis cache connected``; meanwhile ``REDIS_FAILURE_MODE`` applies
+  (claims wait, then fall back to memory; see ``worker.claims.fallback``). ``outage_s`` says how
+  long the outage has lasted. Behind Sentinel, the new connection of that PING asks the sentinels
+  for the master again (``worker.redisio.sentinel``).
+- ``NOT_WRITABLE``: Redis answers but refuses writes (``OOM`` under ``noeviction``). No fallback:
+  a done marker that cannot be written must not be replaced by memory, so claims wait and
+  completions are held and retried. ``problem`` says why until a write succeeds again
+  (``writes_succeeded``); the warning, naming the maxmemory, is logged at most once a minute.
+- ``REFUSED``: the configuration refuses the worker (``NOPERM``, ``WRONGPASS``/``NOAUTH``, an
+  unknown command such as ``EVALSHA`` on a sentinel's port). Logged once as an error with the fix;
+  claims wait as for ``NOT_WRITABLE`` until a call succeeds (an ``ACL SETUSER`` applies at once).
+
+Anything else (a bug in a script, bad arguments) is re-raised by ``report_failure``.
 """
 
 from __future__ import annotations
@@ -13,18 +27,34 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 import hiredis
 import structlog
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    BusyLoadingError,
+    ClusterDownError,
+    DataError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
 from worker.core.redaction import redact_url, scrub
+from worker.core.sentinel_url import is_sentinel_url
+from worker.redisio.sentinel import make_sentinel_redis
 
 log = structlog.get_logger("worker.redis")
 
@@ -35,11 +65,75 @@ REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
 )
+# Everything a Redis call may raise: catch this at the I/O boundary, then ``report_failure``.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
 
 CONNECTED_LINE = "✅ Redis cache connected"
 FAILED_LINE = "⚠️ Redis connection failed"
+REFUSED_LINE = "⛔ Redis refused the worker"
+NOT_WRITABLE_LINE = "⚠️ Redis refuses writes"
 FALLBACK_IN_MEMORY = "in-memory claims, cache and counters until Redis is back"
 FALLBACK_STRICT = "none (REDIS_FAILURE_MODE=strict): no new message is taken until Redis is back"
+FALLBACK_NONE = "none: no new message is claimed until Redis accepts the worker's commands"
+NOT_WRITABLE_WARN_EVERY_S = 60.0
+SENTINEL_FIX = (
+    "REDIS_URL points at a sentinel: use redis+sentinel://host:26379[,host2:26379]/MASTER_NAME/0"
+)
+# Messages of ResponseError that say a connection is not served by a writable master right now.
+_TRANSIENT_REPLIES = ("MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "READONLY")
+
+
+class RedisFault(StrEnum):
+    """What an error of a Redis call means for the worker (see the module docstring)."""
+
+    UNAVAILABLE = "unavailable"
+    NOT_WRITABLE = "not_writable"
+    REFUSED = "refused"
+
+
+def classify(exc: BaseException) -> RedisFault | None:
+    """The ``RedisFault`` of ``exc``, or ``None`` when it is not one (a bug: let it raise)."""
+    if isinstance(exc, AuthenticationError | AuthorizationError | NoPermissionError):
+        return RedisFault.REFUSED
+    if isinstance(exc, AuthenticationWrongNumberOfArgsError):
+        return RedisFault.REFUSED
+    if isinstance(exc, OutOfMemoryError):
+        return RedisFault.NOT_WRITABLE
+    if isinstance(exc, ReadOnlyError | ClusterDownError | TryAgainError | BusyLoadingError):
+        return RedisFault.UNAVAILABLE
+    if isinstance(exc, REDIS_UNAVAILABLE):
+        return RedisFault.UNAVAILABLE
+    if isinstance(exc, ResponseError):
+        text = str(exc)
+        if text.lower().startswith("unknown command"):
+            return RedisFault.REFUSED
+        if text.startswith(_TRANSIENT_REPLIES):
+            return RedisFault.UNAVAILABLE
+    return None
+
+
+def refusal_fix(exc: BaseException) -> str:
+    """What the operator should change, for a ``REFUSED`` error."""
+    text = str(exc)
+    if isinstance(exc, AuthenticationError | AuthenticationWrongNumberOfArgsError):
+        return "check the user and password in REDIS_URL"
+    if isinstance(exc, NoPermissionError):
+        command = text.split("'")[1] if text.count("'") >= 2 else "the command"
+        return (
+            f"the Redis user may not run {command!r}: grant it, e.g. ACL SETUSER <user> "
+            f"+{command.lower()} (deploy/README.md, 'Least privilege', has the whole line)"
+        )
+    if "evalsha" in text.lower() or "eval" in text.lower():
+        return SENTINEL_FIX + "; or the server offers no scripting (EVALSHA)"
+    return "the server does not offer a command the worker needs"
+
+
+@dataclass(frozen=True, slots=True)
+class LinkProblem:
+    """Why Redis answers but cannot take the worker's writes (``reason``: one line, no secret)."""
+
+    fault: RedisFault
+    reason: str
 
 
 class LinkState(StrEnum):
@@ -47,16 +141,19 @@ class LinkState(StrEnum):
     DISCONNECTED = "redis_disconnected"
 
 
-def make_redis(url: str, timeout_s: float) -> Redis:
-    """A client for ``url`` with timeouts, so an outage fails calls instead of hanging them, and
-    commands packed by hiredis (see ``packed_by_hiredis``)."""
-    client = Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry_on_timeout=False,
-        health_check_interval=0,
-    )
+def make_redis(url: str, timeout_s: float, *, sentinel_password: str = "") -> Redis:
+    """A client for ``url`` (a sentinel URL: the master it names) with timeouts, so an outage
+    fails calls instead of hanging them, and commands packed by hiredis (see ``packed_by_hiredis``)."""
+    if is_sentinel_url(url):
+        client = make_sentinel_redis(url, timeout_s, sentinel_password=sentinel_password)
+    else:
+        client = Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
     pool = client.connection_pool
     pool.connection_class = packed_by_hiredis(pool.connection_class)
     return client
@@ -94,7 +191,7 @@ def pack_with_hiredis(args: tuple[EncodableT, ...]) -> list[bytes]:
 
 
 class RedisLink:
-    """Tracks whether Redis answers, and brings it back after an outage."""
+    """Tracks whether Redis answers and takes writes, and brings it back after an outage."""
 
     def __init__(
         self,
@@ -111,9 +208,13 @@ class RedisLink:
         self._max_backoff_s = max_backoff_s
         self._fallback = fallback
         self.state = LinkState.DISCONNECTED
+        self.problem: LinkProblem | None = None
         self._down_since: float | None = None
         self._recovery: asyncio.Task[None] | None = None
         self._on_recovery: list[Callable[[], Awaitable[None]]] = []
+        self._refusals_logged: set[str] = set()
+        self._not_writable_warned_at = -NOT_WRITABLE_WARN_EVERY_S
+        self._warning: asyncio.Task[None] | None = None
 
     @property
     def available(self) -> bool:
@@ -131,29 +232,110 @@ class RedisLink:
         self._on_recovery.append(callback)
 
     async def connect(self) -> bool:
-        """Try once; on failure keep working (callers fall back) and retry in the background."""
+        """Try once; on failure keep working (callers fall back or wait) and retry in the
+        background. A sentinel's port answers PING too: ``HELLO`` tells it from a server."""
         try:
             await self.client.ping()  # type: ignore[misc]
-        except REDIS_UNAVAILABLE as exc:
+            mode = await self._mode()
+        except REDIS_ERRORS as exc:
             self.report_failure(exc)
+            return False
+        if mode == b"sentinel":
+            self._refused(ResponseError("unknown command 'evalsha' (a sentinel)"), SENTINEL_FIX)
+            self.state = LinkState.CONNECTED
             return False
         self.state = LinkState.CONNECTED
         self._down_since = None
         log.info(CONNECTED_LINE, redis=self._where)
         return True
 
-    def report_failure(self, exc: BaseException) -> None:
+    async def _mode(self) -> object:
+        """``standalone``, ``cluster`` or ``sentinel`` as ``HELLO`` says (``None`` before Redis 6)."""
+        try:
+            hello = await self.client.execute_command("HELLO")  # type: ignore[no-untyped-call]
+        except ResponseError:
+            return None
+        return _hello_field(hello, b"mode")
+
+    def report_failure(self, exc: BaseException) -> RedisFault:
+        """What ``exc`` means (``classify``), acted on: an outage starts recovering, a refused
+        write or command becomes ``problem``. Re-raises ``exc`` when it is none of them."""
+        fault = classify(exc)
+        if fault is None:
+            raise exc
+        if fault is RedisFault.NOT_WRITABLE:
+            self._not_writable(exc)
+        elif fault is RedisFault.REFUSED:
+            self._refused(exc, refusal_fix(exc))
+            if isinstance(exc, RedisConnectionError):  # a refused AUTH: no connection either
+                self._start_recovery(exc, quiet=True)
+        else:
+            self._start_recovery(exc)
+        return fault
+
+    def writes_succeeded(self) -> None:
+        """A write went through: whatever refused the worker's writes is over."""
+        if self.problem is not None:
+            log.info("redis_writable_again", was=self.problem.fault.value)
+            self.problem = None
+
+    def _error_text(self, exc: BaseException) -> str:
+        return scrub(f"{type(exc).__name__}: {exc}", self._secrets)
+
+    def _refused(self, exc: BaseException, fix: str) -> None:
+        error = self._error_text(exc)
+        self.problem = LinkProblem(RedisFault.REFUSED, f"Redis refused the worker: {fix}")
+        if fix in self._refusals_logged:
+            return
+        self._refusals_logged.add(fix)
+        log.error(REFUSED_LINE, redis=self._where, error=error, fix=fix, fallback=FALLBACK_NONE)
+
+    def _not_writable(self, exc: BaseException) -> None:
+        self.problem = LinkProblem(
+            RedisFault.NOT_WRITABLE,
+            "Redis refuses writes (OOM: used memory is over maxmemory under noeviction); "
+            "claims wait until it has room",
+        )
+        now = time.monotonic()
+        if now - self._not_writable_warned_at < NOT_WRITABLE_WARN_EVERY_S:
+            return
+        self._not_writable_warned_at = now
+        if self._warning is None or self._warning.done():
+            error = self._error_text(exc)
+            self._warning = asyncio.get_running_loop().create_task(self._warn_not_writable(error))
+
+    async def _warn_not_writable(self, error: str) -> None:
+        """The warning, with the memory figures when ``INFO`` is permitted."""
+        memory: dict[str, object] = {}
+        try:
+            info = await self.client.info("memory")
+            memory = {
+                "used_memory": info.get("used_memory"),
+                "maxmemory": info.get("maxmemory"),
+                "maxmemory_policy": info.get("maxmemory_policy"),
+            }
+        except REDIS_ERRORS:
+            memory = {"maxmemory": "unknown (INFO not permitted or failed)"}
+        log.warning(
+            NOT_WRITABLE_LINE,
+            redis=self._where,
+            error=error,
+            **memory,
+            fix="free memory in Redis, raise maxmemory, or shorten DEDUP_TTL_S/CACHE_TTL_S",
+            fallback=FALLBACK_NONE,
+            retry="claims are retried with backoff (at most 0.5 s apart)",
+        )
+
+    def _start_recovery(self, exc: BaseException, *, quiet: bool = False) -> None:
         """Mark Redis down (logging the failure line once per outage) and start recovering."""
         if self._recovery is not None and not self._recovery.done():
             return
         self.state = LinkState.DISCONNECTED
         self._down_since = time.monotonic()
-        log.warning(
-            FAILED_LINE,
-            redis=self._where,
-            error=scrub(f"{type(exc).__name__}: {exc}", self._secrets),
-            fallback=self._fallback,
-        )
+        if not quiet:
+            log.warning(
+                FAILED_LINE, redis=self._where, error=self._error_text(exc), fallback=self._fallback
+            )
         self._recovery = asyncio.get_running_loop().create_task(self._recover())
 
     async def _recover(self) -> None:
@@ -163,7 +345,9 @@ class RedisLink:
             await asyncio.sleep(delay_s)
             try:
                 await self.client.ping()  # type: ignore[misc]
-            except REDIS_UNAVAILABLE:
+            except REDIS_ERRORS as exc:
+                if classify(exc) is RedisFault.REFUSED:
+                    self._refused(exc, refusal_fix(exc))
                 delay_s = min(delay_s * 2, self._max_backoff_s)
                 continue
             break
@@ -171,16 +355,29 @@ class RedisLink:
         self.state = LinkState.CONNECTED
         self._down_since = None
         self._recovery = None  # a failure from here on starts a new recovery
+        if self.problem is not None and self.problem.fault is RedisFault.REFUSED:
+            self.problem = None  # the credentials are accepted now (a NOPERM would come back)
         log.info(CONNECTED_LINE, redis=self._where, recovered=True, outage_s=outage_s)
         for callback in self._on_recovery:
             try:
                 await callback()
-            except REDIS_UNAVAILABLE as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("redis_recovery_step_failed", error=type(exc).__name__)
 
     async def aclose(self) -> None:
-        if self._recovery is not None:
-            self._recovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recovery
+        for task in (self._recovery, self._warning):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.client.aclose()
+
+
+def _hello_field(hello: object, name: bytes) -> object:
+    """A field of ``HELLO``'s answer (a flat list in RESP2, a map in RESP3)."""
+    if isinstance(hello, dict):
+        return hello.get(name, hello.get(name.decode()))
+    if isinstance(hello, list):
+        pairs = dict(zip(hello[::2], hello[1::2], strict=False))
+        return pairs.get(name)
+    return None

@@ -65,10 +65,10 @@ def make_sentinel_redis(url: str, timeout_s: float, *, sentinel_password: str = 
     sentinel_options = dict(options)
     if sentinel_password:
         sentinel_options["password"] = sentinel_password
-    sentinel = Sentinel(
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(parsed.sentinels), min_other_sentinels=0, sentinel_kwargs=sentinel_options
     )
-    return sentinel.master_for(
+    client: SentinelMasterRedis = sentinel.master_for(
         parsed.master_name,
         redis_class=SentinelMasterRedis,
         db=parsed.db,
@@ -76,3 +76,4 @@ def make_sentinel_redis(url: str, timeout_s: float, *, sentinel_password: str = 
         password=parsed.password,
         **options,
     )
+    return client
