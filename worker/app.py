@@ -39,8 +39,9 @@ from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.pipeline import Pipeline
 from worker.processing.stopping import Stopping
 from worker.processing.traced import pipeline_hooks
+from worker.redisio.clients import make_client
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import FALLBACK_IN_MEMORY, FALLBACK_STRICT, RedisLink, make_redis
+from worker.redisio.link import FALLBACK_IN_MEMORY, FALLBACK_STRICT, RedisLink
 
 log = structlog.get_logger("worker.app")
 
@@ -81,13 +82,18 @@ class _Base:
     hooks: Hooks
 
 
-def build_link(settings: Settings) -> RedisLink | None:
+async def build_link(settings: Settings) -> RedisLink | None:
     """The link to Redis; ``None`` (and the contract's in-memory line) without ``REDIS_URL``."""
     if not settings.redis_enabled:
         log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
         return None
     return RedisLink(
-        make_redis(settings.redis_url, settings.redis_timeout_s),
+        await make_client(
+            settings.redis_url,
+            settings.redis_mode,
+            settings.redis_timeout_s,
+            sentinel_password=settings.redis_sentinel_password.get_secret_value(),
+        ),
         settings.redis_url,
         secrets=settings.secrets,
         fallback=FALLBACK_STRICT if settings.redis_failure_mode == "strict" else FALLBACK_IN_MEMORY,
@@ -237,12 +243,13 @@ async def consume_until_stopped(
     return drained
 
 
-def build_base(settings: Settings) -> _Base:
-    """What needs no server: built first, so that a bad fault spec, tracing or classifier
-    setting stops start-up before anything connects."""
+async def build_base(settings: Settings) -> _Base:
+    """What every part is built from: built first, so that a bad fault spec, tracing or classifier
+    setting stops start-up before anything else connects (the Redis client may ask the server
+    whether it is a cluster node, see ``make_client``)."""
     identity = ReplicaIdentity.create(settings.replica_id)
     hooks = pipeline_hooks(settings, replica_id=identity.replica_id)
-    link = build_link(settings)
+    link = await build_link(settings)
     return _Base(
         settings=settings,
         identity=identity,
@@ -257,7 +264,7 @@ def build_base(settings: Settings) -> _Base:
 
 async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
     """Run one replica until ``stop`` is set; ``True`` if it drained everything in time."""
-    base = build_base(settings)
+    base = await build_base(settings)
     fastpath.install(settings.amqp_fast_path)  # the only place aiormq is patched
     link = base.link
     async with AsyncExitStack() as stack:

@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from redis.asyncio import Redis
-
 from worker.claims.protocol import ClaimResult, ClaimStatus, CompleteStatus, Lease
 from worker.redisio.batching import MicroBatcher, in_script_batches
+from worker.redisio.clients import RedisClient
 from worker.redisio.keys import THROUGHPUT_BUCKET_TTL_S, RedisKeys
 from worker.redisio.scripts import RENEW, LuaScript
 
@@ -55,7 +54,7 @@ class RedisClaimStore:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: RedisKeys,
         tokens: TokenSource,
         *,

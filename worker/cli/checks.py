@@ -18,7 +18,8 @@ from worker.cli.publish import BrokerUnreachable, open_connection
 from worker.core.errors import ConfigError
 from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
-from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
+from worker.redisio.clients import make_client
+from worker.redisio.link import REDIS_UNAVAILABLE
 
 PROBE_TIMEOUT_S = 10.0
 NO_MODELS_ROUTE = frozenset({404, 405})
@@ -40,7 +41,12 @@ def line(status: str, name: str, detail: str) -> str:
 
 async def check_redis(settings: Settings) -> Outcome:
     where = redact_url(settings.redis_url)
-    client = make_redis(settings.redis_url, settings.redis_timeout_s)
+    client = await make_client(
+        settings.redis_url,
+        settings.redis_mode,
+        settings.redis_timeout_s,
+        sentinel_password=settings.redis_sentinel_password.get_secret_value(),
+    )
     try:
         info = await client.info("server")
         return Outcome(True, f"{where} (Redis {info.get('redis_version')})")

@@ -28,14 +28,14 @@ import aiormq
 import orjson
 from aio_pika.abc import AbstractConnection, AbstractExchange
 from aio_pika.abc import AbstractIncomingMessage as Incoming
-from redis.asyncio import Redis
 
 from worker.amqp.topology import ATTEMPT_HEADER, DETAIL_HEADER, REASON_HEADER
 from worker.core.errors import ConfigError
 from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
+from worker.redisio.clients import RedisClient, make_client
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
+from worker.redisio.link import REDIS_UNAVAILABLE
 
 REPLAY_HEADER = "x-neiromatrius-replay"
 CONNECT_TIMEOUT_S, SHOWN_TEXT_CHARS = 10.0, 500
@@ -241,7 +241,7 @@ class _Target:
 
     exchange: AbstractExchange
     queue: str
-    redis: Redis | None
+    redis: RedisClient | None
     keys: RedisKeys
 
     async def send(self, message: Incoming, message_id: str) -> None:
@@ -256,7 +256,14 @@ async def _replay(conn: AbstractConnection, settings: Settings, args: Namespace)
     await _depth(conn, settings.input_queue, "INPUT_QUEUE")
     out = await conn.channel(publisher_confirms=True)
     redis = (
-        make_redis(settings.redis_url, settings.redis_timeout_s) if settings.redis_enabled else None
+        await make_client(
+            settings.redis_url,
+            settings.redis_mode,
+            settings.redis_timeout_s,
+            sentinel_password=settings.redis_sentinel_password.get_secret_value(),
+        )
+        if settings.redis_enabled
+        else None
     )
     if redis is None:
         print(

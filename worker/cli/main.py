@@ -142,8 +142,9 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
         read_cluster,
         render_table,
     )
+    from worker.redisio.clients import make_client
     from worker.redisio.keys import RedisKeys
-    from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
+    from worker.redisio.link import REDIS_UNAVAILABLE
 
     if not settings.redis_enabled:
         print(
@@ -153,7 +154,12 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
         )
         return 1
     failures: tuple[type[BaseException], ...] = (*REDIS_UNAVAILABLE, *REDIS_REFUSALS)
-    client = make_redis(settings.redis_url, settings.redis_timeout_s)
+    client = await make_client(
+        settings.redis_url,
+        settings.redis_mode,
+        settings.redis_timeout_s,
+        sentinel_password=settings.redis_sentinel_password.get_secret_value(),
+    )
     names = QueueNames(settings.input_queue, settings.dead_letter_queue)
     try:
         # The broker is optional here: without it the queue depths are reported as unknown.

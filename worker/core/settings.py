@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = ""
+    # ``auto`` asks the server whether it is a cluster node (see worker/redisio/clients.py).
+    redis_mode: Literal["auto", "standalone", "cluster", "sentinel"] = "auto"
     rabbitmq_url: str = "amqp://guest:guest@localhost:5672/"
     input_queue: str = Field(default="neiromatrius.messages", min_length=1, max_length=200)
     results_exchange: str = Field(default="neiromatrius.classified", min_length=1, max_length=200)
@@ -121,6 +123,7 @@ class Settings(BaseSettings):
         "log_level",
         "llm_response_format",
         "redis_failure_mode",
+        "redis_mode",
         "event_loop",
         mode="before",
     )

@@ -24,8 +24,8 @@ import structlog
 from prometheus_client.core import HistogramMetricFamily
 
 from worker.observability.metrics import CounterName
-from worker.redisio.keys import THROUGHPUT_BUCKET_TTL_S, RedisKeys
 from worker.observability.tasks import BackgroundErrors
+from worker.redisio.keys import THROUGHPUT_BUCKET_TTL_S, RedisKeys
 from worker.redisio.link import REDIS_ERRORS, RedisLink
 
 log = structlog.get_logger("worker.observability.counters")

@@ -18,9 +18,9 @@ import aio_pika
 import aiormq
 import orjson
 from aio_pika.abc import AbstractConnection
-from redis.asyncio import Redis
 
 from worker.observability.metrics import CounterName
+from worker.redisio.clients import RedisClient
 from worker.redisio.keys import RedisKeys
 
 WINDOWS_S = (10, 60, 300)
@@ -55,13 +55,13 @@ def all_counters(values: dict[str, int]) -> dict[str, int]:
     return {c.value: int(values.get(c.value, 0)) for c in CounterName}
 
 
-async def read_counters(redis: Redis, keys: RedisKeys) -> dict[str, int]:
+async def read_counters(redis: RedisClient, keys: RedisKeys) -> dict[str, int]:
     raw: dict[bytes, bytes] = await redis.hgetall(keys.stats)  # type: ignore[misc]
     return all_counters({k.decode(): int(v) for k, v in raw.items()})
 
 
 async def read_throughput(
-    redis: Redis, keys: RedisKeys, now: float | None = None
+    redis: RedisClient, keys: RedisKeys, now: float | None = None
 ) -> dict[str, float]:
     """Messages per second for the whole cluster over the last 10 s, 60 s and 5 min (full seconds)."""
     current = int(now if now is not None else time.time())
@@ -76,7 +76,7 @@ def replica_entry(heartbeat: dict[str, Any]) -> dict[str, Any]:
     return {name: heartbeat.get(name) for name in REPLICA_FIELDS}
 
 
-async def read_replicas(redis: Redis, keys: RedisKeys) -> list[dict[str, Any]]:
+async def read_replicas(redis: RedisClient, keys: RedisKeys) -> list[dict[str, Any]]:
     """Heartbeats of live replicas; IDs whose heartbeat expired are dropped from the set."""
     ids = sorted(m.decode() for m in await redis.smembers(keys.replicas))  # type: ignore[misc]
     if not ids:
@@ -96,7 +96,7 @@ async def read_replicas(redis: Redis, keys: RedisKeys) -> list[dict[str, Any]]:
     return live
 
 
-async def read_redis_memory(redis: Redis) -> dict[str, Any]:
+async def read_redis_memory(redis: RedisClient) -> dict[str, Any]:
     """The three figures the source document watches (memory, connections, commands per
     second) and evictions, from ``INFO memory``, ``clients`` and ``stats``."""
     memory = await redis.info("memory")
@@ -120,7 +120,7 @@ async def read_redis_memory(redis: Redis) -> dict[str, Any]:
     return found
 
 
-async def read_cluster(redis: Redis, keys: RedisKeys) -> dict[str, Any]:
+async def read_cluster(redis: RedisClient, keys: RedisKeys) -> dict[str, Any]:
     counters = await read_counters(redis, keys)
     return {
         "scope": "cluster",

@@ -30,43 +30,51 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-import hiredis
 import structlog
-from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
     AuthorizationError,
     BusyLoadingError,
     ClusterDownError,
-    DataError,
+    ClusterError,
     NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import EncodableT
 
 from worker.core.redaction import redact_url, scrub
-from worker.core.sentinel_url import is_sentinel_url
-from worker.redisio.sentinel import make_sentinel_redis
+from worker.redisio.clients import RedisClient
 
 log = structlog.get_logger("worker.redis")
 
 # Failures that mean "Redis is not reachable right now" (not a bug in a command or a script).
+# The cluster's: a slot without a master (CLUSTERDOWN), a slot being moved (TRYAGAIN), and the
+# client's own "gave up following redirections or reaching the slot's node".
 REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     OSError,
     asyncio.TimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+    ClusterError,
 )
 # Everything a Redis call may raise: catch this at the I/O boundary, then ``report_failure``.
-REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    RedisError,
+    RedisClusterException,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 CONNECTED_LINE = "✅ Redis cache connected"
 FAILED_LINE = "⚠️ Redis connection failed"
@@ -141,61 +149,12 @@ class LinkState(StrEnum):
     DISCONNECTED = "redis_disconnected"
 
 
-def make_redis(url: str, timeout_s: float, *, sentinel_password: str = "") -> Redis:
-    """A client for ``url`` (a sentinel URL: the master it names) with timeouts, so an outage
-    fails calls instead of hanging them, and commands packed by hiredis (see ``packed_by_hiredis``)."""
-    if is_sentinel_url(url):
-        client = make_sentinel_redis(url, timeout_s, sentinel_password=sentinel_password)
-    else:
-        client = Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry_on_timeout=False,
-            health_check_interval=0,
-        )
-    pool = client.connection_pool
-    pool.connection_class = packed_by_hiredis(pool.connection_class)
-    return client
-
-
-def packed_by_hiredis(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
-    """``connection_class`` packing commands with hiredis's C packer.
-
-    redis-py's synchronous client packs with hiredis when it is installed; its asyncio client
-    always packs in Python, about 0.8 µs per argument. The worker's scripts carry several
-    arguments per message, so that was a tenth of a message's cost. The bytes are the same RESP.
-    """
-
-    class HiredisPacking(connection_class):  # type: ignore[valid-type,misc]
-        def pack_command(self, *args: EncodableT) -> list[bytes]:
-            return pack_with_hiredis(args)
-
-    HiredisPacking.__name__ = HiredisPacking.__qualname__ = (
-        f"HiredisPacking{connection_class.__name__}"
-    )
-    return HiredisPacking
-
-
-def pack_with_hiredis(args: tuple[EncodableT, ...]) -> list[bytes]:
-    """What redis-py's ``HiredisRespSerializer.pack`` does (a multi-word command name is split)."""
-    first = args[0]
-    if isinstance(first, str):
-        args = (*first.encode().split(), *args[1:])
-    elif isinstance(first, bytes) and b" " in first:
-        args = (*first.split(), *args[1:])
-    try:
-        return [hiredis.pack_command(args)]  # type: ignore[arg-type]
-    except TypeError as exc:
-        raise DataError(str(exc)) from exc
-
-
 class RedisLink:
     """Tracks whether Redis answers and takes writes, and brings it back after an outage."""
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         url: str,
         *,
         secrets: tuple[str, ...] = (),
@@ -252,7 +211,7 @@ class RedisLink:
     async def _mode(self) -> object:
         """``standalone``, ``cluster`` or ``sentinel`` as ``HELLO`` says (``None`` before Redis 6)."""
         try:
-            hello = await self.client.execute_command("HELLO")  # type: ignore[no-untyped-call]
+            hello = await self.client.execute_command("HELLO")
         except ResponseError:
             return None
         return _hello_field(hello, b"mode")
