@@ -32,6 +32,7 @@ from worker.core.settings import Settings
 from worker.observability.counters import ClusterReporter, Counters, ReplicaIdentity, log_progress
 from worker.observability.http import MonitorServer, ReplicaView
 from worker.observability.stats import QueueNames
+from worker.observability.tasks import BackgroundErrors
 from worker.processing.claiming import Claimer
 from worker.processing.failures import Failures
 from worker.processing.hooks import Hooks
@@ -39,7 +40,7 @@ from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.pipeline import Pipeline
 from worker.processing.stopping import Stopping
 from worker.processing.traced import pipeline_hooks
-from worker.redisio.clients import make_client
+from worker.redisio.clients import client_for
 from worker.redisio.keys import RedisKeys
 from worker.redisio.link import FALLBACK_IN_MEMORY, FALLBACK_STRICT, RedisLink
 
@@ -76,6 +77,7 @@ class _Base:
     identity: ReplicaIdentity
     keys: RedisKeys
     counters: Counters
+    background_errors: BackgroundErrors
     link: RedisLink | None
     live: _Live
     classifier: Classifier
@@ -88,12 +90,7 @@ async def build_link(settings: Settings) -> RedisLink | None:
         log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
         return None
     return RedisLink(
-        await make_client(
-            settings.redis_url,
-            settings.redis_mode,
-            settings.redis_timeout_s,
-            sentinel_password=settings.redis_sentinel_password.get_secret_value(),
-        ),
+        await client_for(settings),
         settings.redis_url,
         secrets=settings.secrets,
         fallback=FALLBACK_STRICT if settings.redis_failure_mode == "strict" else FALLBACK_IN_MEMORY,
@@ -137,6 +134,8 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
         classifier_tallies=cached.snapshot,
         connection=lambda: live.broker.connection if live.broker else None,
         broker_problem=live.broker_status.reason,
+        background_errors=base.background_errors,
+        secrets=settings.secrets,
     )
     await stack.enter_async_context(MonitorServer(view, settings.stats_host, settings.stats_port))
     if link is not None:
@@ -147,6 +146,7 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
             base.identity,
             lambda: {"in_flight": live.in_flight()},
             interval_s=settings.heartbeat_interval_s,
+            errors=base.background_errors,
         )
         await stack.enter_async_context(reporter)
 
@@ -256,6 +256,7 @@ async def build_base(settings: Settings) -> _Base:
         hooks=hooks,
         keys=RedisKeys(settings.redis_key_prefix),
         counters=Counters(cluster=settings.redis_enabled),
+        background_errors=BackgroundErrors(settings.secrets),
         link=link,
         live=_Live(),
         classifier=build_classifier(settings, link=link),
@@ -282,7 +283,10 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
         if broker is None:
             return True
         leases = LeaseKeeper(
-            claims, lease_s=settings.claim_lease_s, work_timeout_s=settings.work_timeout_s
+            claims,
+            lease_s=settings.claim_lease_s,
+            work_timeout_s=settings.work_timeout_s,
+            errors=base.background_errors,
         )
         await stack.enter_async_context(leases)
         acker = Acker()

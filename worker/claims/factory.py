@@ -40,6 +40,9 @@ def build_claim_store(
         lease_s=settings.claim_lease_s,
         dedup_ttl_s=settings.dedup_ttl_s,
         max_attempts=settings.max_attempts,
+        wait_replicas=settings.redis_wait_replicas,
+        # Below the socket timeout, so a WAIT that times out is an answer, not an outage.
+        wait_timeout_ms=max(1, int(settings.redis_timeout_s * 500)),
     )
     return FallbackClaimStore(
         redis_store,

@@ -22,7 +22,7 @@ from typing import Final, NamedTuple
 import structlog
 
 from worker.redisio.batching import MicroBatcher, in_script_batches
-from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+from worker.redisio.link import REDIS_ERRORS, RedisLink
 from worker.redisio.scripts import RENEW, LuaScript
 
 log = structlog.get_logger("worker.classification.locks")
@@ -102,8 +102,8 @@ class ClusterLocks:
         asks = [(entry, self._new_token()) for entry in entries]
         try:
             answers = await in_script_batches(self._lookup_batch, asks)
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)  # locks taken by an earlier chunk lapse by themselves
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)  # locks taken by an earlier chunk lapse by themselves
             return [UNAVAILABLE] * len(entries)
         return [
             self._lookup_answer(entry, token, answer)
@@ -133,8 +133,8 @@ class ClusterLocks:
             return
         try:
             await self._writes.submit(_Write(entry, token, value or b"", ttl_s))
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
 
     async def store_many(self, writes: Sequence[tuple[Entry, str, bytes]], ttl_s: int) -> None:
         """``store_and_release`` for several ``(entry, token, value)``, in one script call per
@@ -146,8 +146,8 @@ class ClusterLocks:
         batch = [_Write(entry, token, value, ttl_s) for entry, token, value in writes]
         try:
             await in_script_batches(self._write_batch, batch)
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
 
     def _stop_renewing(self, entry: Entry, token: str) -> None:
         """Forget our lock on ``entry`` (if ``token`` is still ours): it is released or marked."""
@@ -163,8 +163,8 @@ class ClusterLocks:
             await self._mark_failed_script(
                 keys=[entry.lock_key], args=[self._failure_mark_ms, FAILED, token]
             )
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
 
     async def wait(self, entry: Entry, timeout_s: float) -> tuple[WaitOutcome, bytes | None]:
         """Poll until the value appears, the lock is gone or marked failed, or ``timeout_s``
@@ -186,8 +186,8 @@ class ClusterLocks:
             return WaitOutcome.UNAVAILABLE, None
         try:
             value, lock = await self._probes.submit(entry)
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
             return WaitOutcome.UNAVAILABLE, None
         if value is not None:
             return WaitOutcome.FOUND, value
@@ -205,8 +205,8 @@ class ClusterLocks:
         tokens = [self._held[key] for key in keys]
         try:
             renewed = await self._renew_script(keys=keys, args=[self._ttl_ms, *tokens])
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
             return
         for key, token, ok in zip(keys, tokens, renewed, strict=True):
             if not ok and self._held.get(key) == token:

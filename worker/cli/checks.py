@@ -18,7 +18,7 @@ from worker.cli.publish import BrokerUnreachable, open_connection
 from worker.core.errors import ConfigError
 from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
-from worker.redisio.clients import make_client
+from worker.redisio.clients import client_for
 from worker.redisio.link import REDIS_UNAVAILABLE
 
 PROBE_TIMEOUT_S = 10.0
@@ -41,12 +41,7 @@ def line(status: str, name: str, detail: str) -> str:
 
 async def check_redis(settings: Settings) -> Outcome:
     where = redact_url(settings.redis_url)
-    client = await make_client(
-        settings.redis_url,
-        settings.redis_mode,
-        settings.redis_timeout_s,
-        sentinel_password=settings.redis_sentinel_password.get_secret_value(),
-    )
+    client = await client_for(settings)
     try:
         info = await client.info("server")
         return Outcome(True, f"{where} (Redis {info.get('redis_version')})")

@@ -33,7 +33,7 @@ from worker.amqp.topology import ATTEMPT_HEADER, DETAIL_HEADER, REASON_HEADER
 from worker.core.errors import ConfigError
 from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
-from worker.redisio.clients import RedisClient, make_client
+from worker.redisio.clients import RedisClient, client_for
 from worker.redisio.keys import RedisKeys
 from worker.redisio.link import REDIS_UNAVAILABLE
 
@@ -255,16 +255,7 @@ async def _replay(conn: AbstractConnection, settings: Settings, args: Namespace)
     queue = settings.dead_letter_queue
     await _depth(conn, settings.input_queue, "INPUT_QUEUE")
     out = await conn.channel(publisher_confirms=True)
-    redis = (
-        await make_client(
-            settings.redis_url,
-            settings.redis_mode,
-            settings.redis_timeout_s,
-            sentinel_password=settings.redis_sentinel_password.get_secret_value(),
-        )
-        if settings.redis_enabled
-        else None
-    )
+    redis = await client_for(settings) if settings.redis_enabled else None
     if redis is None:
         print(
             "no REDIS_URL: replicas keep their own attempt counts until restarted", file=sys.stderr

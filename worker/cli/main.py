@@ -142,7 +142,7 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
         read_cluster,
         render_table,
     )
-    from worker.redisio.clients import make_client
+    from worker.redisio.clients import client_for
     from worker.redisio.keys import RedisKeys
     from worker.redisio.link import REDIS_UNAVAILABLE
 
@@ -154,12 +154,7 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
         )
         return 1
     failures: tuple[type[BaseException], ...] = (*REDIS_UNAVAILABLE, *REDIS_REFUSALS)
-    client = await make_client(
-        settings.redis_url,
-        settings.redis_mode,
-        settings.redis_timeout_s,
-        sentinel_password=settings.redis_sentinel_password.get_secret_value(),
-    )
+    client = await client_for(settings)
     names = QueueNames(settings.input_queue, settings.dead_letter_queue)
     try:
         # The broker is optional here: without it the queue depths are reported as unknown.

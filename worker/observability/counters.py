@@ -200,7 +200,7 @@ class ClusterReporter:
             except REDIS_ERRORS as exc:
                 self._failed(exc)
                 with contextlib.suppress(*REDIS_ERRORS):
-                    self._link.report_failure(exc)  # an unclassified error is only recorded
+                    self._link.report_aside(exc)  # an unclassified error is only recorded
             except Exception as exc:
                 self._failed(exc)
             else:

@@ -39,6 +39,7 @@ from redis.typing import EncodableT
 from worker.core.errors import ConfigError
 from worker.core.redaction import redact_url
 from worker.core.sentinel_url import is_sentinel_url
+from worker.core.settings import Settings
 from worker.redisio.sentinel import make_sentinel_redis
 
 log = structlog.get_logger("worker.redis")
@@ -209,3 +210,14 @@ def pack_with_hiredis(args: tuple[EncodableT, ...]) -> list[bytes]:
         return [hiredis.pack_command(args)]  # type: ignore[arg-type]
     except TypeError as exc:
         raise DataError(str(exc)) from exc
+
+
+async def client_for(settings: Settings) -> RedisClient:
+    """``make_client`` for ``REDIS_URL``, ``REDIS_MODE``, ``REDIS_TIMEOUT_S`` and the sentinels'
+    ``REDIS_SENTINEL_PASSWORD``."""
+    return await make_client(
+        settings.redis_url,
+        settings.redis_mode,
+        settings.redis_timeout_s,
+        sentinel_password=settings.redis_sentinel_password.get_secret_value(),
+    )

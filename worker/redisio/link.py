@@ -31,50 +31,38 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import structlog
-from redis.exceptions import (
-    AuthenticationError,
-    AuthenticationWrongNumberOfArgsError,
-    AuthorizationError,
-    BusyLoadingError,
-    ClusterDownError,
-    ClusterError,
-    NoPermissionError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisClusterException,
-    RedisError,
-    ResponseError,
-    SlotNotCoveredError,
-    TryAgainError,
-)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 
 from worker.core.redaction import redact_url, scrub
 from worker.redisio.clients import RedisClient
+from worker.redisio.faults import (
+    REDIS_ERRORS,
+    REDIS_UNAVAILABLE,
+    SENTINEL_FIX,
+    RedisFault,
+    classify,
+    refusal_fix,
+)
+
+__all__ = [  # the faults' names are re-exported: callers catch and classify through the link
+    "CONNECTED_LINE",
+    "FAILED_LINE",
+    "FALLBACK_IN_MEMORY",
+    "FALLBACK_NONE",
+    "FALLBACK_STRICT",
+    "NOT_WRITABLE_LINE",
+    "REDIS_ERRORS",
+    "REDIS_UNAVAILABLE",
+    "REFUSED_LINE",
+    "LinkProblem",
+    "LinkState",
+    "RedisFault",
+    "RedisLink",
+    "classify",
+]
 
 log = structlog.get_logger("worker.redis")
-
-# Failures that mean "Redis is not reachable right now" (not a bug in a command or a script).
-# The cluster's: a slot without a master (CLUSTERDOWN), a slot being moved (TRYAGAIN), and the
-# client's own "gave up following redirections or reaching the slot's node".
-REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    OSError,
-    asyncio.TimeoutError,
-    ClusterDownError,
-    TryAgainError,
-    SlotNotCoveredError,
-    ClusterError,
-)
-# Everything a Redis call may raise: catch this at the I/O boundary, then ``report_failure``.
-REDIS_ERRORS: tuple[type[BaseException], ...] = (
-    RedisError,
-    RedisClusterException,
-    OSError,
-    asyncio.TimeoutError,
-)
 
 CONNECTED_LINE = "✅ Redis cache connected"
 FAILED_LINE = "⚠️ Redis connection failed"
@@ -84,56 +72,6 @@ FALLBACK_IN_MEMORY = "in-memory claims, cache and counters until Redis is back"
 FALLBACK_STRICT = "none (REDIS_FAILURE_MODE=strict): no new message is taken until Redis is back"
 FALLBACK_NONE = "none: no new message is claimed until Redis accepts the worker's commands"
 NOT_WRITABLE_WARN_EVERY_S = 60.0
-SENTINEL_FIX = (
-    "REDIS_URL points at a sentinel: use redis+sentinel://host:26379[,host2:26379]/MASTER_NAME/0"
-)
-# Messages of ResponseError that say a connection is not served by a writable master right now.
-_TRANSIENT_REPLIES = ("MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "READONLY")
-
-
-class RedisFault(StrEnum):
-    """What an error of a Redis call means for the worker (see the module docstring)."""
-
-    UNAVAILABLE = "unavailable"
-    NOT_WRITABLE = "not_writable"
-    REFUSED = "refused"
-
-
-def classify(exc: BaseException) -> RedisFault | None:
-    """The ``RedisFault`` of ``exc``, or ``None`` when it is not one (a bug: let it raise)."""
-    if isinstance(exc, AuthenticationError | AuthorizationError | NoPermissionError):
-        return RedisFault.REFUSED
-    if isinstance(exc, AuthenticationWrongNumberOfArgsError):
-        return RedisFault.REFUSED
-    if isinstance(exc, OutOfMemoryError):
-        return RedisFault.NOT_WRITABLE
-    if isinstance(exc, ReadOnlyError | ClusterDownError | TryAgainError | BusyLoadingError):
-        return RedisFault.UNAVAILABLE
-    if isinstance(exc, REDIS_UNAVAILABLE):
-        return RedisFault.UNAVAILABLE
-    if isinstance(exc, ResponseError):
-        text = str(exc)
-        if text.lower().startswith("unknown command"):
-            return RedisFault.REFUSED
-        if text.startswith(_TRANSIENT_REPLIES):
-            return RedisFault.UNAVAILABLE
-    return None
-
-
-def refusal_fix(exc: BaseException) -> str:
-    """What the operator should change, for a ``REFUSED`` error."""
-    text = str(exc)
-    if isinstance(exc, AuthenticationError | AuthenticationWrongNumberOfArgsError):
-        return "check the user and password in REDIS_URL"
-    if isinstance(exc, NoPermissionError):
-        command = text.split("'")[1] if text.count("'") >= 2 else "the command"
-        return (
-            f"the Redis user may not run {command!r}: grant it, e.g. ACL SETUSER <user> "
-            f"+{command.lower()} (deploy/README.md, 'Least privilege', has the whole line)"
-        )
-    if "evalsha" in text.lower() or "eval" in text.lower():
-        return SENTINEL_FIX + "; or the server offers no scripting (EVALSHA)"
-    return "the server does not offer a command the worker needs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +170,20 @@ class RedisLink:
             self._start_recovery(exc)
         return fault
 
+    def report_aside(self, exc: BaseException) -> RedisFault:
+        """As ``report_failure``, for a call the claims do not depend on (cache, single flight,
+        rate limit, heartbeats, stats): an outage counts, but a refusal is only logged (once,
+        with its fix) and a refused write left to the claims to find, so a permission only the
+        stats need cannot stop processing."""
+        fault = classify(exc)
+        if fault is None:
+            raise exc
+        if fault is RedisFault.UNAVAILABLE:
+            self._start_recovery(exc)
+        elif fault is RedisFault.REFUSED:
+            self._log_refusal(exc, refusal_fix(exc))
+        return fault
+
     def writes_succeeded(self) -> None:
         """A write went through: whatever refused the worker's writes is over."""
         if self.problem is not None:
@@ -242,12 +194,16 @@ class RedisLink:
         return scrub(f"{type(exc).__name__}: {exc}", self._secrets)
 
     def _refused(self, exc: BaseException, fix: str) -> None:
-        error = self._error_text(exc)
         self.problem = LinkProblem(RedisFault.REFUSED, f"Redis refused the worker: {fix}")
+        self._log_refusal(exc, fix, fallback=FALLBACK_NONE)
+
+    def _log_refusal(self, exc: BaseException, fix: str, *, fallback: str = "") -> None:
+        """The error line, once per fix for the life of the replica."""
         if fix in self._refusals_logged:
             return
         self._refusals_logged.add(fix)
-        log.error(REFUSED_LINE, redis=self._where, error=error, fix=fix, fallback=FALLBACK_NONE)
+        extra = {"fallback": fallback} if fallback else {}
+        log.error(REFUSED_LINE, redis=self._where, error=self._error_text(exc), fix=fix, **extra)
 
     def _not_writable(self, exc: BaseException) -> None:
         self.problem = LinkProblem(
