@@ -18,6 +18,7 @@ import aio_pika
 import aiormq
 import orjson
 from aio_pika.abc import AbstractConnection
+from redis.exceptions import NoPermissionError
 
 from worker.observability.metrics import CounterName
 from worker.redisio.clients import RedisClient
@@ -26,6 +27,7 @@ from worker.redisio.keys import RedisKeys
 WINDOWS_S = (10, 60, 300)
 REPLICA_FIELDS = ("id", "host", "pid", "started_at", "last_seen", "in_flight", "processed")
 BROKER_UNREACHABLE = "the broker is unreachable"
+INFO_NOT_PERMITTED = "not permitted"
 # Failures of a passive declare that mean "cannot ask the broker now", not a bug.
 QUEUE_PROBE_ERRORS: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.AMQPError,
@@ -98,10 +100,14 @@ async def read_replicas(redis: RedisClient, keys: RedisKeys) -> list[dict[str, A
 
 async def read_redis_memory(redis: RedisClient) -> dict[str, Any]:
     """The three figures the source document watches (memory, connections, commands per
-    second) and evictions, from ``INFO memory``, ``clients`` and ``stats``."""
-    memory = await redis.info("memory")
-    clients = await redis.info("clients")
-    stats = await redis.info("stats")
+    second) and evictions, from ``INFO memory``, ``clients`` and ``stats``; ``{"memory": "not
+    permitted"}`` for a user the ACL refuses ``INFO`` (the worker itself never needs it)."""
+    try:
+        memory = await redis.info("memory")
+        clients = await redis.info("clients")
+        stats = await redis.info("stats")
+    except NoPermissionError:
+        return {"memory": INFO_NOT_PERMITTED}
     evicted = int(stats.get("evicted_keys", 0))
     found: dict[str, Any] = {
         "used_memory": int(memory.get("used_memory", 0)),
@@ -265,6 +271,8 @@ def _replica_lines(replicas: list[dict[str, Any]], now: float) -> list[str]:
 def _redis_lines(redis: dict[str, Any] | None) -> list[str]:
     if not redis:
         return []
+    if redis.get("memory") == INFO_NOT_PERMITTED:
+        return ["", "  redis memory     not permitted (the Redis user may not run INFO)"]
     lines = [
         "",
         f"  redis memory     {redis.get('used_memory_human')} "

@@ -35,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from worker.core.redaction import redact_url, scrub
-from worker.redisio.clients import RedisClient
+from worker.redisio.clients import RedisClient, is_cluster
 from worker.redisio.faults import (
     REDIS_ERRORS,
     REDIS_UNAVAILABLE,
@@ -60,6 +60,7 @@ __all__ = [  # the faults' names are re-exported: callers catch and classify thr
     "RedisFault",
     "RedisLink",
     "classify",
+    "server_mode",
 ]
 
 log = structlog.get_logger("worker.redis")
@@ -133,7 +134,7 @@ class RedisLink:
         background. A sentinel's port answers PING too: ``HELLO`` tells it from a server."""
         try:
             await self.client.ping()  # type: ignore[misc]
-            mode = await self._mode()
+            mode = None if is_cluster(self.client) else await server_mode(self.client)
         except REDIS_ERRORS as exc:
             self.report_failure(exc)
             return False
@@ -145,14 +146,6 @@ class RedisLink:
         self._down_since = None
         log.info(CONNECTED_LINE, redis=self._where)
         return True
-
-    async def _mode(self) -> object:
-        """``standalone``, ``cluster`` or ``sentinel`` as ``HELLO`` says (``None`` before Redis 6)."""
-        try:
-            hello = await self.client.execute_command("HELLO")
-        except ResponseError:
-            return None
-        return _hello_field(hello, b"mode")
 
     def report_failure(self, exc: BaseException) -> RedisFault:
         """What ``exc`` means (``classify``), acted on: an outage starts recovering, a refused
@@ -286,6 +279,15 @@ class RedisLink:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.client.aclose()
+
+
+async def server_mode(client: RedisClient) -> object:
+    """``standalone``, ``cluster`` or ``sentinel`` as ``HELLO`` says (``None`` before Redis 6)."""
+    try:
+        hello = await client.execute_command("HELLO")
+    except ResponseError:
+        return None
+    return _hello_field(hello, b"mode")
 
 
 def _hello_field(hello: object, name: bytes) -> object:
