@@ -56,6 +56,12 @@ SENTINEL_FIX = (
 
 
 # Messages of ResponseError that say a connection is not served by a writable master right now.
+# How a script reports a command or key the user's ACL refuses (a plain ResponseError).
+_SCRIPT_REFUSALS = (
+    "The user executing the script can't run this command",
+    "The user executing the script can't access",
+    "NOPERM",
+)
 _TRANSIENT_REPLIES = ("MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "READONLY")
 
 
@@ -81,7 +87,7 @@ def classify(exc: BaseException) -> RedisFault | None:
         return RedisFault.UNAVAILABLE
     if isinstance(exc, ResponseError):
         text = str(exc)
-        if text.lower().startswith("unknown command"):
+        if text.lower().startswith("unknown command") or text.startswith(_SCRIPT_REFUSALS):
             return RedisFault.REFUSED
         if text.startswith(_TRANSIENT_REPLIES):
             return RedisFault.UNAVAILABLE
@@ -98,6 +104,11 @@ def refusal_fix(exc: BaseException) -> str:
         return (
             f"the Redis user may not run {command!r}: grant it, e.g. ACL SETUSER <user> "
             f"+{command.lower()} (deploy/README.md, 'Least privilege', has the whole line)"
+        )
+    if text.startswith(_SCRIPT_REFUSALS):
+        return (
+            "the Redis user may not run a command (or touch a key) of the worker's scripts: "
+            "use the ACL SETUSER line of deploy/README.md, 'Least privilege'"
         )
     if "evalsha" in text.lower() or "eval" in text.lower():
         return SENTINEL_FIX + "; or the server offers no scripting (EVALSHA)"
