@@ -28,14 +28,13 @@ import structlog
 
 from worker.claims.memory_store import MemoryClaimStore
 from worker.claims.protocol import ClaimResult, ClaimStatus, CompleteStatus
-from worker.claims.redis_store import RedisClaimStore
+from worker.claims.redis_store import RedisClaimStore, WriteBack
 from worker.core.errors import StoreUnavailable
 from worker.observability.counters import Counters
 from worker.observability.metrics import CounterName
 from worker.redisio.batching import MAX_SCRIPT_BATCH
-from worker.redisio.keys import THROUGHPUT_BUCKET_TTL_S, RedisKeys
+from worker.redisio.keys import RedisKeys
 from worker.redisio.link import REDIS_ERRORS, RedisFault, RedisLink
-from worker.redisio.scripts import LuaScript
 
 if TYPE_CHECKING:
     from worker.claims.protocol import ClaimAsk, Completion, Lease
@@ -44,8 +43,6 @@ log = structlog.get_logger("worker.claims")
 
 STRICT_RETRY_MAX_S = 1.0
 HELD_RETRY_MAX_S = 1.0
-
-WRITE_BACK = LuaScript("worker.claims", "write_back.lua", library=("count_completed.lua",))
 
 
 class FallbackClaimStore:
@@ -81,7 +78,6 @@ class FallbackClaimStore:
         self._memory_announced = False
         # (message ID, what the write-back counts: see write_back.lua)
         self._finished_offline: list[tuple[str, str]] = []
-        self._write_back_script = WRITE_BACK.register(link.client)
         link.on_recovery(self.write_back)
 
     def _in_memory(self, token: str) -> bool:
@@ -229,12 +225,7 @@ class FallbackClaimStore:
         log.info("done_markers_written_back", count=total)
 
     async def _write_back_chunk(self, chunk: list[tuple[str, str]]) -> None:
-        keys = [self._keys.stats]
-        for message_id, _ in chunk:
-            keys += (self._keys.done(message_id), self._keys.attempts(message_id))
-        args = [str(self._dedup_ttl_s), str(THROUGHPUT_BUCKET_TTL_S), *(kind for _, kind in chunk)]
-        args.append(self._keys.throughput_stem)
-        await self._write_back_script(keys=keys, args=args)
+        await self._redis.write_back([WriteBack(message_id, kind) for message_id, kind in chunk])
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -17,7 +17,8 @@ import orjson
 import structlog
 
 from worker.classification.classifiers.base import Classification
-from worker.redisio.batching import MicroBatcher
+from worker.redisio.batching import MicroBatcher, in_groups, slot_of
+from worker.redisio.clients import is_cluster
 from worker.redisio.keys import RedisKeys
 from worker.redisio.link import REDIS_ERRORS, RedisLink
 
@@ -180,8 +181,14 @@ class ClassificationCache:
 
     async def _get_batch(self, keys: list[str]) -> Sequence[bytes | None]:
         assert self._link is not None
-        result: list[bytes | None] = await self._link.client.mget(keys)
-        return result
+        client = self._link.client
+
+        async def mget(_slot: int, part: list[str]) -> list[bytes | None]:
+            found: list[bytes | None] = await client.mget(part)
+            return found
+
+        # An MGET must stay in one slot on a cluster: one per slot, all at once.
+        return await in_groups(mget, keys, slot_of, split=is_cluster(client))
 
     async def _put_batch(self, items: list[tuple[str, bytes]]) -> list[None]:
         assert self._link is not None

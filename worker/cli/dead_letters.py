@@ -35,7 +35,7 @@ from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
 from worker.redisio.clients import RedisClient, client_for
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import REDIS_UNAVAILABLE
+from worker.redisio.link import REDIS_ERRORS
 
 REPLAY_HEADER = "x-neiromatrius-replay"
 CONNECT_TIMEOUT_S, SHOWN_TEXT_CHARS = 10.0, 500
@@ -81,7 +81,7 @@ async def run(settings: Settings, args: Namespace) -> int:
         summary = await _command(settings, args)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    except UNREACHABLE_ERRORS + REDIS_UNAVAILABLE as exc:
+    except UNREACHABLE_ERRORS + REDIS_ERRORS as exc:
         return _fail((scrub(str(exc), settings.secrets) or type(exc).__name__).splitlines()[0], 1)
     as_json = orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode()
     print(as_json if args.json else render(summary))

@@ -1,9 +1,11 @@
 """Counters: this replica's own, and its share of the cluster's, flushed to Redis in batches.
 
 Counts that belong to a message's completion (processed, cache hits/misses, duplicates) are added
-to Redis by the claim scripts themselves, atomically with the done marker. Everything else
-(failures, retries, dead letters, ...) and anything counted while Redis was unreachable is kept as
-a pending delta here and written by ``ClusterReporter`` every heartbeat, one pipeline per flush.
+to Redis by the claim scripts themselves, atomically with the done marker, to the counters shard
+of the message's hash tag (see ``keys``). Everything else (failures, retries, dead letters, ...)
+and anything counted while Redis was unreachable is kept as a pending delta here and written by
+``ClusterReporter`` every heartbeat, one transaction per flush into counters shard 0, the slot of
+the heartbeats.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from prometheus_client.core import HistogramMetricFamily
 
 from worker.observability.metrics import CounterName
 from worker.observability.tasks import BackgroundErrors
-from worker.redisio.keys import THROUGHPUT_BUCKET_TTL_S, RedisKeys
+from worker.redisio.keys import HEARTBEAT_SHARD, THROUGHPUT_BUCKET_TTL_S, RedisKeys
 from worker.redisio.link import REDIS_ERRORS, RedisLink
 
 log = structlog.get_logger("worker.observability.counters")
@@ -173,13 +175,16 @@ class ClusterReporter:
         if not self._link.available:
             return
         deltas = self._counters.take_pending()
+        # Every key here has the heartbeats' hash tag: one slot, so one transaction on a cluster.
         pipe = self._link.client.pipeline(transaction=True)
+        stats = self._keys.stats(HEARTBEAT_SHARD)
         for name, value in deltas.items():
-            pipe.hincrby(self._keys.stats, name, value)
+            pipe.hincrby(stats, name, value)
         processed = deltas.get(CounterName.PROCESSED, 0)
         if processed:
-            bucket = self._keys.throughput(int(time.time()))
-            pipe.incrby(bucket, processed)
+            now_s = int(time.time())
+            bucket = self._keys.throughput(HEARTBEAT_SHARD, now_s)
+            pipe.hincrby(bucket, str(now_s), processed)
             pipe.expire(bucket, THROUGHPUT_BUCKET_TTL_S)
         ttl_s = max(1, int(self._interval_s * 3 + 1))
         pipe.set(

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -21,13 +20,15 @@ from aio_pika.abc import AbstractConnection
 from redis.exceptions import NoPermissionError
 
 from worker.observability.metrics import CounterName
-from worker.redisio.clients import RedisClient
-from worker.redisio.keys import RedisKeys
+from worker.observability.stats_table import INFO_NOT_PERMITTED
+from worker.observability.stats_table import render_table as render_table  # its old home
+from worker.redisio.batching import summed_hashes
+from worker.redisio.clients import RedisClient, server_info
+from worker.redisio.keys import SHARDS, RedisKeys
 
 WINDOWS_S = (10, 60, 300)
 REPLICA_FIELDS = ("id", "host", "pid", "started_at", "last_seen", "in_flight", "processed")
 BROKER_UNREACHABLE = "the broker is unreachable"
-INFO_NOT_PERMITTED = "not permitted"
 # Failures of a passive declare that mean "cannot ask the broker now", not a bug.
 QUEUE_PROBE_ERRORS: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.AMQPError,
@@ -58,8 +59,9 @@ def all_counters(values: dict[str, int]) -> dict[str, int]:
 
 
 async def read_counters(redis: RedisClient, keys: RedisKeys) -> dict[str, int]:
-    raw: dict[bytes, bytes] = await redis.hgetall(keys.stats)  # type: ignore[misc]
-    return all_counters({k.decode(): int(v) for k, v in raw.items()})
+    """The cluster counters: the sum of their shards."""
+    totals = await summed_hashes(redis, keys.stats_shards)
+    return all_counters({name.decode(): value for name, value in totals.items()})
 
 
 async def read_throughput(
@@ -67,10 +69,13 @@ async def read_throughput(
 ) -> dict[str, float]:
     """Messages per second for the whole cluster over the last 10 s, 60 s and 5 min (full seconds)."""
     current = int(now if now is not None else time.time())
-    seconds = list(range(current - max(WINDOWS_S), current))
-    values = await redis.mget([keys.throughput(s) for s in seconds])
-    per_second = {s: int(v) if v is not None else 0 for s, v in zip(seconds, values, strict=True)}
-    return {f"{w}s": round(sum(per_second[s] for s in seconds[-w:]) / w, 2) for w in WINDOWS_S}
+    seconds = range(current - max(WINDOWS_S), current)
+    minutes = range(seconds[0] // 60, seconds[-1] // 60 + 1)
+    buckets = [keys.throughput(shard, m * 60) for shard in range(SHARDS) for m in minutes]
+    per_second = {int(second): n for second, n in (await summed_hashes(redis, buckets)).items()}
+    return {
+        f"{w}s": round(sum(per_second.get(s, 0) for s in seconds[-w:]) / w, 2) for w in WINDOWS_S
+    }
 
 
 def replica_entry(heartbeat: dict[str, Any]) -> dict[str, Any]:
@@ -100,12 +105,13 @@ async def read_replicas(redis: RedisClient, keys: RedisKeys) -> list[dict[str, A
 
 async def read_redis_memory(redis: RedisClient) -> dict[str, Any]:
     """The three figures the source document watches (memory, connections, commands per
-    second) and evictions, from ``INFO memory``, ``clients`` and ``stats``; ``{"memory": "not
-    permitted"}`` for a user the ACL refuses ``INFO`` (the worker itself never needs it)."""
+    second) and evictions, from ``INFO memory``, ``clients`` and ``stats`` (summed over the
+    masters of a cluster); ``{"memory": "not permitted"}`` for a user the ACL refuses ``INFO``
+    (the worker itself never needs it)."""
     try:
-        memory = await redis.info("memory")
-        clients = await redis.info("clients")
-        stats = await redis.info("stats")
+        memory = await server_info(redis, "memory")
+        clients = await server_info(redis, "clients")
+        stats = await server_info(redis, "stats")
     except NoPermissionError:
         return {"memory": INFO_NOT_PERMITTED}
     evicted = int(stats.get("evicted_keys", 0))
@@ -118,6 +124,8 @@ async def read_redis_memory(redis: RedisClient) -> dict[str, Any]:
         "connected_clients": int(clients.get("connected_clients", 0)),
         "instantaneous_ops_per_sec": int(stats.get("instantaneous_ops_per_sec", 0)),
     }
+    if "masters" in memory:
+        found["cluster_masters"] = memory["masters"]
     if evicted:
         found["warning"] = (
             f"{evicted} keys were evicted: evicted done markers let duplicates through; "
@@ -206,94 +214,3 @@ async def probe_queue_depths(
     finally:
         with contextlib.suppress(*QUEUE_PROBE_ERRORS):
             await connection.close()
-
-
-def _ago(epoch_s: Any, now: float) -> str:
-    if not isinstance(epoch_s, int | float):
-        return "?"
-    seconds = max(0.0, now - float(epoch_s))
-    if seconds < 120:
-        return f"{seconds:.0f}s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m ago"
-    return f"{seconds / 3600:.1f}h ago"
-
-
-def _started(epoch_s: Any) -> str:
-    if not isinstance(epoch_s, int | float):
-        return "?"
-    return datetime.fromtimestamp(float(epoch_s), UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _depth(entry: dict[str, Any]) -> str:
-    if entry.get("missing"):
-        return f"{entry['name']}: (no such queue)"
-    if entry.get("messages") is None:
-        return f"{entry['name']}: ?"
-    consumers = f"{entry['consumers']} consumer{'' if entry['consumers'] == 1 else 's'}"
-    return f"{entry['name']}: {entry['messages']:,} waiting, {consumers}"
-
-
-def render_table(stats: dict[str, Any], now: float | None = None) -> str:
-    """A readable summary for people (the ``stats`` command without ``--json``)."""
-    now = time.time() if now is None else now
-    lines = [f"Neiromatrius worker — {stats.get('scope', 'cluster')} stats"]
-    cache = stats.get("cache")
-    if cache:
-        lines.append(f"  cache            {cache['status']} ({cache['type']})")
-    lines.append("")
-    lines.append("  counters")
-    for name, value in stats["counters"].items():
-        lines.append(f"    {name:<18}{value:>12,}")
-    lines.append("")
-    r = stats["rates"]
-    lines.append(f"  duplicate rate   {r['duplicate_rate']:.2%}")
-    lines.append(f"  cache hit rate   {r['cache_hit_rate']:.2%}")
-    tp = stats["throughput"]
-    lines.append("  throughput       " + "  ".join(f"{k}: {v:,.1f}/s" for k, v in tp.items()))
-    lines.extend(_replica_lines(stats.get("replicas", []), now))
-    lines.extend(_redis_lines(stats.get("redis")))
-    lines.extend(_queue_lines(stats.get("queues")))
-    return "\n".join(lines)
-
-
-def _replica_lines(replicas: list[dict[str, Any]], now: float) -> list[str]:
-    lines = ["", f"  live replicas    {len(replicas)}"]
-    for rep in replicas:
-        lines.append(
-            f"    {rep.get('id')!s:<28} host {rep.get('host')!s:<16} pid {rep.get('pid')!s:<8}"
-            f" started {_started(rep.get('started_at'))}  seen {_ago(rep.get('last_seen'), now)}"
-            f"  in flight {rep.get('in_flight') or 0:<5} processed {rep.get('processed') or 0:,}"
-        )
-    return lines
-
-
-def _redis_lines(redis: dict[str, Any] | None) -> list[str]:
-    if not redis:
-        return []
-    if redis.get("memory") == INFO_NOT_PERMITTED:
-        return ["", "  redis memory     not permitted (the Redis user may not run INFO)"]
-    lines = [
-        "",
-        f"  redis memory     {redis.get('used_memory_human')} "
-        f"(max {redis.get('maxmemory') or 'unlimited'}, policy {redis.get('maxmemory_policy')},"
-        f" evicted {redis.get('evicted_keys')})",
-        f"  redis clients    {redis.get('connected_clients') or 0:,} connected, "
-        f"{redis.get('instantaneous_ops_per_sec') or 0:,} commands/s",
-    ]
-    if "warning" in redis:
-        lines.append(f"  WARNING: {redis['warning']}")
-    return lines
-
-
-def _queue_lines(queues: dict[str, Any] | None) -> list[str]:
-    if not queues:
-        return []
-    lines = [
-        "",
-        f"  input queue      {_depth(queues['input'])}",
-        f"  dead letters     {_depth(queues['dead_letter'])}",
-    ]
-    if "error" in queues:
-        lines.append(f"  (queue depths unknown: {queues['error']})")
-    return lines

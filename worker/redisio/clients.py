@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from enum import StrEnum
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import hiredis
@@ -67,6 +68,40 @@ class RedisMode(StrEnum):
 def is_cluster(client: RedisClient) -> bool:
     """Whether ``client`` talks to a Redis Cluster (multi-key calls must then stay in one slot)."""
     return isinstance(client, RedisCluster)
+
+
+async def ping(client: RedisClient) -> None:
+    """PING the server, or every master of a cluster (a replica that is down is no outage)."""
+    if isinstance(client, RedisCluster):
+        await client.ping(target_nodes=RedisCluster.PRIMARIES)  # type: ignore[misc]
+    else:
+        await client.ping()  # type: ignore[misc]
+
+
+# INFO fields that add up over a cluster's masters.
+_SUMMED = (
+    *("used_memory", "maxmemory", "evicted_keys", "connected_clients"),
+    "instantaneous_ops_per_sec",
+)
+
+
+async def server_info(redis: RedisClient, section: str) -> dict[str, Any]:
+    """``INFO section``; on a cluster, its masters' figures summed (``masters``: how many)."""
+    if not is_cluster(redis):
+        found: dict[str, Any] = await redis.info(section)
+        return found
+    per_master: dict[str, dict[str, Any]] = await redis.info(
+        section, target_nodes=RedisCluster.PRIMARIES
+    )
+    masters = list(per_master.values())
+    merged = dict(masters[0])
+    for name in _SUMMED:
+        if name in merged:
+            merged[name] = sum(int(m.get(name, 0)) for m in masters)
+    if "used_memory" in merged and len(masters) > 1:
+        merged["used_memory_human"] = f"{merged['used_memory'] / 1048576:.2f}M"
+    merged["masters"] = len(masters)
+    return merged
 
 
 def mode_in_url(url: str) -> tuple[str, RedisMode | None]:

@@ -35,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from worker.core.redaction import redact_url, scrub
-from worker.redisio.clients import RedisClient, is_cluster
+from worker.redisio.clients import RedisClient, is_cluster, ping
 from worker.redisio.faults import (
     REDIS_ERRORS,
     REDIS_UNAVAILABLE,
@@ -133,7 +133,7 @@ class RedisLink:
         """Try once; on failure keep working (callers fall back or wait) and retry in the
         background. A sentinel's port answers PING too: ``HELLO`` tells it from a server."""
         try:
-            await self.client.ping()  # type: ignore[misc]
+            await ping(self.client)
             mode = None if is_cluster(self.client) else await server_mode(self.client)
         except REDIS_ERRORS as exc:
             self.report_failure(exc)
@@ -252,7 +252,7 @@ class RedisLink:
         while True:
             await asyncio.sleep(delay_s)
             try:
-                await self.client.ping()  # type: ignore[misc]
+                await ping(self.client)
             except REDIS_ERRORS as exc:
                 if classify(exc) is RedisFault.REFUSED:
                     self._refused(exc, refusal_fix(exc))
