@@ -32,8 +32,14 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    DataError,
+    NoPermissionError,
+    RedisClusterException,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, NoPermissionError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
@@ -151,6 +157,8 @@ async def detect_mode(url: str, timeout_s: float) -> RedisMode:
         except NoPermissionError:
             return await _detect_without_info(probe)
         return RedisMode.CLUSTER if int(info.get("cluster_enabled", 0)) else RedisMode.STANDALONE
+    except AuthenticationError:  # refused credentials: the link and ``check`` say so, with the fix
+        return RedisMode.STANDALONE
     except _PROBE_UNAVAILABLE as exc:
         log.warning(
             "redis_mode_assumed",

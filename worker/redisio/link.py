@@ -111,6 +111,7 @@ class RedisLink:
         self._recovery: asyncio.Task[None] | None = None
         self._on_recovery: list[Callable[[], Awaitable[None]]] = []
         self._refusals_logged: set[str] = set()
+        self._at_sentinel = False  # REDIS_URL names a sentinel's port (see ``connect``)
         self._not_writable_warned_at = -NOT_WRITABLE_WARN_EVERY_S
         self._warning: asyncio.Task[None] | None = None
 
@@ -139,7 +140,8 @@ class RedisLink:
             self.report_failure(exc)
             return False
         if mode == b"sentinel":
-            self._refused(ResponseError("unknown command 'evalsha' (a sentinel)"), SENTINEL_FIX)
+            self._at_sentinel = True
+            self._refused(ResponseError("the server is a sentinel"))
             self.state = LinkState.CONNECTED
             return False
         self.state = LinkState.CONNECTED
@@ -156,7 +158,7 @@ class RedisLink:
         if fault is RedisFault.NOT_WRITABLE:
             self._not_writable(exc)
         elif fault is RedisFault.REFUSED:
-            self._refused(exc, refusal_fix(exc))
+            self._refused(exc)
             if isinstance(exc, RedisConnectionError):  # a refused AUTH: no connection either
                 self._start_recovery(exc, quiet=True)
         else:
@@ -174,19 +176,23 @@ class RedisLink:
         if fault is RedisFault.UNAVAILABLE:
             self._start_recovery(exc)
         elif fault is RedisFault.REFUSED:
-            self._log_refusal(exc, refusal_fix(exc))
+            self._log_refusal(exc, self._fix_for(exc))
         return fault
 
     def writes_succeeded(self) -> None:
         """A write went through: whatever refused the worker's writes is over."""
         if self.problem is not None:
-            log.info("redis_writable_again", was=self.problem.fault.value)
+            log.info("redis_accepting_again", was=self.problem.fault.value)
             self.problem = None
 
     def _error_text(self, exc: BaseException) -> str:
         return scrub(f"{type(exc).__name__}: {exc}", self._secrets)
 
-    def _refused(self, exc: BaseException, fix: str) -> None:
+    def _fix_for(self, exc: BaseException) -> str:
+        return SENTINEL_FIX if self._at_sentinel else refusal_fix(exc)
+
+    def _refused(self, exc: BaseException) -> None:
+        fix = self._fix_for(exc)
         self.problem = LinkProblem(RedisFault.REFUSED, f"Redis refused the worker: {fix}")
         self._log_refusal(exc, fix, fallback=FALLBACK_NONE)
 
@@ -255,7 +261,7 @@ class RedisLink:
                 await ping(self.client)
             except REDIS_ERRORS as exc:
                 if classify(exc) is RedisFault.REFUSED:
-                    self._refused(exc, refusal_fix(exc))
+                    self._refused(exc)
                 delay_s = min(delay_s * 2, self._max_backoff_s)
                 continue
             break
