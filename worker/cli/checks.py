@@ -22,7 +22,8 @@ from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
 from worker.redisio.clients import RedisClient, client_for, is_cluster
 from worker.redisio.faults import SENTINEL_FIX, refusal_fix
-from worker.redisio.link import REDIS_ERRORS, RedisFault, classify, server_mode
+from worker.redisio.link import REDIS_ERRORS, RedisFault, classify
+from worker.redisio.sentinel import server_mode
 
 PROBE_TIMEOUT_S = 10.0
 PROBE_SHA = "0" * 40  # the SHA1 of no script: EVALSHA answers NOSCRIPT when it is permitted

@@ -28,7 +28,7 @@ from prometheus_client.core import HistogramMetricFamily
 from worker.observability.metrics import CounterName
 from worker.observability.tasks import BackgroundErrors
 from worker.redisio.keys import HEARTBEAT_SHARD, THROUGHPUT_BUCKET_TTL_S, RedisKeys
-from worker.redisio.link import REDIS_ERRORS, RedisLink
+from worker.redisio.link import REDIS_ERRORS, RedisFault, RedisLink
 
 log = structlog.get_logger("worker.observability.counters")
 
@@ -204,13 +204,21 @@ class ClusterReporter:
                 await self.flush()
             except REDIS_ERRORS as exc:
                 self._failed(exc)
-                with contextlib.suppress(*REDIS_ERRORS):
-                    self._link.report_aside(exc)  # an unclassified error is only recorded
+                with contextlib.suppress(*REDIS_ERRORS):  # an unclassified error is only recorded
+                    await self._after_failure(exc)
             except Exception as exc:
                 self._failed(exc)
             else:
                 self._errors.succeeded("heartbeat")
+                self._link.writes_succeeded(scripts=False)
             await asyncio.sleep(self._interval_s)
+
+    async def _after_failure(self, exc: BaseException) -> None:
+        """Tell the link; when Redis is full (``noeviction``), keep this replica listed in the
+        stats by extending its heartbeat's life: ``EXPIRE`` is allowed when ``SET`` is not."""
+        if self._link.report_aside(exc) is RedisFault.NOT_WRITABLE:
+            ttl_s = max(1, int(self._interval_s * 3 + 1))
+            await self._link.client.expire(self._keys.replica(self._identity.replica_id), ttl_s)
 
     def _failed(self, exc: BaseException) -> None:
         if self._errors.failed("heartbeat", exc):

@@ -31,11 +31,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import structlog
+from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from worker.core.redaction import redact_url, scrub
-from worker.redisio.clients import RedisClient, is_cluster, ping
+from worker.redisio.clients import RedisClient, ping
 from worker.redisio.faults import (
     REDIS_ERRORS,
     REDIS_UNAVAILABLE,
@@ -44,6 +45,7 @@ from worker.redisio.faults import (
     classify,
     refusal_fix,
 )
+from worker.redisio.sentinel import server_mode
 
 __all__ = [  # the faults' names are re-exported: callers catch and classify through the link
     "CONNECTED_LINE",
@@ -60,7 +62,6 @@ __all__ = [  # the faults' names are re-exported: callers catch and classify thr
     "RedisFault",
     "RedisLink",
     "classify",
-    "server_mode",
 ]
 
 log = structlog.get_logger("worker.redis")
@@ -112,7 +113,7 @@ class RedisLink:
         self._on_recovery: list[Callable[[], Awaitable[None]]] = []
         self._refusals_logged: set[str] = set()
         self._at_sentinel = False  # REDIS_URL names a sentinel's port (see ``connect``)
-        self._not_writable_warned_at = -NOT_WRITABLE_WARN_EVERY_S
+        self._not_writable_warned_at = self._accepting_logged_at = -NOT_WRITABLE_WARN_EVERY_S
         self._warning: asyncio.Task[None] | None = None
 
     @property
@@ -135,7 +136,7 @@ class RedisLink:
         background. A sentinel's port answers PING too: ``HELLO`` tells it from a server."""
         try:
             await ping(self.client)
-            mode = None if is_cluster(self.client) else await server_mode(self.client)
+            mode = None if isinstance(self.client, RedisCluster) else await server_mode(self.client)
         except REDIS_ERRORS as exc:
             self.report_failure(exc)
             return False
@@ -167,9 +168,8 @@ class RedisLink:
 
     def report_aside(self, exc: BaseException) -> RedisFault:
         """As ``report_failure``, for a call the claims do not depend on (cache, single flight,
-        rate limit, heartbeats, stats): an outage counts, but a refusal is only logged (once,
-        with its fix) and a refused write left to the claims to find, so a permission only the
-        stats need cannot stop processing."""
+        rate limit, heartbeats, stats): an outage and a full Redis count, but a refusal is only
+        logged (once, with its fix), so a permission only the stats need cannot stop processing."""
         fault = classify(exc)
         if fault is None:
             raise exc
@@ -177,13 +177,22 @@ class RedisLink:
             self._start_recovery(exc)
         elif fault is RedisFault.REFUSED:
             self._log_refusal(exc, self._fix_for(exc))
+        else:
+            self._not_writable(exc)  # Redis is full for everybody: the claims wait too
         return fault
 
-    def writes_succeeded(self) -> None:
-        """A write went through: whatever refused the worker's writes is over."""
-        if self.problem is not None:
-            log.info("redis_accepting_again", was=self.problem.fault.value)
-            self.problem = None
+    def writes_succeeded(self, *, scripts: bool = True) -> None:
+        """A write went through: Redis has room again, and, when it ran the worker's scripts
+        (``scripts``), whatever refused them is over too (said at most once a minute: a Redis
+        at its limit lets some writes through)."""
+        problem = self.problem
+        if problem is None or not (scripts or problem.fault is RedisFault.NOT_WRITABLE):
+            return
+        self.problem = None
+        now = time.monotonic()
+        if now - self._accepting_logged_at >= NOT_WRITABLE_WARN_EVERY_S:
+            self._accepting_logged_at = now
+            log.info("redis_accepting_again", was=problem.fault.value)
 
     def _error_text(self, exc: BaseException) -> str:
         return scrub(f"{type(exc).__name__}: {exc}", self._secrets)
@@ -285,22 +294,3 @@ class RedisLink:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.client.aclose()
-
-
-async def server_mode(client: RedisClient) -> object:
-    """``standalone``, ``cluster`` or ``sentinel`` as ``HELLO`` says (``None`` before Redis 6)."""
-    try:
-        hello = await client.execute_command("HELLO")
-    except ResponseError:
-        return None
-    return _hello_field(hello, b"mode")
-
-
-def _hello_field(hello: object, name: bytes) -> object:
-    """A field of ``HELLO``'s answer (a flat list in RESP2, a map in RESP3)."""
-    if isinstance(hello, dict):
-        return hello.get(name, hello.get(name.decode()))
-    if isinstance(hello, list):
-        pairs = dict(zip(hello[::2], hello[1::2], strict=False))
-        return pairs.get(name)
-    return None

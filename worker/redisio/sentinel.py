@@ -18,9 +18,10 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import ResponseError
 
 from worker.core.sentinel_url import SentinelUrl, parse_sentinel_url
 
@@ -77,3 +78,23 @@ def make_sentinel_redis(url: str, timeout_s: float, *, sentinel_password: str = 
         **options,
     )
     return client
+
+
+async def server_mode(client: Redis | RedisCluster) -> object:
+    """``standalone``, ``cluster`` or ``sentinel`` as ``HELLO`` says (``None`` before Redis 6):
+    a sentinel's port answers PING like a server, and only this tells the two apart."""
+    try:
+        hello = await client.execute_command("HELLO")
+    except ResponseError:
+        return None
+    return _hello_field(hello, b"mode")
+
+
+def _hello_field(hello: object, name: bytes) -> object:
+    """A field of ``HELLO``'s answer (a flat list in RESP2, a map in RESP3)."""
+    if isinstance(hello, dict):
+        return hello.get(name, hello.get(name.decode()))
+    if isinstance(hello, list):
+        pairs = dict(zip(hello[::2], hello[1::2], strict=False))
+        return pairs.get(name)
+    return None
