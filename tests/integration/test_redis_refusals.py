@@ -55,20 +55,20 @@ async def refused_replica(
     assert len(refusals) == 1, refusals
     assert fix in refusals[0]
     assert "Traceback" not in log
-    assert PASSWORD not in log and "wrong-pw" not in log
+    assert PASSWORD not in log
+    assert "wrong-pw" not in log
 
     code, lines = await asyncio.to_thread(run_cli, env, "check")
     assert code == 1
     redis_lines = [line for line in lines if line.split()[1:2] == ["redis"]]
-    assert len(redis_lines) == 1 and redis_lines[0].startswith("FAIL"), lines
+    assert len(redis_lines) == 1, lines
+    assert redis_lines[0].startswith("FAIL"), lines
     assert fix in redis_lines[0], lines
     assert not any("Traceback" in line for line in lines)
     return replicas, messages
 
 
-async def test_a_sentinel_port_is_named_as_such(
-    names: Names, amqp: object, tmp_path: Path
-) -> None:
+async def test_a_sentinel_port_is_named_as_such(names: Names, amqp: object, tmp_path: Path) -> None:
     """REDIS_URL at a sentinel's port: the log, readiness and ``check`` say to use
     redis+sentinel://, and no message is processed."""
     deployment = SentinelDeployment(tmp_path, sentinels=1).start()
