@@ -35,6 +35,7 @@ from worker.core.settings import Settings
 from worker.observability.counters import ClusterReporter, Counters, ReplicaIdentity, log_progress
 from worker.observability.http import MonitorServer, ReplicaView
 from worker.observability.stats import QueueNames
+from worker.observability.tasks import BackgroundErrors
 from worker.processing.claiming import Claimer
 from worker.processing.failures import Failures
 from worker.processing.hooks import Hooks
@@ -42,7 +43,7 @@ from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.pipeline import Pipeline
 from worker.processing.stopping import Stopping
 from worker.processing.traced import pipeline_hooks
-from worker.redisio.clients import make_client
+from worker.redisio.clients import client_for
 from worker.redisio.keys import RedisKeys
 from worker.redisio.link import FALLBACK_IN_MEMORY, FALLBACK_STRICT, RedisLink
 
@@ -79,6 +80,7 @@ class _Base:
     identity: ReplicaIdentity
     keys: RedisKeys
     counters: Counters
+    background_errors: BackgroundErrors
     link: RedisLink | None
     live: _Live
     classifier: Classifier
@@ -92,7 +94,7 @@ async def build_link(settings: Settings) -> RedisLink | None:
         log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
         return None
     return RedisLink(
-        await make_client(settings.redis_url, settings.redis_mode, settings.redis_timeout_s),
+        await client_for(settings),
         settings.redis_url,
         secrets=settings.secrets,
         fallback=FALLBACK_STRICT if settings.redis_failure_mode == "strict" else FALLBACK_IN_MEMORY,
@@ -138,6 +140,8 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
         broker_problem=live.broker_status.reason,
         classifier_problem=base.breaker.problem if base.breaker else lambda: None,
         breaker=base.breaker.state if base.breaker else lambda: None,
+        background_errors=base.background_errors,
+        secrets=settings.secrets,
     )
     await stack.enter_async_context(MonitorServer(view, settings.stats_host, settings.stats_port))
     if link is not None:
@@ -148,6 +152,7 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
             base.identity,
             lambda: {"in_flight": live.in_flight()},
             interval_s=settings.heartbeat_interval_s,
+            errors=base.background_errors,
         )
         await stack.enter_async_context(reporter)
 
@@ -267,6 +272,7 @@ async def build_base(settings: Settings) -> _Base:
         hooks=hooks,
         keys=RedisKeys(settings.redis_key_prefix),
         counters=counters,
+        background_errors=BackgroundErrors(settings.secrets),
         link=link,
         live=_Live(),
         classifier=classifier,
@@ -296,7 +302,10 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
         if broker is None:
             return True
         leases = LeaseKeeper(
-            claims, lease_s=settings.claim_lease_s, work_timeout_s=settings.work_timeout_s
+            claims,
+            lease_s=settings.claim_lease_s,
+            work_timeout_s=settings.work_timeout_s,
+            errors=base.background_errors,
         )
         await stack.enter_async_context(leases)
         acker = Acker()

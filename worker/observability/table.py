@@ -8,6 +8,9 @@ from typing import Any
 
 from worker.observability.breakers import breaker_lines
 
+# What the ``redis`` section says when the Redis user may not run ``INFO``.
+INFO_NOT_PERMITTED = "not permitted"
+
 
 def _ago(epoch_s: Any, now: float) -> str:
     if not isinstance(epoch_s, int | float):
@@ -73,6 +76,8 @@ def _replica_lines(replicas: list[dict[str, Any]], now: float) -> list[str]:
 def _redis_lines(redis: dict[str, Any] | None) -> list[str]:
     if not redis:
         return []
+    if redis.get("memory") == INFO_NOT_PERMITTED:
+        return ["", "  redis memory     not permitted (the Redis user may not run INFO)"]
     lines = [
         "",
         f"  redis memory     {redis.get('used_memory_human')} "
