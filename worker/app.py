@@ -40,7 +40,8 @@ from worker.processing.pipeline import Pipeline
 from worker.processing.stopping import Stopping
 from worker.processing.traced import pipeline_hooks
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import FALLBACK_IN_MEMORY, FALLBACK_STRICT, RedisLink, make_redis
+from worker.redisio.link import RedisLink
+from worker.redisio.roles import cache_link, claims_link
 
 log = structlog.get_logger("worker.app")
 
@@ -76,6 +77,9 @@ class _Base:
     keys: RedisKeys
     counters: Counters
     link: RedisLink | None
+    cache_link: (
+        RedisLink | None
+    )  # the cache's and its locks': ``link`` itself without REDIS_CACHE_URL
     live: _Live
     classifier: Classifier
     hooks: Hooks
@@ -86,17 +90,13 @@ def build_link(settings: Settings) -> RedisLink | None:
     if not settings.redis_enabled:
         log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
         return None
-    return RedisLink(
-        make_redis(settings.redis_url, settings.redis_timeout_s),
-        settings.redis_url,
-        secrets=settings.secrets,
-        fallback=FALLBACK_STRICT if settings.redis_failure_mode == "strict" else FALLBACK_IN_MEMORY,
-    )
+    return claims_link(settings)
 
 
 async def build_cached_classifier(stack: AsyncExitStack, base: _Base) -> CachedClassifier:
-    """The classifier behind its two cache tiers and, with Redis, the cluster's single flight."""
-    settings, link, classifier = base.settings, base.link, base.classifier
+    """The classifier behind its two cache tiers and, with Redis, the cluster's single flight
+    (both on the cache Redis: ``REDIS_CACHE_URL``, else ``REDIS_URL``)."""
+    settings, link, classifier = base.settings, base.cache_link, base.classifier
     cache = ClassificationCache(
         LocalCache(settings.local_cache_size),
         link=link,
@@ -131,6 +131,7 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
         classifier_tallies=cached.snapshot,
         connection=lambda: live.broker.connection if live.broker else None,
         broker_problem=live.broker_status.reason,
+        cache_link=base.cache_link if base.cache_link is not link else None,
     )
     await stack.enter_async_context(MonitorServer(view, settings.stats_host, settings.stats_port))
     if link is not None:
@@ -250,6 +251,7 @@ def build_base(settings: Settings) -> _Base:
         keys=RedisKeys(settings.redis_key_prefix),
         counters=Counters(cluster=settings.redis_enabled),
         link=link,
+        cache_link=cache_link(settings, link),
         live=_Live(),
         classifier=build_classifier(settings, link=link),
     )
@@ -265,6 +267,9 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
         if link is not None:
             stack.push_async_callback(link.aclose)
             await link.connect()
+        if base.cache_link is not link and base.cache_link is not None:
+            stack.push_async_callback(base.cache_link.aclose)
+            await base.cache_link.connect()  # unreachable: cache misses, claims go on
         claims = build_claim_store(
             settings, link, base.keys, base.counters, replica_id=base.identity.replica_id
         )

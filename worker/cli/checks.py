@@ -1,6 +1,7 @@
 """``neiromatrius-worker check``: what works and what does not, one line each.
 
-Every configured server is contacted: Redis (``INFO server``), RabbitMQ (a connection), and for
+Every configured server is contacted: Redis (``INFO server``; the cache Redis of
+``REDIS_CACHE_URL`` too, with its memory and eviction policy), RabbitMQ (a connection), and for
 ``CLASSIFIER=llm`` the LLM endpoint with the cheapest request the OpenAI-compatible API offers,
 ``GET {LLM_BASE_URL}/models`` (which also says whether ``LLM_MODEL`` is served), falling back to a
 one-token chat completion when the server has no ``/models`` (404 or 405).
@@ -18,7 +19,8 @@ from worker.cli.publish import BrokerUnreachable, open_connection
 from worker.core.errors import ConfigError
 from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
-from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
+from worker.redisio.link import REDIS_UNAVAILABLE
+from worker.redisio.roles import client_for
 
 PROBE_TIMEOUT_S = 10.0
 NO_MODELS_ROUTE = frozenset({404, 405})
@@ -38,9 +40,12 @@ def line(status: str, name: str, detail: str) -> str:
     return f"{status:<6}{name:<12}{detail}"
 
 
-async def check_redis(settings: Settings) -> Outcome:
-    where = redact_url(settings.redis_url)
-    client = make_redis(settings.redis_url, settings.redis_timeout_s)
+async def check_redis(settings: Settings, setting: str = "REDIS_URL") -> Outcome:
+    """Whether the Redis ``setting`` names (``REDIS_URL`` or ``REDIS_CACHE_URL``) answers, and
+    its version."""
+    url = settings.redis_cache_url if setting == "REDIS_CACHE_URL" else settings.redis_url
+    where = redact_url(url)
+    client = client_for(settings, url, setting)
     try:
         info = await client.info("server")
         return Outcome(True, f"{where} (Redis {info.get('redis_version')})")
@@ -48,6 +53,24 @@ async def check_redis(settings: Settings) -> Outcome:
         return Outcome(False, f"{where}: {scrub(str(exc), settings.secrets) or type(exc).__name__}")
     finally:
         await client.aclose()
+
+
+async def check_cache_redis(settings: Settings) -> Outcome:
+    """``check_redis`` for ``REDIS_CACHE_URL``, with its memory and eviction policy (it should
+    evict: ``allkeys-lru``)."""
+    found = await check_redis(settings, "REDIS_CACHE_URL")
+    if not found.ok:
+        return Outcome(False, f"{found.detail} (replicas classify without the shared cache)")
+    client = client_for(settings, settings.redis_cache_url, "REDIS_CACHE_URL")
+    try:
+        memory = await client.info("memory")
+    except REDIS_UNAVAILABLE:
+        return found
+    finally:
+        await client.aclose()
+    limit = memory.get("maxmemory_human") if int(memory.get("maxmemory", 0)) else "no limit"
+    used, policy = memory.get("used_memory_human"), memory.get("maxmemory_policy")
+    return Outcome(True, f"{found.detail}, {used} used of {limit}, policy {policy}")
 
 
 async def check_rabbitmq(settings: Settings) -> Outcome:
@@ -162,6 +185,8 @@ async def run_checks(settings: Settings) -> int:
                 "REDIS_URL not set: in-memory mode (duplicates possible across replicas)",
             )
         )
+    if settings.cache_redis_separate:
+        outcomes.append(("cache-redis", await check_cache_redis(settings)))
     outcomes.append(("rabbitmq", await check_rabbitmq(settings)))
     outcomes.append(("classifier", await check_classifier(settings)))
     for name, outcome in outcomes:

@@ -19,7 +19,14 @@ REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps"})
 # URL-valued settings whose input must never be echoed: they may carry a password.
 SECRET_FIELDS = frozenset(
-    {"redis_url", "rabbitmq_url", "llm_api_key", "llm_base_url", "otel_exporter_otlp_endpoint"}
+    {
+        "redis_url",
+        "redis_cache_url",
+        "rabbitmq_url",
+        "llm_api_key",
+        "llm_base_url",
+        "otel_exporter_otlp_endpoint",
+    }
 )
 DEFAULT_LLM_LABELS = "question,complaint,order,greeting,spam,other"
 # Labels become AMQP routing keys: one topic word (no dots, no wildcards), letters first.
@@ -51,6 +58,9 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = ""
+    # The classification cache and its single-flight locks on a Redis of their own (may evict
+    # freely); empty: on REDIS_URL. Claims, done markers, counters and the LLM rate limit stay there.
+    redis_cache_url: str = ""
     rabbitmq_url: str = "amqp://guest:guest@localhost:5672/"
     input_queue: str = Field(default="neiromatrius.messages", min_length=1, max_length=200)
     results_exchange: str = Field(default="neiromatrius.classified", min_length=1, max_length=200)
@@ -116,7 +126,7 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "redis_cache_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
         value = value.strip()
@@ -155,6 +165,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "REDIS_FAILURE_MODE=strict needs REDIS_URL (without Redis there is nothing to wait for)"
             )
+        if self.redis_cache_url and not self.redis_url:
+            raise ValueError(
+                "REDIS_CACHE_URL needs REDIS_URL: it moves the cache off the claims Redis, and "
+                "without REDIS_URL there is none (set REDIS_URL, or leave REDIS_CACHE_URL empty)"
+            )
         # A delivery may wait for another replica's work on its ID, then do its own: both must
         # end before RabbitMQ's consumer_timeout closes the channel over the unacknowledged delivery.
         if 2 * self.work_timeout_s + self.claim_lease_s >= self.rabbitmq_consumer_timeout_s:
@@ -190,10 +205,15 @@ class Settings(BaseSettings):
         return bool(self.redis_url)
 
     @property
+    def cache_redis_separate(self) -> bool:
+        """Whether the cache has a Redis of its own (``REDIS_CACHE_URL`` set, and not ``REDIS_URL``)."""
+        return bool(self.redis_cache_url) and self.redis_cache_url != self.redis_url
+
+    @property
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never be printed (passwords inside URLs, the API key)."""
         found: list[str] = [self.llm_api_key.get_secret_value()]
-        for url in (self.redis_url, self.rabbitmq_url):
+        for url in (self.redis_url, self.redis_cache_url, self.rabbitmq_url):
             found += url_secrets(url)
         return tuple(s for s in found if s)
 

@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from worker import __version__
 from worker.core.errors import ConfigError
+from worker.observability.cache_redis import cache_redis_metrics, cache_redis_section
 from worker.observability.counters import Counters, ReplicaIdentity
 from worker.observability.exposition import gauge, queue_depth_metric, redis_metrics, scrape_redis
 from worker.observability.metrics import CounterName
@@ -84,6 +85,7 @@ class ReplicaView:
     connection: Callable[[], AbstractConnection | None] = lambda: None
     classifier_tallies: Callable[[], dict[str, int]] = dict
     broker_problem: Callable[[], str | None] = lambda: None  # why not connected, when known
+    cache_link: RedisLink | None = None  # REDIS_CACHE_URL's, when the cache has a Redis of its own
 
     def cache_status(self) -> dict[str, str]:
         if self.link is None:
@@ -118,11 +120,12 @@ class ReplicaView:
         """The stats document: the cluster's numbers when Redis answers, else this replica's."""
         replica = self.replica()
         cache = self.cache_status()
-        queues = await self.queues()
+        cache_redis = await cache_redis_section(self.cache_link)
+        tail = {"cache_redis": cache_redis, "queues": await self.queues(), "replica": replica}
         if self.link is not None and self.link.available:
             try:
                 cluster = await read_cluster(self.link.client, self.keys)
-                return {"cache": cache, **cluster, "queues": queues, "replica": replica}
+                return {"cache": cache, **cluster, **tail}
             except REDIS_UNAVAILABLE as exc:
                 self.link.report_failure(exc)
                 cache = self.cache_status()
@@ -136,8 +139,7 @@ class ReplicaView:
             "throughput": replica["throughput"],
             "replicas": [replica_entry(own)],
             "redis": None,
-            "queues": queues,
-            "replica": replica,
+            **tail,
         }
 
     def readiness(self) -> tuple[bool, str]:
@@ -159,6 +161,7 @@ class ReplicaCollector(Collector):
         self._view = view
         self.queue_depths: dict[str, Any] | None = None
         self.redis: dict[str, Any] | None = None
+        self.cache_redis: dict[str, Any] | None = None
 
     def collect(self) -> Iterator[Metric]:
         view = self._view
@@ -182,6 +185,7 @@ class ReplicaCollector(Collector):
             yield queue_depth_metric(self.queue_depths)
         if self.redis is not None:
             yield from redis_metrics(self.redis)
+        yield from cache_redis_metrics(self.cache_redis)
 
 
 def _counter_metrics(view: ReplicaView) -> Iterator[Metric]:
@@ -252,6 +256,7 @@ def build_app(view: ReplicaView) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         collector.queue_depths = await view.queues()
         collector.redis = await scrape_redis(view.link)
+        collector.cache_redis = await cache_redis_section(view.cache_link)
         return web.Response(body=generate_latest(registry), headers={"Content-Type": METRICS_TYPE})
 
     app = web.Application()

@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
+from typing import NamedTuple
 
 import hiredis
 import structlog
@@ -40,6 +41,27 @@ CONNECTED_LINE = "✅ Redis cache connected"
 FAILED_LINE = "⚠️ Redis connection failed"
 FALLBACK_IN_MEMORY = "in-memory claims, cache and counters until Redis is back"
 FALLBACK_STRICT = "none (REDIS_FAILURE_MODE=strict): no new message is taken until Redis is back"
+
+
+class LinkLines(NamedTuple):
+    """What a link logs when its Redis answers and when it fails, and the setting naming it."""
+
+    connected: str
+    failed: str
+    setting: str
+
+
+CLAIMS_LINES = LinkLines(CONNECTED_LINE, FAILED_LINE, "REDIS_URL")
+# The cache Redis's own lines: they contain neither contract line, so a grep for those still
+# finds only the claims Redis, and they name the variable an operator has to look at.
+CACHE_LINES = LinkLines(
+    "✅ Cache Redis (REDIS_CACHE_URL) connected",
+    "⚠️ Cache Redis (REDIS_CACHE_URL) connection failed",
+    "REDIS_CACHE_URL",
+)
+FALLBACK_NO_SHARED_CACHE = (
+    "classification without the shared cache until it is back (claims and counters unaffected)"
+)
 
 
 class LinkState(StrEnum):
@@ -104,8 +126,10 @@ class RedisLink:
         secrets: tuple[str, ...] = (),
         max_backoff_s: float = 1.0,
         fallback: str = FALLBACK_IN_MEMORY,
+        lines: LinkLines = CLAIMS_LINES,
     ) -> None:
         self.client = client
+        self.lines = lines
         self._where = redact_url(url)
         self._secrets = secrets
         self._max_backoff_s = max_backoff_s
@@ -139,7 +163,7 @@ class RedisLink:
             return False
         self.state = LinkState.CONNECTED
         self._down_since = None
-        log.info(CONNECTED_LINE, redis=self._where)
+        log.info(self.lines.connected, redis=self._where, setting=self.lines.setting)
         return True
 
     def report_failure(self, exc: BaseException) -> None:
@@ -149,8 +173,9 @@ class RedisLink:
         self.state = LinkState.DISCONNECTED
         self._down_since = time.monotonic()
         log.warning(
-            FAILED_LINE,
+            self.lines.failed,
             redis=self._where,
+            setting=self.lines.setting,
             error=scrub(f"{type(exc).__name__}: {exc}", self._secrets),
             fallback=self._fallback,
         )
@@ -171,7 +196,13 @@ class RedisLink:
         self.state = LinkState.CONNECTED
         self._down_since = None
         self._recovery = None  # a failure from here on starts a new recovery
-        log.info(CONNECTED_LINE, redis=self._where, recovered=True, outage_s=outage_s)
+        log.info(
+            self.lines.connected,
+            redis=self._where,
+            setting=self.lines.setting,
+            recovered=True,
+            outage_s=outage_s,
+        )
         for callback in self._on_recovery:
             try:
                 await callback()
