@@ -6,8 +6,9 @@ Nothing else in the worker reads ``os.environ``; components receive the values t
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +44,22 @@ def _check_url(value: str, schemes: frozenset[str], *, needs_host: bool = True) 
         raise ValueError(f"must start with one of {', '.join(s + '://' for s in sorted(schemes))}")
     if needs_host and parts.scheme != "unix" and not parts.hostname:
         raise ValueError("has no host name")
+    return value
+
+
+# redis-py's ``ssl_cert_reqs`` values; another one fails only at the first connection, as a
+# traceback, so it is refused at start-up with the variable's name.
+SSL_CERT_REQS = frozenset({"none", "optional", "required"})
+
+
+def _check_redis_tls(value: str) -> str:
+    """The TLS options redis-py reads from a ``rediss://`` URL's query: a known ``ssl_cert_reqs``
+    and CA/certificate files that exist (else every connection fails with an unclear error)."""
+    for key, option in parse_qsl(urlsplit(value).query):
+        if key == "ssl_cert_reqs" and option not in SSL_CERT_REQS:
+            raise ValueError(f"ssl_cert_reqs must be one of {', '.join(sorted(SSL_CERT_REQS))}")
+        if key in {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"} and not Path(option).is_file():
+            raise ValueError(f"{key}: no such file {option!r}")
     return value
 
 
@@ -130,7 +147,7 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url(cls, value: str) -> str:
         value = value.strip()
-        return _check_url(value, REDIS_SCHEMES) if value else ""
+        return _check_redis_tls(_check_url(value, REDIS_SCHEMES)) if value else ""
 
     @field_validator("rabbitmq_url")
     @classmethod
