@@ -76,6 +76,7 @@ async def _run(settings: Settings) -> int:
 
 
 async def _publish(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.amqp.topology import Topology
     from worker.cli import publish
 
     loaded = await _messages_to_publish(args)
@@ -89,6 +90,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
             messages,
             rate_per_s=args.rate,
             secrets=settings.secrets,
+            arguments=Topology.of(settings).input_arguments(),
         )
     except (ConfigError, publish.BrokerUnreachable) as exc:
         print(f"neiromatrius-worker publish: {exc}", file=sys.stderr)
@@ -137,6 +139,7 @@ async def _messages_to_publish(
 
 async def _stats(settings: Settings, *, as_json: bool) -> int:
     from worker.observability.cache_redis import probe_cache_redis
+    from worker.observability.exposition import results_unrouted
     from worker.observability.stats import (
         QueueNames,
         probe_queue_depths,
@@ -155,7 +158,7 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
         return 1
     failures: tuple[type[BaseException], ...] = (*REDIS_UNAVAILABLE, *REDIS_REFUSALS)
     client = make_redis(settings.redis_url, settings.redis_timeout_s)
-    names = QueueNames(settings.input_queue, settings.dead_letter_queue)
+    names = QueueNames.of(settings)
     try:
         # The broker is optional here: without it the queue depths are reported as unknown.
         data, queues, cache_redis = await asyncio.gather(
@@ -169,6 +172,7 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
         await client.aclose()
     data = {"cache": {"status": "redis_connected", "type": "redis"}, **data, "queues": queues}
     data["cache_redis"] = cache_redis
+    data["results_unrouted"] = results_unrouted(queues)
     print(
         orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else render_table(data)
     )

@@ -6,15 +6,16 @@ Nothing else in the worker reads ``os.environ``; components receive the values t
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.core.addresses import split_addresses
 from worker.core.errors import ConfigError
 from worker.core.redaction import url_secrets
+from worker.core.redis_tls import check_redis_tls
 
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps"})
@@ -29,6 +30,7 @@ SECRET_FIELDS = frozenset(
         "otel_exporter_otlp_endpoint",
     }
 )
+UNROUTED_SUFFIX = ".unrouted"  # {RESULTS_EXCHANGE}.unrouted: the name CONTRACT.md fixes
 DEFAULT_LLM_LABELS = "question,complaint,order,greeting,spam,other"
 # Labels become AMQP routing keys: one topic word (no dots, no wildcards), letters first.
 _LLM_LABEL_RE = re.compile(r"[^\W\d_][\w-]{0,63}")
@@ -44,22 +46,6 @@ def _check_url(value: str, schemes: frozenset[str], *, needs_host: bool = True) 
         raise ValueError(f"must start with one of {', '.join(s + '://' for s in sorted(schemes))}")
     if needs_host and parts.scheme != "unix" and not parts.hostname:
         raise ValueError("has no host name")
-    return value
-
-
-# redis-py's ``ssl_cert_reqs`` values; another one fails only at the first connection, as a
-# traceback, so it is refused at start-up with the variable's name.
-SSL_CERT_REQS = frozenset({"none", "optional", "required"})
-
-
-def _check_redis_tls(value: str) -> str:
-    """The TLS options redis-py reads from a ``rediss://`` URL's query: a known ``ssl_cert_reqs``
-    and CA/certificate files that exist (else every connection fails with an unclear error)."""
-    for key, option in parse_qsl(urlsplit(value).query):
-        if key == "ssl_cert_reqs" and option not in SSL_CERT_REQS:
-            raise ValueError(f"ssl_cert_reqs must be one of {', '.join(sorted(SSL_CERT_REQS))}")
-        if key in {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"} and not Path(option).is_file():
-            raise ValueError(f"{key}: no such file {option!r}")
     return value
 
 
@@ -99,6 +85,11 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(default=30.0, gt=0, le=600)
     llm_max_retries: int = Field(default=3, ge=0, le=20)
     llm_max_rps: float = Field(default=0.0, ge=0, le=100_000)
+    llm_breaker_failures: int = Field(default=5, ge=1, le=10_000)
+    llm_breaker_probe_min_s: float = Field(default=1.0, gt=0, le=3_600)
+    llm_breaker_probe_max_s: float = Field(default=5.0, gt=0, le=3_600)
+    llm_breaker_config_probe_s: float = Field(default=30.0, gt=0, le=3_600)
+    llm_breaker_hold_s: float = Field(default=5.0, gt=0, le=600)
     single_flight_wait_s: float = Field(default=30.0, gt=0, le=3_600)
     prefetch: int = Field(default=1024, ge=1, le=65_535)
     stats_host: str = "0.0.0.0"
@@ -120,6 +111,10 @@ class Settings(BaseSettings):
     redis_failure_mode: Literal["fallback", "strict"] = "fallback"
     redis_fallback_after_s: float = Field(default=3.0, ge=0, le=3_600)
     rabbitmq_consumer_timeout_s: float = Field(default=1_800.0, gt=0)
+    # The type of the queues the worker creates; a queue that exists is used as it is.
+    queue_type: Literal["classic", "quorum"] = "classic"
+    # ``keep``: results no binding takes wait in ``{RESULTS_EXCHANGE}.unrouted``; ``discard``: dropped.
+    results_unrouted: Literal["keep", "discard"] = "keep"
     # ``off`` runs on stock aio-pika/aiormq (see worker/amqp/fastpath and the README).
     amqp_fast_path: bool = True
     # ``uvloop`` where it is installed (else asyncio, said once at start); ``asyncio`` opts out.
@@ -137,6 +132,8 @@ class Settings(BaseSettings):
         "llm_response_format",
         "redis_failure_mode",
         "event_loop",
+        "queue_type",
+        "results_unrouted",
         mode="before",
     )
     @classmethod
@@ -147,12 +144,24 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url(cls, value: str) -> str:
         value = value.strip()
-        return _check_redis_tls(_check_url(value, REDIS_SCHEMES)) if value else ""
+        return check_redis_tls(_check_url(value, REDIS_SCHEMES)) if value else ""
 
     @field_validator("rabbitmq_url")
     @classmethod
     def _rabbitmq_url(cls, value: str) -> str:
-        return _check_url(value.strip(), AMQP_SCHEMES)
+        """One address, or a cluster's: several comma-separated, each checked on its own."""
+        addresses = [part.strip() for part in value.split(",")]
+        if len(addresses) == 1:
+            return _check_url(addresses[0], AMQP_SCHEMES)
+        for number, address in enumerate(addresses, 1):
+            where = f"address {number} of {len(addresses)}"
+            if not address:
+                raise ValueError(f"{where} is empty (a comma too many?)")
+            try:
+                _check_url(address, AMQP_SCHEMES)
+            except ValueError as exc:
+                raise ValueError(f"{where} {exc}") from None
+        return ",".join(addresses)
 
     @field_validator("llm_base_url")
     @classmethod
@@ -187,13 +196,21 @@ class Settings(BaseSettings):
                 "REDIS_CACHE_URL needs REDIS_URL: it moves the cache off the claims Redis, and "
                 "without REDIS_URL there is none (set REDIS_URL, or leave REDIS_CACHE_URL empty)"
             )
-        # A delivery may wait for another replica's work on its ID, then do its own: both must
-        # end before RabbitMQ's consumer_timeout closes the channel over the unacknowledged delivery.
-        if 2 * self.work_timeout_s + self.claim_lease_s >= self.rabbitmq_consumer_timeout_s:
+        if self.longest_unacked_s >= self.rabbitmq_consumer_timeout_s:
             raise ValueError(
-                "WORK_TIMEOUT_S is too long: 2 × WORK_TIMEOUT_S + CLAIM_LEASE_S must stay below "
-                f"RABBITMQ_CONSUMER_TIMEOUT_S ({self.rabbitmq_consumer_timeout_s:g} s, the "
+                "WORK_TIMEOUT_S is too long: 3 × WORK_TIMEOUT_S + CLAIM_LEASE_S (a wait in the "
+                "inbox behind a pass, a wait for another replica's work, its own work) must stay "
+                f"below RABBITMQ_CONSUMER_TIMEOUT_S ({self.rabbitmq_consumer_timeout_s:g} s, the "
                 "broker's consumer_timeout)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _breaker(self) -> Settings:
+        if self.llm_breaker_probe_max_s < self.llm_breaker_probe_min_s:
+            raise ValueError(
+                "LLM_BREAKER_PROBE_MAX_S must not be below LLM_BREAKER_PROBE_MIN_S "
+                f"({self.llm_breaker_probe_min_s:g} s)"
             )
         return self
 
@@ -216,6 +233,26 @@ class Settings(BaseSettings):
         """Whether spans are recorded: an exporter is configured and the SDK is not disabled."""
         configured = bool(self.otel_exporter_otlp_endpoint or self.otel_traces_exporter)
         return configured and not self.otel_sdk_disabled and self.otel_traces_exporter != "none"
+
+    @property
+    def unrouted_queue(self) -> str | None:
+        """Where results no binding takes wait; ``None`` with ``RESULTS_UNROUTED=discard``."""
+        return self.results_exchange + UNROUTED_SUFFIX if self.results_unrouted == "keep" else None
+
+    @property
+    def longest_unacked_s(self) -> float:
+        """The longest a delivery can stay unacknowledged: it waits in the inbox until one of the
+        passes ahead of it ends (each bounded by WORK_TIMEOUT_S: the inbox holds at most PREFETCH
+        deliveries, which two passes of PREFETCH / 2 take at once, so one pass at most is ahead),
+        may then wait for another replica's work on its ID (its lease lapses CLAIM_LEASE_S after
+        that work's timeout), then does its own work; all of it before the broker's
+        consumer_timeout closes the channel."""
+        return 3 * self.work_timeout_s + self.claim_lease_s
+
+    @property
+    def rabbitmq_urls(self) -> tuple[str, ...]:
+        """The broker's addresses (one, or every node of a cluster), in the order listed."""
+        return split_addresses(self.rabbitmq_url)
 
     @property
     def redis_enabled(self) -> bool:

@@ -31,8 +31,16 @@ from worker import __version__
 from worker.core.errors import ConfigError
 from worker.observability.cache_redis import cache_redis_metrics, cache_redis_section
 from worker.observability.counters import Counters, ReplicaIdentity
-from worker.observability.exposition import gauge, queue_depth_metric, redis_metrics, scrape_redis
-from worker.observability.metrics import CounterName
+from worker.observability.exposition import (
+    breaker_metrics,
+    gauge,
+    queue_depth_metric,
+    redis_metrics,
+    results_unrouted,
+    scrape_redis,
+    unrouted_metric,
+)
+from worker.observability.metrics import COUNTER_HELP, CounterName
 from worker.observability.stats import (
     BROKER_UNREACHABLE,
     QUEUE_PROBE_ERRORS,
@@ -51,20 +59,6 @@ log = structlog.get_logger("worker.observability.http")
 
 # What ``generate_latest`` writes (newer prometheus_client versions advertise 1.0.0 by default).
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-COUNTER_HELP: dict[str, str] = {
-    CounterName.PROCESSED: "Messages processed (classified, result published) by this replica.",
-    CounterName.DUPLICATES: "Deliveries skipped because their message ID was already processed.",
-    CounterName.REDELIVERED_DONE: "Redeliveries of messages already processed (not counted twice).",
-    CounterName.CACHE_HITS: "Processed messages whose classification came from the cache.",
-    CounterName.CACHE_MISSES: "Processed messages whose classification had to be computed.",
-    CounterName.CLASSIFIER_CALLS: "Calls made to the classifier.",
-    CounterName.FAILED: "Processing attempts that failed (then retried or dead-lettered).",
-    CounterName.RETRIED: "Messages parked in a retry queue after a transient failure.",
-    CounterName.DEAD_LETTERED: "Messages sent to the dead-letter queue.",
-    CounterName.CLAIMS_LOST: "Messages whose claim lapsed before completion (another replica took over).",
-    CounterName.DEGRADED: "Claims made in memory because Redis was unreachable.",
-}
 
 
 GAUGE_TALLIES = frozenset({"cache_local_entries"})
@@ -86,6 +80,8 @@ class ReplicaView:
     classifier_tallies: Callable[[], dict[str, int]] = dict
     broker_problem: Callable[[], str | None] = lambda: None  # why not connected, when known
     cache_link: RedisLink | None = None  # REDIS_CACHE_URL's, when the cache has a Redis of its own
+    classifier_problem: Callable[[], str | None] = lambda: None  # why the classifier is paused
+    breaker: Callable[[], dict[str, Any] | None] = lambda: None  # the classifier's breaker
 
     def cache_status(self) -> dict[str, str]:
         if self.link is None:
@@ -101,6 +97,7 @@ class ReplicaView:
             "in_flight": self.in_flight(),
             "counters": self.counters.snapshot(),
             "classifier": self.classifier_tallies(),
+            "breaker": self.breaker(),
             "throughput": {f"{w}s": round(self.counters.throughput(w), 2) for w in WINDOWS_S},
         }
 
@@ -120,11 +117,13 @@ class ReplicaView:
         """The stats document: the cluster's numbers when Redis answers, else this replica's."""
         replica = self.replica()
         cache = self.cache_status()
+        queues = await self.queues()
         cache_redis = await cache_redis_section(self.cache_link)
-        tail = {"cache_redis": cache_redis, "queues": await self.queues(), "replica": replica}
+        tail = {"cache_redis": cache_redis, "queues": queues, "replica": replica}
         if self.link is not None and self.link.available:
             try:
                 cluster = await read_cluster(self.link.client, self.keys)
+                cluster["results_unrouted"] = results_unrouted(queues)
                 return {"cache": cache, **cluster, **tail}
             except REDIS_UNAVAILABLE as exc:
                 self.link.report_failure(exc)
@@ -139,6 +138,8 @@ class ReplicaView:
             "throughput": replica["throughput"],
             "replicas": [replica_entry(own)],
             "redis": None,
+            "breakers": [] if replica["breaker"] is None else [replica["breaker"]],
+            "results_unrouted": results_unrouted(queues),
             **tail,
         }
 
@@ -147,6 +148,8 @@ class ReplicaView:
             return False, self.broker_problem() or BROKER_UNREACHABLE
         if not self.consuming():
             return False, "the consumer is not running"
+        if (paused := self.classifier_problem()) is not None:
+            return False, paused
         return True, "consuming"
 
 
@@ -183,6 +186,7 @@ class ReplicaCollector(Collector):
         yield from _state_gauges(view)
         if self.queue_depths is not None:
             yield queue_depth_metric(self.queue_depths)
+            yield from unrouted_metric(self.queue_depths)
         if self.redis is not None:
             yield from redis_metrics(self.redis)
         yield from cache_redis_metrics(self.cache_redis)
@@ -231,6 +235,7 @@ def _state_gauges(view: ReplicaView) -> Iterator[Metric]:
         view.broker_connected(),
     )
     yield gauge("neiromatrius_consuming", "1 while the consumer is running.", view.consuming())
+    yield from breaker_metrics(view.breaker())
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

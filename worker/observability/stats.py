@@ -20,6 +20,9 @@ import orjson
 from aio_pika.abc import AbstractConnection
 from redis.asyncio import Redis
 
+from worker.core.addresses import in_turn, split_addresses
+from worker.core.settings import Settings
+from worker.observability.breakers import breaker_lines, read_breakers
 from worker.observability.metrics import CounterName
 from worker.redisio.keys import RedisKeys
 
@@ -129,6 +132,7 @@ async def read_cluster(redis: Redis, keys: RedisKeys) -> dict[str, Any]:
         "throughput": await read_throughput(redis, keys),
         "replicas": await read_replicas(redis, keys),
         "redis": await read_redis_memory(redis),
+        "breakers": await read_breakers(redis, keys),
     }
 
 
@@ -138,9 +142,15 @@ class QueueNames:
 
     input: str
     dead_letter: str
+    unrouted: str | None = None  # ``{RESULTS_EXCHANGE}.unrouted``, unless results are discarded
+
+    @classmethod
+    def of(cls, settings: Settings) -> QueueNames:
+        return cls(settings.input_queue, settings.dead_letter_queue, settings.unrouted_queue)
 
     def roles(self) -> tuple[tuple[str, str], ...]:
-        return (("input", self.input), ("dead_letter", self.dead_letter))
+        roles = (("input", self.input), ("dead_letter", self.dead_letter))
+        return roles + ((("unrouted", self.unrouted),) if self.unrouted else ())
 
 
 def unknown_depths(names: QueueNames, reason: str) -> dict[str, Any]:
@@ -188,10 +198,14 @@ async def read_queue_depths(
 async def probe_queue_depths(
     rabbitmq_url: str, names: QueueNames, *, timeout_s: float = 3.0
 ) -> dict[str, Any]:
-    """``read_queue_depths`` over a short-lived connection; unknown depths if it cannot connect."""
-    try:
-        connection = await asyncio.wait_for(aio_pika.connect(rabbitmq_url), timeout_s)
-    except QUEUE_PROBE_ERRORS:
+    """``read_queue_depths`` over a short-lived connection (to the first of the broker's
+    addresses that answers, tried in turn); unknown depths if none does."""
+    connection: AbstractConnection | None = None
+    for address in in_turn(split_addresses(rabbitmq_url)):
+        with contextlib.suppress(*QUEUE_PROBE_ERRORS):
+            connection = await asyncio.wait_for(aio_pika.connect(address), timeout_s)
+            break
+    if connection is None:
         return unknown_depths(names, BROKER_UNREACHABLE)
     try:
         return await read_queue_depths(connection, names, timeout_s=timeout_s)
@@ -248,6 +262,7 @@ def render_table(stats: dict[str, Any], now: float | None = None) -> str:
     lines.extend(_replica_lines(stats.get("replicas", []), now))
     lines.extend(_redis_lines(stats.get("redis")))
     lines.extend(_cache_redis_lines(stats.get("cache_redis")))
+    lines.extend(breaker_lines(stats.get("breakers")))
     lines.extend(_queue_lines(stats.get("queues")))
     return "\n".join(lines)
 
@@ -295,6 +310,8 @@ def _queue_lines(queues: dict[str, Any] | None) -> list[str]:
         f"  input queue      {_depth(queues['input'])}",
         f"  dead letters     {_depth(queues['dead_letter'])}",
     ]
+    if "unrouted" in queues:
+        lines.append(f"  unrouted results {_depth(queues['unrouted'])}")
     if "error" in queues:
         lines.append(f"  (queue depths unknown: {queues['error']})")
     return lines

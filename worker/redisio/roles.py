@@ -15,6 +15,8 @@ Each link logs lines of its own (``LinkLines``): the contract's for the claims R
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+
 from redis.asyncio import Redis
 
 from worker.core.errors import ConfigError
@@ -72,3 +74,11 @@ def cache_link(settings: Settings, claims: RedisLink | None) -> RedisLink | None
         fallback=FALLBACK_NO_SHARED_CACHE,
         lines=CACHE_LINES,
     )
+
+
+async def connect_links(stack: AsyncExitStack, *links: RedisLink | None) -> None:
+    """Connect each distinct link once, closed by ``stack``. One that cannot connect is retried in
+    the background: the claims link's callers fall back meanwhile, the cache link's miss."""
+    for link in dict.fromkeys(link for link in links if link is not None):
+        stack.push_async_callback(link.aclose)
+        await link.connect()
