@@ -43,9 +43,9 @@ from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.pipeline import Pipeline
 from worker.processing.stopping import Stopping
 from worker.processing.traced import pipeline_hooks
-from worker.redisio.clients import client_for
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import FALLBACK_IN_MEMORY, FALLBACK_STRICT, RedisLink
+from worker.redisio.link import RedisLink
+from worker.redisio.roles import cache_link, claims_link, connect_links
 
 log = structlog.get_logger("worker.app")
 
@@ -82,6 +82,7 @@ class _Base:
     counters: Counters
     background_errors: BackgroundErrors
     link: RedisLink | None
+    cache_link: RedisLink | None  # the cache's: ``link`` itself without REDIS_CACHE_URL
     live: _Live
     classifier: Classifier
     breaker: CircuitBreaker | None  # the classifier's, if it has one
@@ -93,17 +94,12 @@ async def build_link(settings: Settings) -> RedisLink | None:
     if not settings.redis_enabled:
         log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
         return None
-    return RedisLink(
-        await client_for(settings),
-        settings.redis_url,
-        secrets=settings.secrets,
-        fallback=FALLBACK_STRICT if settings.redis_failure_mode == "strict" else FALLBACK_IN_MEMORY,
-    )
+    return await claims_link(settings)
 
 
 async def build_cached_classifier(stack: AsyncExitStack, base: _Base) -> CachedClassifier:
     """The classifier behind its two cache tiers and, with Redis, the cluster's single flight."""
-    settings, link, classifier = base.settings, base.link, base.classifier
+    settings, link, classifier = base.settings, base.cache_link, base.classifier
     cache = ClassificationCache(
         LocalCache(settings.local_cache_size),
         link=link,
@@ -138,6 +134,7 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
         classifier_tallies=cached.snapshot,
         connection=lambda: live.broker.connection if live.broker else None,
         broker_problem=live.broker_status.reason,
+        cache_link=base.cache_link if base.cache_link is not link else None,
         classifier_problem=base.breaker.problem if base.breaker else lambda: None,
         breaker=base.breaker.state if base.breaker else lambda: None,
         background_errors=base.background_errors,
@@ -274,6 +271,7 @@ async def build_base(settings: Settings) -> _Base:
         counters=counters,
         background_errors=BackgroundErrors(settings.secrets),
         link=link,
+        cache_link=await cache_link(settings, link),
         live=_Live(),
         classifier=classifier,
         breaker=breaker_of(classifier),
@@ -287,9 +285,7 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
     link = base.link
     async with AsyncExitStack() as stack:
         stack.push_async_callback(base.classifier.aclose)
-        if link is not None:
-            stack.push_async_callback(link.aclose)
-            await link.connect()
+        await connect_links(stack, link, base.cache_link)
         if base.breaker is not None:
             base.breaker.start()  # stopped by the classifier's aclose
         claims = build_claim_store(

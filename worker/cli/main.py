@@ -131,6 +131,7 @@ async def _messages_to_publish(
 
 
 async def _stats(settings: Settings, *, as_json: bool) -> int:
+    from worker.observability.cache_redis import probe_cache_redis
     from worker.observability.exposition import results_unrouted
     from worker.observability.stats import (
         QueueNames,
@@ -156,15 +157,17 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
     names = QueueNames.of(settings)
     try:
         # The broker is optional here: without it the queue depths are reported as unknown.
-        data, queues = await asyncio.gather(
+        data, queues, cache_redis = await asyncio.gather(
             read_cluster(client, RedisKeys(settings.redis_key_prefix)),
             probe_queue_depths(settings.rabbitmq_url, names),
+            probe_cache_redis(settings),  # REDIS_CACHE_URL's, when set
         )
     except REDIS_ERRORS as exc:
         return _redis_failed(settings, exc)
     finally:
         await client.aclose()
     data = {"cache": {"status": "redis_connected", "type": "redis"}, **data, "queues": queues}
+    data["cache_redis"] = cache_redis
     data["results_unrouted"] = results_unrouted(queues)
     print(
         orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else render_table(data)

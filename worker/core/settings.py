@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from worker.core.addresses import split_addresses
 from worker.core.errors import ConfigError
 from worker.core.redaction import url_secrets
+from worker.core.redis_tls import check_redis_tls
 from worker.core.sentinel_url import SENTINEL_SCHEMES, is_sentinel_url, parse_sentinel_url
 
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
@@ -23,6 +24,7 @@ AMQP_SCHEMES = frozenset({"amqp", "amqps"})
 SECRET_FIELDS = frozenset(
     {
         "redis_url",
+        "redis_cache_url",
         "rabbitmq_url",
         "llm_api_key",
         "llm_base_url",
@@ -63,6 +65,9 @@ class Settings(BaseSettings):
     redis_url: str = ""
     # ``auto`` asks the server whether it is a cluster node (see worker/redisio/clients.py).
     redis_mode: Literal["auto", "standalone", "cluster", "sentinel"] = "auto"
+    # The classification cache and its single-flight locks on a Redis of their own (may evict
+    # freely); empty: on REDIS_URL. Claims, done markers, counters and the LLM rate limit stay there.
+    redis_cache_url: str = ""
     rabbitmq_url: str = "amqp://guest:guest@localhost:5672/"
     input_queue: str = Field(default="neiromatrius.messages", min_length=1, max_length=200)
     results_exchange: str = Field(default="neiromatrius.classified", min_length=1, max_length=200)
@@ -144,14 +149,14 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "redis_cache_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
         value = value.strip()
         if value and is_sentinel_url(value):
             parse_sentinel_url(value)  # raises ValueError saying what is wrong
             return value
-        return _check_url(value, REDIS_SCHEMES | SENTINEL_SCHEMES) if value else ""
+        return check_redis_tls(_check_url(value, REDIS_SCHEMES | SENTINEL_SCHEMES)) if value else ""
 
     @field_validator("rabbitmq_url")
     @classmethod
@@ -197,6 +202,11 @@ class Settings(BaseSettings):
         if self.redis_failure_mode == "strict" and not self.redis_url:
             raise ValueError(
                 "REDIS_FAILURE_MODE=strict needs REDIS_URL (without Redis there is nothing to wait for)"
+            )
+        if self.redis_cache_url and not self.redis_url:
+            raise ValueError(
+                "REDIS_CACHE_URL needs REDIS_URL: it moves the cache off the claims Redis, and "
+                "without REDIS_URL there is none (set REDIS_URL, or leave REDIS_CACHE_URL empty)"
             )
         if self.longest_unacked_s >= self.rabbitmq_consumer_timeout_s:
             raise ValueError(
@@ -261,13 +271,18 @@ class Settings(BaseSettings):
         return bool(self.redis_url)
 
     @property
+    def cache_redis_separate(self) -> bool:
+        """Whether the cache has a Redis of its own (``REDIS_CACHE_URL`` set, and not ``REDIS_URL``)."""
+        return bool(self.redis_cache_url) and self.redis_cache_url != self.redis_url
+
+    @property
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never be printed (passwords inside URLs, the API key)."""
         found: list[str] = [
             self.llm_api_key.get_secret_value(),
             self.redis_sentinel_password.get_secret_value(),
         ]
-        for url in (self.redis_url, self.rabbitmq_url):
+        for url in (self.redis_url, self.redis_cache_url, self.rabbitmq_url):
             found += url_secrets(url)
         return tuple(s for s in found if s)
 

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from worker import __version__
 from worker.core.errors import ConfigError
 from worker.core.redaction import scrub
+from worker.observability.cache_redis import cache_redis_metrics, cache_redis_section
 from worker.observability.counters import Counters, ReplicaIdentity
 from worker.observability.exposition import (
     breaker_metrics,
@@ -83,6 +84,7 @@ class ReplicaView:
     connection: Callable[[], AbstractConnection | None] = lambda: None
     classifier_tallies: Callable[[], dict[str, int]] = dict
     broker_problem: Callable[[], str | None] = lambda: None  # why not connected, when known
+    cache_link: RedisLink | None = None  # REDIS_CACHE_URL's, when the cache has a Redis of its own
     classifier_problem: Callable[[], str | None] = lambda: None  # why the classifier is paused
     breaker: Callable[[], dict[str, Any] | None] = lambda: None  # the classifier's breaker
     background_errors: BackgroundErrors = field(default_factory=BackgroundErrors)
@@ -125,11 +127,13 @@ class ReplicaView:
         cache = self.cache_status()
         queues = await self.queues()
         error = None
+        cache_redis = await cache_redis_section(self.cache_link)
+        tail = {"cache_redis": cache_redis, "queues": queues, "replica": replica}
         if self.link is not None and self.link.available:
             try:
                 cluster = await read_cluster(self.link.client, self.keys)
                 cluster["results_unrouted"] = results_unrouted(queues)
-                return {"cache": cache, **cluster, "queues": queues, "replica": replica}
+                return {"cache": cache, **cluster, **tail}
             except REDIS_ERRORS as exc:
                 error = scrub(f"{type(exc).__name__}: {exc}", self.secrets)
                 try:
@@ -148,9 +152,8 @@ class ReplicaView:
             "replicas": [replica_entry(own)],
             "redis": None,
             "breakers": [] if replica["breaker"] is None else [replica["breaker"]],
-            "queues": queues,
             "results_unrouted": results_unrouted(queues),
-            "replica": replica,
+            **tail,
             **({"error": error} if error else {}),
         }
 
@@ -177,6 +180,7 @@ class ReplicaCollector(Collector):
         self._view = view
         self.queue_depths: dict[str, Any] | None = None
         self.redis: dict[str, Any] | None = None
+        self.cache_redis: dict[str, Any] | None = None
 
     def collect(self) -> Iterator[Metric]:
         view = self._view
@@ -201,6 +205,7 @@ class ReplicaCollector(Collector):
             yield from unrouted_metric(self.queue_depths)
         if self.redis is not None:
             yield from redis_metrics(self.redis)
+        yield from cache_redis_metrics(self.cache_redis)
 
 
 def _state_gauges(view: ReplicaView) -> Iterator[Metric]:
@@ -251,6 +256,7 @@ def build_app(view: ReplicaView) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         collector.queue_depths = await view.queues()
         collector.redis = await scrape_redis(view.link)
+        collector.cache_redis = await cache_redis_section(view.cache_link)
         return web.Response(body=generate_latest(registry), headers={"Content-Type": METRICS_TYPE})
 
     app = web.Application()
