@@ -35,6 +35,7 @@ from worker.core.settings import Settings
 from worker.observability.counters import ClusterReporter, Counters, ReplicaIdentity, log_progress
 from worker.observability.http import MonitorServer, ReplicaView
 from worker.observability.stats import QueueNames
+from worker.observability.tasks import BackgroundErrors
 from worker.processing.claiming import Claimer
 from worker.processing.failures import Failures
 from worker.processing.hooks import Hooks
@@ -42,9 +43,9 @@ from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.pipeline import Pipeline
 from worker.processing.stopping import Stopping
 from worker.processing.traced import pipeline_hooks
-from worker.redisio.clients import make_client
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import FALLBACK_IN_MEMORY, FALLBACK_STRICT, RedisLink
+from worker.redisio.link import RedisLink
+from worker.redisio.roles import cache_link, claims_link, connect_links
 
 log = structlog.get_logger("worker.app")
 
@@ -79,7 +80,9 @@ class _Base:
     identity: ReplicaIdentity
     keys: RedisKeys
     counters: Counters
+    background_errors: BackgroundErrors
     link: RedisLink | None
+    cache_link: RedisLink | None  # the cache's: ``link`` itself without REDIS_CACHE_URL
     live: _Live
     classifier: Classifier
     breaker: CircuitBreaker | None  # the classifier's, if it has one
@@ -91,18 +94,12 @@ async def build_link(settings: Settings) -> RedisLink | None:
     if not settings.redis_enabled:
         log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
         return None
-    url, mode, timeout_s = settings.redis_url, settings.redis_mode, settings.redis_timeout_s
-    return RedisLink(
-        await make_client(url, mode, timeout_s, log_assumed=True),
-        url,
-        secrets=settings.secrets,
-        fallback=FALLBACK_STRICT if settings.redis_failure_mode == "strict" else FALLBACK_IN_MEMORY,
-    )
+    return await claims_link(settings)
 
 
 async def build_cached_classifier(stack: AsyncExitStack, base: _Base) -> CachedClassifier:
     """The classifier behind its two cache tiers and, with Redis, the cluster's single flight."""
-    settings, link, classifier = base.settings, base.link, base.classifier
+    settings, link, classifier = base.settings, base.cache_link, base.classifier
     cache = ClassificationCache(
         LocalCache(settings.local_cache_size),
         link=link,
@@ -137,8 +134,11 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
         classifier_tallies=cached.snapshot,
         connection=lambda: live.broker.connection if live.broker else None,
         broker_problem=live.broker_status.reason,
+        cache_link=base.cache_link if base.cache_link is not link else None,
         classifier_problem=base.breaker.problem if base.breaker else lambda: None,
         breaker=base.breaker.state if base.breaker else lambda: None,
+        background_errors=base.background_errors,
+        secrets=settings.secrets,
     )
     await stack.enter_async_context(MonitorServer(view, settings.stats_host, settings.stats_port))
     if link is not None:
@@ -149,6 +149,7 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
             base.identity,
             lambda: {"in_flight": live.in_flight()},
             interval_s=settings.heartbeat_interval_s,
+            errors=base.background_errors,
         )
         await stack.enter_async_context(reporter)
 
@@ -268,7 +269,9 @@ async def build_base(settings: Settings) -> _Base:
         hooks=hooks,
         keys=RedisKeys(settings.redis_key_prefix),
         counters=counters,
+        background_errors=BackgroundErrors(settings.secrets),
         link=link,
+        cache_link=await cache_link(settings, link),
         live=_Live(),
         classifier=classifier,
         breaker=breaker_of(classifier),
@@ -282,9 +285,7 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
     link = base.link
     async with AsyncExitStack() as stack:
         stack.push_async_callback(base.classifier.aclose)
-        if link is not None:
-            stack.push_async_callback(link.aclose)
-            await link.connect()
+        await connect_links(stack, link, base.cache_link)
         if base.breaker is not None:
             base.breaker.start()  # stopped by the classifier's aclose
         claims = build_claim_store(
@@ -297,7 +298,10 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
         if broker is None:
             return True
         leases = LeaseKeeper(
-            claims, lease_s=settings.claim_lease_s, work_timeout_s=settings.work_timeout_s
+            claims,
+            lease_s=settings.claim_lease_s,
+            work_timeout_s=settings.work_timeout_s,
+            errors=base.background_errors,
         )
         await stack.enter_async_context(leases)
         acker = Acker()

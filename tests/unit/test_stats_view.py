@@ -23,7 +23,7 @@ from worker.observability.stats import (
     read_throughput,
     unknown_depths,
 )
-from worker.observability.stats_table import render_table
+from worker.observability.table import render_table
 from worker.redisio.keys import SHARDS, RedisKeys
 
 KEYS = RedisKeys("unit:")

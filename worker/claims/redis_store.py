@@ -12,6 +12,9 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+import structlog
+from redis.exceptions import NoScriptError
+
 from worker.claims.protocol import ClaimResult, ClaimStatus, CompleteStatus, Lease
 from worker.redisio.batching import MicroBatcher, in_groups
 from worker.redisio.clients import RedisClient, is_cluster
@@ -20,6 +23,8 @@ from worker.redisio.scripts import RENEW, LuaScript
 
 if TYPE_CHECKING:
     from worker.claims.protocol import ClaimAsk, Completion, TokenSource
+
+log = structlog.get_logger("worker.claims")
 
 CLAIM = LuaScript("worker.claims", "claim.lua")
 COMPLETE = LuaScript("worker.claims", "complete.lua", library=("count_completed.lua",))
@@ -79,8 +84,13 @@ class RedisClaimStore:
         lease_s: float,
         dedup_ttl_s: int,
         max_attempts: int = 0,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self.lease_s = lease_s
+        self._redis = redis
+        self._wait = (str(wait_replicas), str(wait_timeout_ms)) if wait_replicas else None
+        self._short_at = -60.0
         self._keys = keys
         self._tokens = tokens
         self._lease_ms = str(max(1, int(lease_s * 1000)))
@@ -144,8 +154,35 @@ class RedisClaimStore:
             _, done, claim, attempts = self._keys.message(item.message_id)
             keys += (done, claim, attempts)
             args += (item.token, "1" if item.cache_hit else "0")
-        answers = await self._complete_script(keys=keys, args=args)
+        if self._wait is not None:
+            answers = await self._complete_replicated(keys, args)
+        else:
+            answers = await self._complete_script(keys=keys, args=args)
         return [bool(x) for x in answers]
+
+    async def _complete_replicated(self, keys: list[str], args: list[str]) -> list[int]:
+        """The completion script and ``WAIT`` (``REDIS_WAIT_REPLICAS``) in one round trip on one
+        connection: ``WAIT`` counts the replicas that have this connection's writes, so it must
+        follow the script on the same one. Too few replicas by the timeout: logged, not fatal
+        (a dead replica must not stop processing), and the batch is acknowledged as without."""
+        assert self._wait is not None
+        for _ in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.evalsha(self._complete_script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", *self._wait)
+            answers, replicas = await pipe.execute(raise_on_error=False)
+            if isinstance(answers, NoScriptError):  # a restart or a failover: load, go again
+                await self._redis.script_load(self._complete_script.script)
+                continue
+            if isinstance(answers, BaseException):
+                raise answers
+            if isinstance(replicas, BaseException):
+                raise replicas
+            if int(replicas) < int(self._wait[0]) and time.monotonic() - self._short_at > 60:
+                self._short_at = time.monotonic()  # said at most once a minute
+                log.warning("redis_wait_replicas_short", wanted=self._wait[0], acked=replicas)
+            return list(answers)
+        raise NoScriptError("the completion script could not be loaded")
 
     async def _renew_batch(self, _shard: int, batch: list[Lease]) -> list[bool]:
         keys = [self._keys.claim(lease.message_id) for lease in batch]

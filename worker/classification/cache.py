@@ -20,7 +20,7 @@ from worker.classification.classifiers.base import Classification
 from worker.redisio.batching import MicroBatcher, in_groups, slot_of
 from worker.redisio.clients import is_cluster
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+from worker.redisio.link import REDIS_ERRORS, RedisLink
 
 log = structlog.get_logger("worker.classification.cache")
 
@@ -149,8 +149,8 @@ class ClassificationCache:
             return None
         try:
             raw = await self._gets.submit(self.redis_key(hashed_text))
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
             self.misses += 1
             return None
         found = _decode(raw) if raw is not None else None
@@ -176,8 +176,8 @@ class ClassificationCache:
             return
         try:
             await self._puts.submit((self.redis_key(hashed_text), _encode(classification)))
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
 
     async def _get_batch(self, keys: list[str]) -> Sequence[bytes | None]:
         assert self._link is not None

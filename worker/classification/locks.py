@@ -23,7 +23,7 @@ import structlog
 
 from worker.redisio.batching import MicroBatcher, in_groups, slot_of
 from worker.redisio.clients import is_cluster
-from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+from worker.redisio.link import REDIS_ERRORS, RedisLink
 from worker.redisio.scripts import RENEW, LuaScript
 
 log = structlog.get_logger("worker.classification.locks")
@@ -121,8 +121,8 @@ class ClusterLocks:
         asks = [(entry, self._new_token()) for entry in entries]
         try:
             answers = await in_groups(self._lookup_batch, asks, _slot_of_ask, split=self._split)
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)  # locks taken by an earlier chunk lapse by themselves
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)  # locks taken by an earlier chunk lapse by themselves
             return [UNAVAILABLE] * len(entries)
         return [
             self._lookup_answer(entry, token, answer)
@@ -152,8 +152,8 @@ class ClusterLocks:
             return
         try:
             await self._writes.submit(_Write(entry, token, value or b"", ttl_s))
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
 
     async def store_many(self, writes: Sequence[tuple[Entry, str, bytes]], ttl_s: int) -> None:
         """``store_and_release`` for several ``(entry, token, value)``, in one script call per
@@ -165,8 +165,8 @@ class ClusterLocks:
         batch = [_Write(entry, token, value, ttl_s) for entry, token, value in writes]
         try:
             await in_groups(self._write_batch, batch, _slot_of_write, split=self._split)
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
 
     def _stop_renewing(self, entry: Entry, token: str) -> None:
         """Forget our lock on ``entry`` (if ``token`` is still ours): it is released or marked."""
@@ -182,8 +182,8 @@ class ClusterLocks:
             await self._mark_failed_script(
                 keys=[entry.lock_key], args=[self._failure_mark_ms, FAILED, token]
             )
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
 
     async def wait(self, entry: Entry, timeout_s: float) -> tuple[WaitOutcome, bytes | None]:
         """Poll until the value appears, the lock is gone or marked failed, or ``timeout_s``
@@ -205,8 +205,8 @@ class ClusterLocks:
             return WaitOutcome.UNAVAILABLE, None
         try:
             value, lock = await self._probes.submit(entry)
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
             return WaitOutcome.UNAVAILABLE, None
         if value is not None:
             return WaitOutcome.FOUND, value
@@ -229,8 +229,8 @@ class ClusterLocks:
                 _slot_of_held,
                 split=self._split,
             )
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
             return
         for key, token, ok in zip(keys, tokens, renewed, strict=True):
             if not ok and self._held.get(key) == token:

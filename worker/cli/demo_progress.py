@@ -23,7 +23,7 @@ from worker.observability.metrics import CounterName
 from worker.observability.stats import read_counters
 from worker.redisio.clients import make_client
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import REDIS_UNAVAILABLE
+from worker.redisio.link import REDIS_ERRORS
 
 POLL_INTERVAL_S = 0.25  # each poll asks every replica for its stats: keep it light
 PROGRESS_INTERVAL_S = 0.5
@@ -218,7 +218,7 @@ class Watcher:
                 await asyncio.sleep(0.2)
                 cluster = await read_counters(client, keys)
             return cluster
-        except REDIS_UNAVAILABLE:
+        except REDIS_ERRORS:
             return None
         finally:
             await client.aclose()

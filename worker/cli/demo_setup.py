@@ -16,7 +16,7 @@ from worker.core.redaction import redact_url
 from worker.core.settings import Settings
 from worker.observability.stats import QUEUE_PROBE_ERRORS
 from worker.redisio.clients import make_client
-from worker.redisio.link import REDIS_UNAVAILABLE
+from worker.redisio.link import REDIS_ERRORS
 
 
 class DemoFailed(Exception):
@@ -62,7 +62,7 @@ async def preflight(settings: Settings, redis_url: str) -> aio_pika.abc.Abstract
         client = await make_client(redis_url, settings.redis_mode, settings.redis_timeout_s)
         try:
             await client.ping()  # type: ignore[misc]
-        except REDIS_UNAVAILABLE as exc:
+        except REDIS_ERRORS as exc:
             await connection.close()
             raise DemoFailed(
                 f"⚠️ Redis connection failed: {redact_url(redis_url)} "
@@ -106,7 +106,7 @@ async def remove_redis_keys(
         keys = [k async for k in client.scan_iter(match=prefix, count=1000)]
         for start in range(0, len(keys), 500):
             await client.delete(*keys[start : start + 500])
-    except REDIS_UNAVAILABLE:
+    except REDIS_ERRORS:
         err.write("demo: could not remove the run's Redis keys (they expire)\n")
     finally:
         await client.aclose()

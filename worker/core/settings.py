@@ -15,12 +15,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from worker.core.addresses import split_addresses
 from worker.core.errors import ConfigError
 from worker.core.redaction import url_secrets
+from worker.core.redis_tls import check_redis_tls
+from worker.core.sentinel_url import SENTINEL_SCHEMES, is_sentinel_url, parse_sentinel_url
 
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps"})
 # URL-valued settings whose input must never be echoed: they may carry a password.
 SECRET_FIELDS = frozenset(
-    {"redis_url", "rabbitmq_url", "llm_api_key", "llm_base_url", "otel_exporter_otlp_endpoint"}
+    {
+        "redis_url",
+        "redis_cache_url",
+        "rabbitmq_url",
+        "llm_api_key",
+        "llm_base_url",
+        "otel_exporter_otlp_endpoint",
+        "redis_sentinel_password",
+    }
 )
 UNROUTED_SUFFIX = ".unrouted"  # {RESULTS_EXCHANGE}.unrouted: the name CONTRACT.md fixes
 DEFAULT_LLM_LABELS = "question,complaint,order,greeting,spam,other"
@@ -55,6 +65,9 @@ class Settings(BaseSettings):
     redis_url: str = ""
     # ``auto`` asks the server whether it is a cluster node (see worker/redisio/clients.py).
     redis_mode: Literal["auto", "standalone", "cluster", "sentinel"] = "auto"
+    # The classification cache and its single-flight locks on a Redis of their own (may evict
+    # freely); empty: on REDIS_URL. Claims, done markers, counters and the LLM rate limit stay there.
+    redis_cache_url: str = ""
     rabbitmq_url: str = "amqp://guest:guest@localhost:5672/"
     input_queue: str = Field(default="neiromatrius.messages", min_length=1, max_length=200)
     results_exchange: str = Field(default="neiromatrius.classified", min_length=1, max_length=200)
@@ -78,7 +91,7 @@ class Settings(BaseSettings):
     llm_max_rps: float = Field(default=0.0, ge=0, le=100_000)
     llm_breaker_failures: int = Field(default=5, ge=1, le=10_000)
     llm_breaker_probe_min_s: float = Field(default=1.0, gt=0, le=3_600)
-    llm_breaker_probe_max_s: float = Field(default=5.0, gt=0, le=3_600)
+    llm_breaker_probe_max_s: float = Field(default=3.0, gt=0, le=3_600)
     llm_breaker_config_probe_s: float = Field(default=30.0, gt=0, le=3_600)
     llm_breaker_hold_s: float = Field(default=5.0, gt=0, le=600)
     single_flight_wait_s: float = Field(default=30.0, gt=0, le=3_600)
@@ -101,6 +114,10 @@ class Settings(BaseSettings):
     fault_injection: str = ""
     redis_failure_mode: Literal["fallback", "strict"] = "fallback"
     redis_fallback_after_s: float = Field(default=3.0, ge=0, le=3_600)
+    # The sentinels' own password (the master's is in the sentinel form of REDIS_URL).
+    redis_sentinel_password: SecretStr = SecretStr("")
+    # After each completion batch: WAIT until this many Redis replicas have the done markers.
+    redis_wait_replicas: int = Field(default=0, ge=0, le=100)
     rabbitmq_consumer_timeout_s: float = Field(default=1_800.0, gt=0)
     # The type of the queues the worker creates; a queue that exists is used as it is.
     queue_type: Literal["classic", "quorum"] = "classic"
@@ -132,11 +149,14 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "redis_cache_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
         value = value.strip()
-        return _check_url(value, REDIS_SCHEMES) if value else ""
+        if value and is_sentinel_url(value):
+            parse_sentinel_url(value)  # raises ValueError saying what is wrong
+            return value
+        return check_redis_tls(_check_url(value, REDIS_SCHEMES | SENTINEL_SCHEMES)) if value else ""
 
     @field_validator("rabbitmq_url")
     @classmethod
@@ -183,6 +203,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "REDIS_FAILURE_MODE=strict needs REDIS_URL (without Redis there is nothing to wait for)"
             )
+        if self.redis_cache_url and not self.redis_url:
+            raise ValueError(
+                "REDIS_CACHE_URL needs REDIS_URL: it moves the cache off the claims Redis, and "
+                "without REDIS_URL there is none (set REDIS_URL, or leave REDIS_CACHE_URL empty)"
+            )
         if self.longest_unacked_s >= self.rabbitmq_consumer_timeout_s:
             raise ValueError(
                 "WORK_TIMEOUT_S is too long: 3 × WORK_TIMEOUT_S + CLAIM_LEASE_S (a wait in the "
@@ -222,6 +247,11 @@ class Settings(BaseSettings):
         return configured and not self.otel_sdk_disabled and self.otel_traces_exporter != "none"
 
     @property
+    def rabbitmq_urls(self) -> tuple[str, ...]:
+        """The broker's addresses (one, or every node of a cluster), in the order listed."""
+        return split_addresses(self.rabbitmq_url)
+
+    @property
     def unrouted_queue(self) -> str | None:
         """Where results no binding takes wait; ``None`` with ``RESULTS_UNROUTED=discard``."""
         return self.results_exchange + UNROUTED_SUFFIX if self.results_unrouted == "keep" else None
@@ -237,19 +267,22 @@ class Settings(BaseSettings):
         return 3 * self.work_timeout_s + self.claim_lease_s
 
     @property
-    def rabbitmq_urls(self) -> tuple[str, ...]:
-        """The broker's addresses (one, or every node of a cluster), in the order listed."""
-        return split_addresses(self.rabbitmq_url)
-
-    @property
     def redis_enabled(self) -> bool:
         return bool(self.redis_url)
 
     @property
+    def cache_redis_separate(self) -> bool:
+        """Whether the cache has a Redis of its own (``REDIS_CACHE_URL`` set, and not ``REDIS_URL``)."""
+        return bool(self.redis_cache_url) and self.redis_cache_url != self.redis_url
+
+    @property
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never be printed (passwords inside URLs, the API key)."""
-        found: list[str] = [self.llm_api_key.get_secret_value()]
-        for url in (self.redis_url, self.rabbitmq_url):
+        found: list[str] = [
+            self.llm_api_key.get_secret_value(),
+            self.redis_sentinel_password.get_secret_value(),
+        ]
+        for url in (self.redis_url, self.redis_cache_url, self.rabbitmq_url):
             found += url_secrets(url)
         return tuple(s for s in found if s)
 

@@ -17,11 +17,14 @@ import aio_pika
 import aiormq
 import orjson
 from aio_pika.abc import AbstractConnection
+from redis.exceptions import NoPermissionError
 
 from worker.core.addresses import in_turn, split_addresses
 from worker.core.settings import Settings
 from worker.observability.breakers import read_breakers
 from worker.observability.metrics import CounterName
+from worker.observability.table import INFO_NOT_PERMITTED
+from worker.observability.table import render_table as render_table  # its old home
 from worker.redisio.batching import summed_hashes
 from worker.redisio.clients import RedisClient, server_info
 from worker.redisio.keys import SHARDS, RedisKeys
@@ -106,10 +109,14 @@ async def read_replicas(redis: RedisClient, keys: RedisKeys) -> list[dict[str, A
 async def read_redis_memory(redis: RedisClient) -> dict[str, Any]:
     """The three figures the source document watches (memory, connections, commands per
     second) and evictions, from ``INFO memory``, ``clients`` and ``stats`` (summed over the
-    masters of a cluster)."""
-    memory = await server_info(redis, "memory")
-    clients = await server_info(redis, "clients")
-    stats = await server_info(redis, "stats")
+    masters of a cluster); ``{"memory": "not permitted"}`` for a user the ACL refuses ``INFO``
+    (the worker itself never needs it)."""
+    try:
+        memory = await server_info(redis, "memory")
+        clients = await server_info(redis, "clients")
+        stats = await server_info(redis, "stats")
+    except NoPermissionError:
+        return {"memory": INFO_NOT_PERMITTED}
     evicted = int(stats.get("evicted_keys", 0))
     found: dict[str, Any] = {
         "used_memory": int(memory.get("used_memory", 0)),
@@ -205,19 +212,14 @@ async def read_queue_depths(
 async def probe_queue_depths(
     rabbitmq_url: str, names: QueueNames, *, timeout_s: float = 3.0
 ) -> dict[str, Any]:
-    """``read_queue_depths`` over a short-lived connection (to the first of the broker's
-    addresses that answers, tried in turn); unknown depths if none does."""
-    connection: AbstractConnection | None = None
+    """``read_queue_depths`` over a short-lived connection to the first of the broker's addresses
+    that answers (tried in turn); unknown depths if none does."""
     for address in in_turn(split_addresses(rabbitmq_url)):
         with contextlib.suppress(*QUEUE_PROBE_ERRORS):
             connection = await asyncio.wait_for(aio_pika.connect(address), timeout_s)
-            break
-    if connection is None:
-        return unknown_depths(names, BROKER_UNREACHABLE)
-    try:
-        return await read_queue_depths(connection, names, timeout_s=timeout_s)
-    except QUEUE_PROBE_ERRORS:
-        return unknown_depths(names, BROKER_UNREACHABLE)
-    finally:
-        with contextlib.suppress(*QUEUE_PROBE_ERRORS):
-            await connection.close()
+            try:
+                return await read_queue_depths(connection, names, timeout_s=timeout_s)
+            finally:
+                with contextlib.suppress(*QUEUE_PROBE_ERRORS):
+                    await connection.close()
+    return unknown_depths(names, BROKER_UNREACHABLE)

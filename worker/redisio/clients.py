@@ -12,6 +12,9 @@
   answers it with an error). A server that cannot be reached is taken as standalone, and said
   so: set ``REDIS_MODE=cluster`` when replicas may start before their cluster.
 
+- ``sentinel``: the master a ``redis+sentinel://`` URL names, found through its sentinels
+  (``worker.redisio.sentinel``); ``auto`` chooses it from the URL's scheme.
+
 ``redis://host:port?cluster=true`` (the form some managed services print) forces cluster mode
 like ``REDIS_MODE=cluster``; the parameter is removed before redis-py sees the URL.
 """
@@ -29,13 +32,22 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    DataError,
+    NoPermissionError,
+    RedisClusterException,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, NoPermissionError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
 from worker.core.errors import ConfigError
 from worker.core.redaction import redact_url
+from worker.core.sentinel_url import is_sentinel_url
+from worker.core.settings import Settings
+from worker.redisio.sentinel import make_sentinel_redis
 
 log = structlog.get_logger("worker.redis")
 
@@ -113,11 +125,18 @@ def mode_in_url(url: str) -> tuple[str, RedisMode | None]:
 
 
 async def make_client(
-    url: str, mode: str, timeout_s: float, *, log_assumed: bool = False
+    url: str, mode: str, timeout_s: float, *, sentinel_password: str = "", log_assumed: bool = False
 ) -> RedisClient:
     """A client for ``url`` in ``mode`` (``auto`` asks the server, see the module docstring).
     ``log_assumed``: log a warning when standalone is assumed because the server cannot be asked
     (a replica does; a command reports the unreachable server in its own words)."""
+    if is_sentinel_url(url):
+        if RedisMode(mode) not in (RedisMode.AUTO, RedisMode.SENTINEL):
+            raise ConfigError(
+                f"invalid setting REDIS_MODE: {mode} does not go with a redis+sentinel:// "
+                "REDIS_URL (use sentinel or auto)"
+            )
+        return make_sentinel_client(url, timeout_s, sentinel_password)
     url, forced = mode_in_url(url)
     chosen = forced or RedisMode(mode)
     if chosen is RedisMode.SENTINEL:
@@ -140,6 +159,8 @@ async def detect_mode(url: str, timeout_s: float, *, log_assumed: bool = False) 
     """``CLUSTER`` if the server at ``url`` is a cluster node, else ``STANDALONE`` (also when it
     cannot be asked)."""
     found = await server_mode(url, timeout_s)
+    if found is RedisMode.AUTO:  # credentials refused: the link and ``check`` say so, with the fix
+        return RedisMode.STANDALONE
     if found is None and log_assumed:
         log.warning(
             "redis_mode_assumed",
@@ -151,7 +172,8 @@ async def detect_mode(url: str, timeout_s: float, *, log_assumed: bool = False) 
 
 
 async def server_mode(url: str, timeout_s: float) -> RedisMode | None:
-    """What the server at ``url`` says it is; ``None`` if it cannot be reached."""
+    """What the server at ``url`` says it is; ``None`` if it cannot be reached, ``AUTO`` (it
+    cannot tell) if it refuses the credentials."""
     probe = make_redis(url, timeout_s)
     try:
         try:
@@ -159,6 +181,8 @@ async def server_mode(url: str, timeout_s: float) -> RedisMode | None:
         except NoPermissionError:
             return await _detect_without_info(probe)
         return RedisMode.CLUSTER if int(info.get("cluster_enabled", 0)) else RedisMode.STANDALONE
+    except AuthenticationError:
+        return RedisMode.AUTO
     except _PROBE_UNAVAILABLE:
         return None
     finally:
@@ -211,6 +235,14 @@ def make_cluster(url: str, timeout_s: float) -> RedisCluster:
         raise ConfigError(f"invalid setting REDIS_URL for a Redis Cluster: {detail}") from None
 
 
+def make_sentinel_client(url: str, timeout_s: float, sentinel_password: str = "") -> Redis:
+    """The master's client of a sentinel URL, with the timeouts and packing of ``make_redis``."""
+    client = make_sentinel_redis(url, timeout_s, sentinel_password=sentinel_password)
+    pool = client.connection_pool
+    pool.connection_class = packed_by_hiredis(pool.connection_class)
+    return client
+
+
 def make_redis(url: str, timeout_s: float) -> Redis:
     """A standalone client for ``url`` with timeouts, so an outage fails calls instead of hanging
     them, and commands packed by hiredis (see ``packed_by_hiredis``)."""
@@ -255,3 +287,14 @@ def pack_with_hiredis(args: tuple[EncodableT, ...]) -> list[bytes]:
         return [hiredis.pack_command(args)]  # type: ignore[arg-type]
     except TypeError as exc:
         raise DataError(str(exc)) from exc
+
+
+async def client_for(settings: Settings) -> RedisClient:
+    """``make_client`` for ``REDIS_URL``, ``REDIS_MODE``, ``REDIS_TIMEOUT_S`` and the sentinels'
+    ``REDIS_SENTINEL_PASSWORD``."""
+    return await make_client(
+        settings.redis_url,
+        settings.redis_mode,
+        settings.redis_timeout_s,
+        sentinel_password=settings.redis_sentinel_password.get_secret_value(),
+    )
