@@ -36,10 +36,8 @@ def build_claim_store(
         build_redis_store(settings, link, keys, replica_id),
         memory,
         link=link,
-        keys=keys,
         counters=counters,
         memory_token_prefix=memory_prefix,
-        dedup_ttl_s=settings.dedup_ttl_s,
         strict=settings.redis_failure_mode == "strict",
         fallback_after_s=settings.redis_fallback_after_s,
     )

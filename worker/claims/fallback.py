@@ -33,7 +33,6 @@ from worker.core.errors import StoreUnavailable
 from worker.observability.counters import Counters
 from worker.observability.metrics import CounterName
 from worker.redisio.batching import MAX_SCRIPT_BATCH
-from worker.redisio.keys import RedisKeys
 from worker.redisio.link import REDIS_ERRORS, RedisFault, RedisLink
 
 if TYPE_CHECKING:
@@ -58,10 +57,8 @@ class FallbackClaimStore:
         memory_store: MemoryClaimStore,
         *,
         link: RedisLink,
-        keys: RedisKeys,
         counters: Counters,
         memory_token_prefix: str,
-        dedup_ttl_s: int,
         strict: bool = False,
         fallback_after_s: float = 0.0,
     ) -> None:
@@ -69,10 +66,8 @@ class FallbackClaimStore:
         self._redis = redis_store
         self._memory = memory_store
         self._link = link
-        self._keys = keys
         self._counters = counters
         self._memory_prefix = memory_token_prefix
-        self._dedup_ttl_s = dedup_ttl_s
         self._strict = strict
         self._fallback_after_s = fallback_after_s
         self._memory_announced = False
