@@ -30,6 +30,7 @@ from worker.classification.classifiers.llm_http import (
 from worker.classification.window import CallWindow
 from worker.core.classification import Classification
 from worker.core.errors import ClassifierPaused, ClassifierUnavailable, PermanentError
+from worker.observability.breakers import breaker_lines, read_breakers
 from worker.observability.counters import Counters
 from worker.observability.metrics import CounterName
 from worker.processing.triage import AfterFailure, after_failure
@@ -323,3 +324,18 @@ async def test_a_miss_held_past_the_hold_goes_to_the_back_of_the_queue() -> None
         assert r.channel.outcome(tag) == "ack"
         assert r.outbox.sent_to_back == [tag]
         assert (r.outbox.retries, r.outbox.dead_letters) == ([], [])
+
+
+async def test_the_stats_show_every_breaker_of_the_deployment(links: list[RedisLink]) -> None:
+    """The stats JSON lists the shared breaker with its reason, and the ``stats`` table gives it
+    one line naming the setting to fix."""
+    (breaker,) = breakers(links[:1])
+    await breaker.failed(KEY_REFUSED)
+    found = await read_breakers(links[0].client, KEYS)
+    assert [(b["classifier"], b["state"], b["kind"]) for b in found] == [
+        ("llm:v1:m:abc", "open", CONFIGURATION)
+    ]
+    assert found[0]["opens"] == 1
+    (line,) = [line for line in breaker_lines(found) if line.strip()]
+    assert "OPEN (configuration)" in line
+    assert "check LLM_API_KEY" in line
