@@ -34,7 +34,9 @@ from worker.redisio.link import (
 FALLBACK_CLAIMS_ONLY = "in-memory claims and counters until Redis is back (the cache stays shared)"
 
 
-async def client_of(settings: Settings, url: str, setting: str) -> RedisClient:
+async def client_of(
+    settings: Settings, url: str, setting: str, *, log_assumed: bool = False
+) -> RedisClient:
     """A client for ``url`` (in ``REDIS_MODE`` for ``REDIS_URL``; the cache Redis's mode is asked
     of the server); a URL redis-py refuses (a bad query parameter) names ``setting``."""
     mode = settings.redis_mode if setting == CLAIMS_LINES.setting else "auto"
@@ -44,6 +46,7 @@ async def client_of(settings: Settings, url: str, setting: str) -> RedisClient:
             mode,
             settings.redis_timeout_s,
             sentinel_password=settings.redis_sentinel_password.get_secret_value(),
+            log_assumed=log_assumed,
         )
     except ValueError as exc:
         raise ConfigError(
@@ -60,7 +63,7 @@ async def claims_link(settings: Settings) -> RedisLink:
     else:
         fallback = FALLBACK_IN_MEMORY
     return RedisLink(
-        await client_of(settings, settings.redis_url, CLAIMS_LINES.setting),
+        await client_of(settings, settings.redis_url, CLAIMS_LINES.setting, log_assumed=True),
         settings.redis_url,
         secrets=settings.secrets,
         fallback=fallback,
@@ -73,7 +76,7 @@ async def cache_link(settings: Settings, claims: RedisLink | None) -> RedisLink 
     if not settings.cache_redis_separate:
         return claims
     return RedisLink(
-        await client_of(settings, settings.redis_cache_url, CACHE_LINES.setting),
+        await client_of(settings, settings.redis_cache_url, CACHE_LINES.setting, log_assumed=True),
         settings.redis_cache_url,
         secrets=settings.secrets,
         fallback=FALLBACK_NO_SHARED_CACHE,
