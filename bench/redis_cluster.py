@@ -18,13 +18,29 @@ from pathlib import Path
 READY_TIMEOUT_S = 30.0
 
 
-def free_port() -> int:
+BUS_PORT_OFFSET = 10_000  # a cluster node also listens on port + 10,000 (its cluster bus)
+
+
+def _port_free(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
-def _wait_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+def free_port() -> int:
+    """A free port whose cluster-bus port (+10,000) is free and valid too."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port + BUS_PORT_OFFSET <= 65_535 and _port_free(port + BUS_PORT_OFFSET):
+            return port
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -117,7 +133,7 @@ class LocalCluster:
         args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
         args += ["--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no"]
         node.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(node.port, node.process)
+        wait_port(node.port, node.process)
         return node
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:

@@ -25,7 +25,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from worker.cli.replicas import ReplicaNames, replica_env
-from worker.core.settings import Settings
+from worker.core.settings import UNROUTED_SUFFIX, Settings
 from worker.redisio.keys import RedisKeys
 
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
@@ -106,7 +106,8 @@ async def amqp(names: Names) -> AsyncIterator[aio_pika.abc.AbstractRobustConnect
         yield connection
     finally:
         channel = await connection.channel()
-        for queue in (names.input_queue, names.dead_letter_queue):
+        unrouted = names.results_exchange + UNROUTED_SUFFIX
+        for queue in (names.input_queue, names.dead_letter_queue, unrouted):
             try:
                 await channel.queue_delete(queue, if_unused=False, if_empty=False)
             except aio_pika.exceptions.AMQPError:
@@ -118,6 +119,9 @@ async def amqp(names: Names) -> AsyncIterator[aio_pika.abc.AbstractRobustConnect
                 )
             except aio_pika.exceptions.AMQPError:
                 channel = await connection.channel()
-        with contextlib.suppress(aio_pika.exceptions.AMQPError):
-            await channel.exchange_delete(names.results_exchange)
+        for exchange in (names.results_exchange, unrouted):
+            with contextlib.suppress(aio_pika.exceptions.AMQPError):
+                await channel.exchange_delete(exchange)
+                continue
+            channel = await connection.channel()
         await connection.close()

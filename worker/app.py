@@ -18,13 +18,16 @@ from worker.amqp import fastpath
 from worker.amqp.acks import Acker
 from worker.amqp.broker import CONNECTION_NAME, Broker, Topology
 from worker.amqp.connection import BrokerStatus, connect_until_stopped
+from worker.amqp.timeouts import ConsumerTimeouts
+from worker.amqp.unrouted import UnroutedWatch
 from worker.claims.factory import build_claim_store
 from worker.claims.leases import LeaseKeeper
 from worker.claims.protocol import ClaimStore
+from worker.classification.breaker import CircuitBreaker
 from worker.classification.cache import ClassificationCache, LocalCache
 from worker.classification.cached import CachedClassifier
 from worker.classification.classifiers.base import Classifier
-from worker.classification.classifiers.factory import build_classifier
+from worker.classification.classifiers.factory import breaker_of, build_classifier
 from worker.classification.locks import LOCK_TTL_S, ClusterLocks
 from worker.classification.singleflight import ClusterFlight
 from worker.core.gc_tuning import tune_for_throughput
@@ -40,9 +43,9 @@ from worker.processing.inbox import ConsumerLimits, MessageConsumer
 from worker.processing.pipeline import Pipeline
 from worker.processing.stopping import Stopping
 from worker.processing.traced import pipeline_hooks
-from worker.redisio.clients import client_for
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import FALLBACK_IN_MEMORY, FALLBACK_STRICT, RedisLink
+from worker.redisio.link import RedisLink
+from worker.redisio.roles import cache_link, claims_link, connect_links
 
 log = structlog.get_logger("worker.app")
 
@@ -79,8 +82,10 @@ class _Base:
     counters: Counters
     background_errors: BackgroundErrors
     link: RedisLink | None
+    cache_link: RedisLink | None  # the cache's: ``link`` itself without REDIS_CACHE_URL
     live: _Live
     classifier: Classifier
+    breaker: CircuitBreaker | None  # the classifier's, if it has one
     hooks: Hooks
 
 
@@ -89,17 +94,12 @@ async def build_link(settings: Settings) -> RedisLink | None:
     if not settings.redis_enabled:
         log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
         return None
-    return RedisLink(
-        await client_for(settings),
-        settings.redis_url,
-        secrets=settings.secrets,
-        fallback=FALLBACK_STRICT if settings.redis_failure_mode == "strict" else FALLBACK_IN_MEMORY,
-    )
+    return await claims_link(settings)
 
 
 async def build_cached_classifier(stack: AsyncExitStack, base: _Base) -> CachedClassifier:
     """The classifier behind its two cache tiers and, with Redis, the cluster's single flight."""
-    settings, link, classifier = base.settings, base.link, base.classifier
+    settings, link, classifier = base.settings, base.cache_link, base.classifier
     cache = ClassificationCache(
         LocalCache(settings.local_cache_size),
         link=link,
@@ -130,10 +130,13 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
         in_flight=live.in_flight,
         broker_connected=lambda: live.broker is not None and live.broker.connected,
         consuming=lambda: live.consuming and not live.waiting_for_redis(strict, link),
-        queue_names=QueueNames(settings.input_queue, settings.dead_letter_queue),
+        queue_names=QueueNames.of(settings),
         classifier_tallies=cached.snapshot,
         connection=lambda: live.broker.connection if live.broker else None,
         broker_problem=live.broker_status.reason,
+        cache_link=base.cache_link if base.cache_link is not link else None,
+        classifier_problem=base.breaker.problem if base.breaker else lambda: None,
+        breaker=base.breaker.state if base.breaker else lambda: None,
         background_errors=base.background_errors,
         secrets=settings.secrets,
     )
@@ -167,7 +170,23 @@ async def build_broker(stack: AsyncExitStack, base: _Base, stop: asyncio.Event) 
     stack.push_async_callback(connection.close)
     broker = Broker(connection, Topology.of(settings), app_id=base.identity.replica_id)
     await broker.declare()
+    if broker.topology.keep_unrouted:
+        await stack.enter_async_context(UnroutedWatch(connection, broker.topology.unrouted))
     return broker
+
+
+def build_failures(base: _Base, broker: Broker, claims: ClaimStore, stop: Stopping) -> Failures:
+    """Retries, dead letters, and the hold of messages while the classifier's breaker is open."""
+    return Failures(
+        outbox=broker,
+        claims=claims,
+        counters=base.counters,
+        max_attempts=base.settings.max_attempts,
+        stopping=stop,
+        retry_delay_ms=broker.topology.retry_delay_ms,
+        paused=base.breaker.is_open if base.breaker else lambda: False,
+        hold_s=base.settings.llm_breaker_hold_s,
+    )
 
 
 def build_consumer(
@@ -182,14 +201,7 @@ def build_consumer(
     """The inbox, its claimer and its pipeline, with the failures' handling they share."""
     settings, counters = base.settings, base.counters
     stopping = Stopping()
-    failures = Failures(
-        outbox=broker,
-        claims=claims,
-        counters=counters,
-        max_attempts=settings.max_attempts,
-        stopping=stopping,
-        retry_delay_ms=broker.topology.retry_delay_ms,
-    )
+    failures = build_failures(base, broker, claims, stopping)
     pipeline = Pipeline(
         outbox=broker,
         claims=claims,
@@ -217,7 +229,8 @@ async def consume_until_stopped(
     """Consume until ``stop`` is set, then stop consuming and drain; ``True`` if in time."""
     settings, counters, live = base.settings, base.counters, base.live
     tune_for_throughput()  # start-up is done (see worker.core.gc_tuning)
-    consuming = await broker.consume(settings.prefetch, consumer.on_delivery)
+    timeouts = ConsumerTimeouts(counters, settings.rabbitmq_consumer_timeout_s)
+    consuming = await broker.consume(settings.prefetch, consumer.on_delivery, timeouts=timeouts)
     live.consuming = True
     summaries = asyncio.get_running_loop().create_task(
         log_progress(counters, live.in_flight, SUMMARY_INTERVAL_S)
@@ -244,22 +257,24 @@ async def consume_until_stopped(
 
 
 async def build_base(settings: Settings) -> _Base:
-    """What every part is built from: built first, so that a bad fault spec, tracing or classifier
-    setting stops start-up before anything else connects (the Redis client may ask the server
-    whether it is a cluster node, see ``make_client``)."""
+    """Built first, so a bad setting stops start-up before any connection but Redis's mode probe."""
     identity = ReplicaIdentity.create(settings.replica_id)
     hooks = pipeline_hooks(settings, replica_id=identity.replica_id)
     link = await build_link(settings)
+    counters = Counters(cluster=settings.redis_enabled)
+    classifier = build_classifier(settings, link=link, counters=counters)
     return _Base(
         settings=settings,
         identity=identity,
         hooks=hooks,
         keys=RedisKeys(settings.redis_key_prefix),
-        counters=Counters(cluster=settings.redis_enabled),
+        counters=counters,
         background_errors=BackgroundErrors(settings.secrets),
         link=link,
+        cache_link=await cache_link(settings, link),
         live=_Live(),
-        classifier=build_classifier(settings, link=link),
+        classifier=classifier,
+        breaker=breaker_of(classifier),
     )
 
 
@@ -270,9 +285,9 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
     link = base.link
     async with AsyncExitStack() as stack:
         stack.push_async_callback(base.classifier.aclose)
-        if link is not None:
-            stack.push_async_callback(link.aclose)
-            await link.connect()
+        await connect_links(stack, link, base.cache_link)
+        if base.breaker is not None:
+            base.breaker.start()  # stopped by the classifier's aclose
         claims = build_claim_store(
             settings, link, base.keys, base.counters, replica_id=base.identity.replica_id
         )

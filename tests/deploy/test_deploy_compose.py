@@ -23,6 +23,7 @@ from deploy_support import (
 
 NETWORK = "neiromatrius-network"
 REDIS = "neiromatrius-redis"
+CACHE_REDIS = "neiromatrius-redis-cache"
 COMPOSE_FILES = [COMPOSE_FILE, DOKPLOY_REDIS_FILE]
 
 
@@ -57,10 +58,11 @@ def test_compose_file_matches_the_compose_specification(path: Path) -> None:
 
 
 def test_local_stack_runs_three_replicas_behind_healthy_brokers() -> None:
-    """docker-compose.yml starts RabbitMQ, Redis and three workers that wait for healthy brokers."""
+    """docker-compose.yml starts RabbitMQ, the claims and cache Redis and three workers that
+    wait for healthy brokers (and for the cache Redis only to have started: they work without it)."""
     compose = load_yaml(COMPOSE_FILE)
     services = compose["services"]
-    assert set(services) == {"rabbitmq", REDIS, "worker"}
+    assert set(services) == {"rabbitmq", REDIS, CACHE_REDIS, "worker"}
 
     worker = services["worker"]
     assert worker["deploy"]["replicas"] == 3
@@ -68,6 +70,7 @@ def test_local_stack_runs_three_replicas_behind_healthy_brokers() -> None:
     assert worker["depends_on"] == {
         "rabbitmq": {"condition": "service_healthy"},
         REDIS: {"condition": "service_healthy"},
+        CACHE_REDIS: {"condition": "service_started"},
     }
     assert services["rabbitmq"]["healthcheck"]["test"]
     assert services[REDIS]["healthcheck"]["test"]
@@ -84,6 +87,7 @@ def test_workers_reach_redis_by_its_container_name_on_the_shared_network() -> No
     services = compose["services"]
     environment = service_environment(services["worker"])
     assert environment["REDIS_URL"] == "redis://neiromatrius-redis:6379/0"
+    assert environment["REDIS_CACHE_URL"] == "redis://neiromatrius-redis-cache:6379/0"
     rabbitmq_url = urlsplit(environment["RABBITMQ_URL"])
     assert (rabbitmq_url.scheme, rabbitmq_url.hostname, rabbitmq_url.port) == (
         "amqp",
@@ -91,6 +95,7 @@ def test_workers_reach_redis_by_its_container_name_on_the_shared_network() -> No
         5672,
     )
     assert services[REDIS]["container_name"] == REDIS
+    assert services[CACHE_REDIS]["container_name"] == CACHE_REDIS
     for name, service in services.items():
         assert _networks(service) == {NETWORK}, f"{name} is not on {NETWORK}"
     assert compose["networks"][NETWORK]["name"] == NETWORK
@@ -106,21 +111,43 @@ def test_replica_stats_ports_never_clash() -> None:
 
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
 def test_redis_keeps_256mb_with_the_documented_eviction_policy(path: Path) -> None:
-    """Redis runs with --maxmemory 256mb, volatile-lru and an append-only file in a volume."""
+    """The claims Redis runs with --maxmemory 256mb, noeviction (a done marker is never evicted)
+    and an append-only file in a volume."""
     redis = load_yaml(path)["services"][REDIS]
     words = _redis_server_words(redis)
     assert _option(words, "--maxmemory") == "256mb"
-    assert _option(words, "--maxmemory-policy") == "volatile-lru"
+    assert _option(words, "--maxmemory-policy") == "noeviction"
     assert _option(words, "--appendonly") == "yes"
+    assert _option(words, "--appendfsync") == "everysec"
     assert any(str(v).endswith(":/data") for v in redis["volumes"])
     assert redis["healthcheck"]["test"]
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_the_cache_redis_evicts_freely_and_persists_nothing(path: Path) -> None:
+    """The cache Redis runs allkeys-lru with a memory limit, no snapshots and no append-only
+    file, and no volume: everything in it may be lost at a cache miss's cost."""
+    cache = load_yaml(path)["services"][CACHE_REDIS]
+    words = _redis_server_words(cache)
+    assert _option(words, "--maxmemory-policy") == "allkeys-lru"
+    assert _option(words, "--maxmemory").endswith("mb")
+    assert _option(words, "--save") in {"", '""'}
+    assert _option(words, "--appendonly") == "no"
+    assert "volumes" not in cache
+    assert cache["container_name"] == CACHE_REDIS
+    assert cache["healthcheck"]["test"]
+    assert "ports" not in cache
 
 
 def test_dokploy_redis_is_private_persistent_and_optionally_password_protected() -> None:
     """The Dokploy Redis joins the external network under its name, publishes no port, and reads
     its optional password from the environment."""
     compose = load_yaml(DOKPLOY_REDIS_FILE)
-    assert set(compose["services"]) == {REDIS}
+    assert set(compose["services"]) == {REDIS, CACHE_REDIS}
+    cache = compose["services"][CACHE_REDIS]
+    assert cache["networks"][NETWORK]["aliases"] == [CACHE_REDIS]
+    assert service_environment(cache, {"REDIS_PASSWORD": "s3cret"})["REDIS_PASSWORD"] == "s3cret"
+    assert cache["deploy"]["resources"]["limits"]["memory"]
     redis = compose["services"][REDIS]
     assert redis["container_name"] == REDIS
     assert "ports" not in redis

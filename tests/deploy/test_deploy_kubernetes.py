@@ -35,7 +35,7 @@ README = REPO / "README.md"
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 KEDA_KINDS = ("ScaledObject", "TriggerAuthentication")
 # Fields whose values carry passwords or keys: only in the Secret.
-SECRET_SETTINGS = frozenset({"RABBITMQ_URL", "REDIS_URL", "LLM_API_KEY"})
+SECRET_SETTINGS = frozenset({"RABBITMQ_URL", "REDIS_URL", "REDIS_CACHE_URL", "LLM_API_KEY"})
 # Trigger metadata KEDA's rabbitmq scaler reads (pkg/scalers/rabbitmq_scaler.go); anything else
 # would be ignored without a word.
 RABBITMQ_TRIGGER_KEYS = frozenset(
@@ -279,10 +279,12 @@ def test_configmap_holds_only_worker_settings_and_no_secret() -> None:
 
 
 def test_secret_holds_the_connection_urls() -> None:
-    """The Secret the replicas read carries RABBITMQ_URL and REDIS_URL, only settings, and the
-    Deployment takes its environment from it and the ConfigMap."""
+    """The Secret the replicas read carries RABBITMQ_URL, REDIS_URL and REDIS_CACHE_URL (the
+    cache on a Redis of its own), only settings, and the Deployment takes its environment from it
+    and the ConfigMap."""
     secret = _worker_secret()
-    assert {"RABBITMQ_URL", "REDIS_URL"} <= set(secret)
+    assert {"RABBITMQ_URL", "REDIS_URL", "REDIS_CACHE_URL"} <= set(secret)
+    assert _setting("cache_redis_separate"), "claims and cache each on their own Redis"
     assert set(secret) <= {name.upper() for name in Settings.model_fields}
     config_refs = [
         s["configMapRef"]["name"] for s in _container()["envFrom"] if "configMapRef" in s

@@ -32,6 +32,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 REDIS = "neiromatrius-redis"
+CACHE_REDIS = "neiromatrius-redis-cache"
 PASSWORD = "pa ss'word\"with$symbols"
 
 pytestmark = pytest.mark.skipif(
@@ -108,19 +109,46 @@ class PrivateRedis:
         )
 
 
-def _assert_configured(client: redis.Redis) -> None:
+def _config(client: redis.Redis) -> dict[str, str]:
     config: dict[str, str] = {}
-    for name in ("maxmemory", "maxmemory-policy", "appendonly"):
+    for name in ("maxmemory", "maxmemory-policy", "appendonly", "save"):
         config.update(client.config_get(name))  # type: ignore[arg-type]
+    return config
+
+
+def _assert_configured(client: redis.Redis) -> None:
+    config = _config(client)
+    del config["save"]
     assert config == {
         "maxmemory": str(256 * 1024 * 1024),
-        "maxmemory-policy": "volatile-lru",
+        "maxmemory-policy": "noeviction",
         "appendonly": "yes",
     }
 
 
+def _assert_cache_configured(client: redis.Redis) -> None:
+    assert _config(client) == {
+        "maxmemory": str(128 * 1024 * 1024),
+        "maxmemory-policy": "allkeys-lru",
+        "appendonly": "no",
+        "save": "",
+    }
+
+
+@pytest.mark.parametrize("path", [COMPOSE_FILE, DOKPLOY_REDIS_FILE], ids=lambda p: p.name)
+def test_cache_redis_command_evicts_and_persists_nothing(tmp_path: Path, path: Path) -> None:
+    """Each Compose file's cache Redis command starts a redis-server with 128 MB, allkeys-lru,
+    no snapshots and no append-only file, and its healthcheck passes."""
+    service = load_yaml(path)["services"][CACHE_REDIS]
+    env = service_environment(service)
+    server = PrivateRedis(tmp_path, service, env)
+    with server.running():
+        _assert_cache_configured(server.client())
+        assert server.healthcheck(env) == 0
+
+
 def test_local_redis_command_configures_memory_and_eviction(tmp_path: Path) -> None:
-    """docker-compose.yml's Redis command starts a redis-server with 256 MB, volatile-lru and AOF,
+    """docker-compose.yml's Redis command starts a redis-server with 256 MB, noeviction and AOF,
     and its healthcheck passes."""
     service = load_yaml(COMPOSE_FILE)["services"][REDIS]
     server = PrivateRedis(tmp_path, service, {})

@@ -39,11 +39,15 @@ class SpareRedis:
         *,
         password: str = "",
         appendonly: bool = False,
+        maxmemory: str = "",
+        maxmemory_policy: str = "",
     ) -> None:
         self.directory = directory
         self.port = port or free_port()
         self.password = password
         self.appendonly = appendonly
+        self.maxmemory = maxmemory  # e.g. "2mb"; empty: no limit
+        self.maxmemory_policy = maxmemory_policy  # e.g. "allkeys-lru"; empty: the server's default
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -69,6 +73,10 @@ class SpareRedis:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.maxmemory:
+            args += ["--maxmemory", self.maxmemory]
+        if self.maxmemory_policy:
+            args += ["--maxmemory-policy", self.maxmemory_policy]
         self.process = launch(args, self.port, "redis-server")
         return self
 

@@ -9,13 +9,17 @@ from structlog.testing import capture_logs
 
 from tests.unit.pipeline_rig import Rig, rig
 from worker.amqp.broker import ATTEMPT_HEADER
+from worker.amqp.topology import Attempts
 from worker.claims.protocol import ClaimAsk, ClaimResult, ClaimStatus, Completion
 from worker.processing.hooks import Hooks
 from worker.processing.triage import Triage, Verdict, triage
 
 
-def judge(claim: ClaimResult, *, header: int = 1, seen: bool = False, limit: int = 5) -> Triage:
-    return triage(claim, header_attempt=header, seen_before=seen, max_attempts=limit)
+def judge(
+    claim: ClaimResult, *, header: int = 1, returned: int = 0, seen: bool = False, limit: int = 5
+) -> Triage:
+    attempts = Attempts(header, returned)
+    return triage(claim, attempts=attempts, seen_before=seen, max_attempts=limit)
 
 
 def test_triage_names_every_outcome_of_a_claim() -> None:
@@ -37,6 +41,17 @@ def test_triage_takes_the_larger_attempt_of_store_and_header() -> None:
         Verdict.WORK, 4
     )
     assert judge(claimed, header=6, limit=5) == Triage(Verdict.OVER_LIMIT, 5)
+
+
+def test_triage_counts_each_return_of_a_quorum_delivery_as_an_attempt() -> None:
+    """A quorum queue's delivery count adds to the header's attempt (a memory store forgets its
+    own count with the replica), so a message that keeps coming back is over the limit."""
+    claimed = ClaimResult(ClaimStatus.CLAIMED, "t", attempt=1)
+    assert judge(claimed, header=2, returned=2) == Triage(Verdict.WORK, 4)
+    assert judge(claimed, returned=5, limit=5) == Triage(Verdict.OVER_LIMIT, 5)
+    assert judge(ClaimResult(ClaimStatus.CLAIMED, "t", attempt=3), returned=1) == Triage(
+        Verdict.WORK, 3
+    )
 
 
 def message(message_id: str, text: str = "Где мой заказ?") -> dict[str, str]:

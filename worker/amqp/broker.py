@@ -27,17 +27,22 @@ from worker.amqp.connection import (
     BackoffRobustConnection,
     connect,
 )
+from worker.amqp.declaring import Found
 from worker.amqp.delivery import Consuming, Delivery, OnDelivery, consume
 from worker.amqp.fastpath import FastPath, current
 from worker.amqp.results import ResultOut
+from worker.amqp.setup import declare_topology
+from worker.amqp.timeouts import ConsumerTimeouts
 from worker.amqp.topology import (
     ATTEMPT_HEADER,
+    DELIVERY_COUNT_HEADER,
     DETAIL_HEADER,
     DROPPED_HEADERS_HEADER,
     MAX_ATTEMPT_HEADER,
     REASON_HEADER,
     Topology,
     attempt_of,
+    attempts_of,
 )
 from worker.core.classification import Classification
 from worker.core.errors import PermanentError, PublishFailed
@@ -58,6 +63,7 @@ __all__ = [
     "Broker",
     "Topology",
     "attempt_of",
+    "attempts_of",
     "connect",
     "publish_failed",
 ]
@@ -102,30 +108,18 @@ class Broker:
         self.fast_path = fast_path or current()  # by default what this process installed
         self._app_id = app_id or None  # on every result: which replica published it
         self._channel: AbstractChannel | None = None
-        self._results: AbstractExchange | None = None
+        self.found: list[Found] = []
         self._results_out: ResultOut | None = None
 
     async def declare(self) -> None:
-        channel = await self.connection.channel(publisher_confirms=True)
-        t = self.topology
-        await channel.declare_queue(t.input_queue, durable=True)
-        await channel.declare_queue(t.dead_letter_queue, durable=True)
-        for attempt in range(1, t.max_attempts):
-            await channel.declare_queue(
-                t.retry_queue(attempt),
-                durable=True,
-                arguments={
-                    "x-message-ttl": t.retry_delay_ms(attempt),
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": t.input_queue,
-                },
-            )
-        self._results = await channel.declare_exchange(
-            t.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        self._channel = channel
+        """Use or create the topology (``worker.amqp.declaring``), then open the publish channel."""
+        self.found = await declare_topology(self.connection, self.topology)
+        self._channel = await self.connection.channel(publisher_confirms=True)
         self._results_out = ResultOut(
-            self._underlay, t.results_exchange, app_id=self._app_id, fast_path=self.fast_path
+            self._underlay,
+            self.topology.results_exchange,
+            app_id=self._app_id,
+            fast_path=self.fast_path,
         )
 
     async def _underlay(self) -> aiormq.Channel:
@@ -134,10 +128,15 @@ class Broker:
         assert isinstance(channel, aiormq.Channel)
         return channel
 
-    async def consume(self, prefetch: int, on_delivery: OnDelivery) -> Consuming:
+    async def consume(
+        self, prefetch: int, on_delivery: OnDelivery, *, timeouts: ConsumerTimeouts | None = None
+    ) -> Consuming:
         """Consume the input queue on a channel of its own (so publishes never wait behind
-        deliveries), handing each delivery to ``on_delivery`` (``worker.amqp.delivery``)."""
+        deliveries), handing each delivery to ``on_delivery`` (``worker.amqp.delivery``);
+        ``timeouts`` hears of every close of that channel (``worker.amqp.timeouts``)."""
         channel = await self.connection.channel()
+        if timeouts is not None:
+            channel.close_callbacks.add(timeouts)
         await channel.set_qos(prefetch_count=prefetch)
         return await consume(channel, self.topology.input_queue, on_delivery)
 
@@ -183,7 +182,7 @@ class Broker:
             encoded = orjson.dumps(body)
         except orjson.JSONEncodeError as exc:
             raise PermanentError(f"the result cannot be encoded: {exc}") from exc
-        # Not mandatory: with nobody bound to the results exchange, results are discarded.
+        # Not mandatory: a result no binding takes goes to the alternate exchange (topology).
         return self._results_out.publish(encoded, classification.label, message.message_id, headers)
 
     def _copy(
@@ -192,7 +191,7 @@ class Broker:
         delivery = received.incoming
         return _Copy(
             delivery.body,
-            headers={**(delivery.headers or {}), **headers} if keep else dict(headers),
+            headers={**_own(delivery.headers), **headers} if keep else dict(headers),
             content_type=delivery.content_type,
             content_encoding=delivery.content_encoding,
             message_id=delivery.message_id,
@@ -234,9 +233,20 @@ class Broker:
         headers = {ATTEMPT_HEADER: attempt + 1, DETAIL_HEADER: error[:500]}
         await self._publish_copy(delivery, headers, self.topology.retry_queue(attempt))
 
+    async def send_to_back(self, delivery: Delivery) -> None:
+        """A copy at the back of the input queue, headers (the attempt) unchanged: a message
+        held while the classifier was paused, making way for the deliveries behind it."""
+        await self._publish_copy(delivery, {}, self.topology.input_queue)
+
     @property
     def connected(self) -> bool:
         return self.connection.connected.is_set() and not self.connection.is_closed
+
+
+def _own(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The delivery's headers but the broker's delivery count: the copy is a new message, and a
+    count copied into it would read as returns it never had."""
+    return {k: v for k, v in (headers or {}).items() if k != DELIVERY_COUNT_HEADER}
 
 
 class _WithoutMessageId(Basic.Properties):

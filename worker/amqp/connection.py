@@ -6,6 +6,12 @@ reconnection; deliveries unacknowledged when the connection dropped are redelive
 and the claim protocol keeps them from being processed twice. Until the first connection the
 start-up loop (``connect_until_stopped``) retries within the same bounds, doubling the delay.
 
+A cluster: ``RABBITMQ_URL`` may list several comma-separated addresses. The first connection tries
+them in turn from a random one (so replicas given the same list spread over the nodes); once
+connected, each reconnection attempt goes to the next address in the list, wrapping round, so a
+replica whose node died moves to a live one at its first attempt (``fastpath.attempts``). The
+commands' plain connections (``connect_once``) try the addresses in turn the same way.
+
 A failed attempt is told apart by ``connect_failure``: a refused login (or a broker that refuses
 the connection) is a configuration problem, said with its fix; a broker that cannot be reached is
 a transient one. Logs, readiness (``BrokerStatus``) and the commands use the same words.
@@ -22,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 from aiormq.exceptions import (
     AMQPError,
     AuthenticationError,
@@ -32,7 +38,9 @@ from aiormq.exceptions import (
 )
 
 from worker.amqp.fastpath import FastPath, current
+from worker.amqp.fastpath.attempts import ROTATES, RotatingRobustConnection
 from worker.amqp.fastpath.inline import DirectChannel
+from worker.core.addresses import in_turn, split_addresses
 from worker.core.redaction import redact_url, scrub
 from worker.observability.stats import BROKER_UNREACHABLE
 
@@ -111,8 +119,9 @@ class BrokerStatus:
         return None if self.failure is None else self.failure.reason()
 
 
-class BackoffRobustConnection(aio_pika.RobustConnection):
-    """aio-pika's robust connection, waiting longer between attempts the longer the broker is away.
+class BackoffRobustConnection(RotatingRobustConnection):
+    """aio-pika's robust connection, waiting longer between attempts the longer the broker is away
+    (and making each attempt to the next address of a cluster list).
 
     aio-pika sleeps ``reconnect_interval`` after each failed attempt; here that value is computed
     when read: the configured minimum while connected, then half the outage so far (at most
@@ -143,23 +152,92 @@ class InlineBackoffRobustConnection(BackoffRobustConnection):
     CHANNEL_CLASS = DirectChannel
 
 
+def _most_telling(failures: list[BaseException]) -> BaseException:
+    """Of the failures of one round over the addresses: a refusal (the configuration's, to fix)
+    before an unreachable node, else the last one."""
+    refused = [exc for exc in failures if connect_failure(exc).config]
+    return refused[0] if refused else failures[-1]
+
+
 async def connect(
     url: str, *, name: str = CONNECTION_NAME, fast_path: FastPath | None = None
 ) -> AbstractRobustConnection:
-    """A robust connection named ``name`` (shown by ``rabbitmqctl list_connections``); its
-    channels deliver inline when ``fast_path`` (by default what this process installed) is
-    active. Frames are read by whatever ``worker.amqp.fastpath.install`` left in aiormq."""
+    """A robust connection named ``name`` (shown by ``rabbitmqctl list_connections``) to one of
+    the addresses of ``url`` (one, or several comma-separated: tried in turn from a random one;
+    the last failure is raised when none answers, a refusal first). Its channels deliver inline
+    when ``fast_path`` (by default what this process installed) is active. Frames are read by
+    whatever ``worker.amqp.fastpath.install`` left in aiormq."""
     fast = fast_path or current()
+    kind = InlineBackoffRobustConnection if fast.active else BackoffRobustConnection
+    order = in_turn(split_addresses(url))
+    if len(order) > 1 and not ROTATES:
+        log.warning("broker_address_rotation_unavailable", broker=redact_url(url))
+    failures: list[BaseException] = []
+    for first in range(len(order)):
+        try:
+            return await _connect_robust(kind, (*order[first:], *order[:first]), name)
+        except CONNECT_ERRORS as exc:
+            failures.append(exc)
+    raise _most_telling(failures)
+
+
+async def _connect_robust(
+    kind: type[BackoffRobustConnection], order: tuple[str, ...], name: str
+) -> AbstractRobustConnection:
+    """Connect to ``order[0]``; reconnections go on to the next addresses of ``order``."""
     extra: dict[str, Any] = {}
-    if "reconnect_interval" not in parse_qs(urlsplit(url).query):
+    if "reconnect_interval" not in parse_qs(urlsplit(order[0]).query):
         extra["reconnect_interval"] = RECONNECT_MIN_S
-    connection: AbstractRobustConnection = await aio_pika.connect_robust(
-        url,
-        client_properties={"connection_name": name},
-        connection_class=InlineBackoffRobustConnection if fast.active else BackoffRobustConnection,
-        **extra,
-    )
+    addresses = [aio_pika.connection.make_url(address, **extra) for address in order]
+    connection = kind(addresses[0], client_properties={"connection_name": name}, **extra)
+    connection.rotate_over(addresses)
+    try:
+        await connection.connect()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await connection.close()
+        raise
+    _log_changes(connection)
+    log.info("broker_connected", broker=_node(connection))
     return connection
+
+
+def _node(connection: BackoffRobustConnection) -> str:
+    """The address of the node the connection is on (or trying), without password or options."""
+    return redact_url(str(connection.address.with_query(None)))
+
+
+def _log_changes(connection: BackoffRobustConnection) -> None:
+    """Say when the connection is lost and which node it is back on."""
+
+    def lost(_: object, exc: BaseException | None) -> None:
+        # Closing it on purpose (``close()``) hands the callbacks a CancelledError.
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+            log.warning("broker_connection_lost", broker=_node(connection))
+
+    def back(_: object) -> None:
+        log.info("broker_reconnected", broker=_node(connection))
+
+    connection.close_callbacks.add(lost)
+    connection.reconnect_callbacks.add(back)
+
+
+async def connect_once(
+    url: str, *, name: str, timeout_s: float = CONNECT_TIMEOUT_S
+) -> AbstractConnection:
+    """A plain (not robust) connection to one of the addresses of ``url``, tried in turn from a
+    random one, ``timeout_s`` each; the most telling failure is raised when none answers. Not a
+    robust one: a robust connection cancelled while it connects goes on reconnecting and keeps a
+    command from exiting."""
+    failures: list[BaseException] = []
+    for address in in_turn(split_addresses(url)):
+        try:
+            return await asyncio.wait_for(
+                aio_pika.connect(address, client_properties={"connection_name": name}), timeout_s
+            )
+        except CONNECT_ERRORS as exc:
+            failures.append(exc)
+    raise _most_telling(failures)
 
 
 async def connect_until_stopped(

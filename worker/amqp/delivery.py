@@ -125,7 +125,9 @@ async def consume(
 ) -> Consuming:
     """Consume ``queue_name`` on ``channel``, handing each delivery to ``on_delivery``; inline
     when the channel's queues can (the fast path's channels), else aio-pika's own way."""
-    queue = await channel.declare_queue(queue_name, durable=True)
+    # Passive: the queue exists (declared, or found as it is, by ``worker.amqp.setup``), and a
+    # declaration with other arguments would fail; aio-pika restores it passively too.
+    queue = await channel.declare_queue(queue_name, passive=True)
     if isinstance(queue, DirectQueue):
         tag = await queue.consume(_Wrap(on_delivery), raw=True)
         return Consuming(queue, tag, inline=True)

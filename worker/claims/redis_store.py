@@ -31,6 +31,7 @@ CLAIM = LuaScript("worker.claims", "claim.lua")
 COMPLETE = LuaScript("worker.claims", "complete.lua", library=("count_completed.lua",))
 RELEASE = LuaScript("worker.claims", "release.lua")
 WRITE_BACK = LuaScript("worker.claims", "write_back.lua", library=("count_completed.lua",))
+REFUND = LuaScript("worker.claims", "refund.lua")
 
 
 class ClaimRequest(NamedTuple):
@@ -102,6 +103,7 @@ class RedisClaimStore:
         self._renew_script = RENEW.register(redis)
         self._release_script = RELEASE.register(redis)
         self._write_back_script = WRITE_BACK.register(redis)
+        self._refund_script = REFUND.register(redis)
         # Releases come one message at a time (failures, shutdown): concurrent ones share a call.
         self._releases: MicroBatcher[Lease, bool] = MicroBatcher(self._release_batch)
 
@@ -116,7 +118,10 @@ class RedisClaimStore:
         done = await in_groups(self._complete_batch, items, _shard, split=self._split)
         return [CompleteStatus.IN_REDIS if d else CompleteStatus.LOST for d in done]
 
-    async def release(self, message_id: str, token: str) -> bool:
+    async def release(self, message_id: str, token: str, *, refund_attempt: bool = False) -> bool:
+        if refund_attempt:
+            keys = [self._keys.claim(message_id), self._keys.attempts(message_id)]
+            return bool(await self._refund_script(keys=keys, args=[token]))
         return await self._releases.submit(Lease(message_id, token))
 
     async def renew(self, leases: Sequence[Lease]) -> list[bool]:

@@ -1,6 +1,8 @@
 """``neiromatrius-worker check``: what works and what does not, one line each.
 
-Every configured server is contacted: Redis (``PING``, ``HELLO``, a probe of ``EVALSHA``, ``INFO``), RabbitMQ (a connection), and for
+Every configured server is contacted: Redis (``PING``, ``HELLO``, a probe of ``EVALSHA``,
+``INFO``; the cache Redis of ``REDIS_CACHE_URL`` too, with its memory and eviction policy),
+RabbitMQ (a connection), and for
 ``CLASSIFIER=llm`` the LLM endpoint with the cheapest request the OpenAI-compatible API offers,
 ``GET {LLM_BASE_URL}/models`` (which also says whether ``LLM_MODEL`` is served), falling back to a
 one-token chat completion when the server has no ``/models`` (404 or 405).
@@ -20,9 +22,12 @@ from worker.cli.publish import BrokerUnreachable, open_connection
 from worker.core.errors import ConfigError
 from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
+from worker.observability.breakers import breaker_entry
 from worker.redisio.clients import RedisClient, client_for, is_cluster
 from worker.redisio.faults import SENTINEL_FIX, refusal_fix
+from worker.redisio.keys import RedisKeys
 from worker.redisio.link import REDIS_ERRORS, RedisFault, classify
+from worker.redisio.roles import client_of
 from worker.redisio.sentinel import server_mode
 
 PROBE_TIMEOUT_S = 10.0
@@ -44,13 +49,15 @@ def line(status: str, name: str, detail: str) -> str:
     return f"{status:<6}{name:<12}{detail}"
 
 
-async def check_redis(settings: Settings) -> Outcome:
-    """What a replica needs of Redis: it answers, it is not a sentinel's port, and the user may
-    run the scripts (an ``EVALSHA`` of a script nobody loaded: ``NOSCRIPT`` says it may, with no
-    side effect). ``INFO`` is optional: only the stats' memory figures need it."""
-    where = redact_url(settings.redis_url)
+async def check_redis(settings: Settings, setting: str = "REDIS_URL") -> Outcome:
+    """What a replica needs of the Redis ``setting`` names (``REDIS_URL`` or ``REDIS_CACHE_URL``):
+    it answers, it is not a sentinel's port, and the user may run the scripts (an ``EVALSHA`` of a
+    script nobody loaded: ``NOSCRIPT`` says it may, with no side effect). ``INFO`` is optional:
+    only the stats' memory figures need it."""
+    url = settings.redis_cache_url if setting == "REDIS_CACHE_URL" else settings.redis_url
+    where = redact_url(url)
     try:
-        client = await client_for(settings)
+        client = await client_of(settings, url, setting)
     except REDIS_ERRORS as exc:
         return _redis_outcome(settings, where, exc)
     try:
@@ -80,6 +87,27 @@ def _redis_outcome(settings: Settings, where: str, exc: BaseException) -> Outcom
     if classify(exc) is RedisFault.REFUSED:
         return Outcome(False, f"{where}: refused ({reason}): {refusal_fix(exc)}")
     return Outcome(False, f"{where}: {reason}")
+
+
+async def check_cache_redis(settings: Settings) -> Outcome:
+    """``check_redis`` for ``REDIS_CACHE_URL``, with its memory and eviction policy (it should
+    evict: ``allkeys-lru``)."""
+    found = await check_redis(settings, "REDIS_CACHE_URL")
+    if not found.ok:
+        return Outcome(False, f"{found.detail} (replicas classify without the shared cache)")
+    try:
+        client = await client_of(settings, settings.redis_cache_url, "REDIS_CACHE_URL")
+    except REDIS_ERRORS:
+        return found
+    try:
+        memory = await client.info("memory")
+    except REDIS_ERRORS:
+        return found
+    finally:
+        await client.aclose()
+    limit = memory.get("maxmemory_human") if int(memory.get("maxmemory", 0)) else "no limit"
+    used, policy = memory.get("used_memory_human"), memory.get("maxmemory_policy")
+    return Outcome(True, f"{found.detail}, {used} used of {limit}, policy {policy}")
 
 
 async def check_rabbitmq(settings: Settings) -> Outcome:
@@ -181,6 +209,37 @@ async def check_classifier(settings: Settings) -> Outcome:
     return Outcome(probed.ok, f"{identity} at {redact_url(settings.llm_base_url)}: {probed.detail}")
 
 
+async def check_breaker(settings: Settings) -> Outcome | None:
+    """The LLM circuit breaker the replicas share, when there is one to read: an open one is a
+    failure, with the reason the replicas give (a configuration error names the setting)."""
+    if settings.classifier != "llm" or not settings.redis_enabled:
+        return None
+    try:
+        classifier = build_classifier(settings)
+    except ConfigError:
+        return None  # the classifier line says why
+    identity = classifier.identity
+    await classifier.aclose()
+    try:
+        client = await client_for(settings)
+    except REDIS_ERRORS:
+        return None  # the redis line says why
+    try:
+        raw = await client.hgetall(RedisKeys(settings.redis_key_prefix).breaker(identity))  # type: ignore[misc]
+    except REDIS_ERRORS:
+        return None  # the redis line says why
+    finally:
+        await client.aclose()
+    entry = breaker_entry(identity, {_text(k): _text(v) for k, v in raw.items()})
+    if entry["state"] != "open":
+        return Outcome(True, f"closed ({entry['opens']} opens so far)")
+    return Outcome(False, f"open ({entry['kind']}): {entry['reason']}")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 async def run_checks(settings: Settings) -> int:
     """Print one line per dependency; exit code 0 only when everything configured works."""
     outcomes: list[tuple[str, Outcome]] = []
@@ -194,8 +253,12 @@ async def run_checks(settings: Settings) -> int:
                 "REDIS_URL not set: in-memory mode (duplicates possible across replicas)",
             )
         )
+    if settings.cache_redis_separate:
+        outcomes.append(("cache-redis", await check_cache_redis(settings)))
     outcomes.append(("rabbitmq", await check_rabbitmq(settings)))
     outcomes.append(("classifier", await check_classifier(settings)))
+    if (breaker := await check_breaker(settings)) is not None:
+        outcomes.append(("llm breaker", breaker))
     for name, outcome in outcomes:
         print(line("ok" if outcome.ok else "FAIL", name, outcome.detail))
     return 0 if all(outcome.ok for _, outcome in outcomes) else 1

@@ -20,7 +20,6 @@ from argparse import Namespace
 from collections import Counter
 from collections.abc import AsyncGenerator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -29,7 +28,8 @@ import orjson
 from aio_pika.abc import AbstractConnection, AbstractExchange
 from aio_pika.abc import AbstractIncomingMessage as Incoming
 
-from worker.amqp.topology import ATTEMPT_HEADER, DETAIL_HEADER, REASON_HEADER
+from worker.amqp.connection import CONNECTION_NAME, connect_once
+from worker.cli.letters import Letter, letter_of, time_of
 from worker.core.errors import ConfigError
 from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
@@ -38,25 +38,19 @@ from worker.redisio.keys import RedisKeys
 from worker.redisio.link import REDIS_ERRORS
 
 REPLAY_HEADER = "x-neiromatrius-replay"
-CONNECT_TIMEOUT_S, SHOWN_TEXT_CHARS = 10.0, 500
+CONNECT_TIMEOUT_S = 10.0
 # Headers the copy does not take over: x-death-reason/-detail and x-neiromatrius-attempt (the
 # worker's marks), RabbitMQ's x-death, x-first-death-* and x-last-death-*.
-DROPPED_HEADER_PREFIXES = ("x-death", "x-first-death", "x-last-death", "x-neiromatrius-")
+DROPPED_HEADER_PREFIXES = (
+    "x-death",
+    "x-first-death",
+    "x-last-death",
+    "x-neiromatrius-",
+    "x-delivery-count",
+)
 # Not user_id (the broker checks it against the login), nor expiration.
 KEPT_PROPERTIES = ("content_type", "content_encoding", "correlation_id", "reply_to", "timestamp")
 UNREACHABLE_ERRORS = (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
-
-
-@dataclass(frozen=True, slots=True)
-class Letter:
-    """One dead letter as the command shows it (``text`` only when asked for)."""
-
-    message_id: str | None  # the ID the worker deduplicates on: the body's, else the property's
-    reason: str
-    detail: str
-    attempts: int | None
-    time: str | None  # the timestamp property, else RabbitMQ's latest x-death time (ISO 8601)
-    text: str | None = None
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -106,9 +100,9 @@ def _fail(line: str, code: int) -> int:
 
 async def _connect(settings: Settings) -> AbstractConnection:
     """A plain (not robust) connection: a replay must stop, not resume on a new one."""
-    where = redact_url(settings.rabbitmq_url)
+    where, name = redact_url(settings.rabbitmq_url), f"{CONNECTION_NAME} dead-letters"
     try:
-        return await asyncio.wait_for(aio_pika.connect(settings.rabbitmq_url), CONNECT_TIMEOUT_S)
+        return await connect_once(settings.rabbitmq_url, name=name, timeout_s=CONNECT_TIMEOUT_S)
     except aiormq.exceptions.ProbableAuthenticationError:
         raise ConfigError(f"RabbitMQ at {where} refused the login: check RABBITMQ_URL") from None
     except UNREACHABLE_ERRORS as exc:
@@ -173,54 +167,12 @@ def render(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def letter_of(message: Incoming, *, with_text: bool = False) -> Letter:
-    headers = message.headers or {}
-    attempts = headers.get(ATTEMPT_HEADER)
-    return Letter(
-        message_id=worker_id(message),
-        reason=str(headers.get(REASON_HEADER) or "unknown"),
-        detail=str(headers.get(DETAIL_HEADER) or ""),
-        attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else None,
-        time=_time_of(message),
-        text=_text_of(message.body) if with_text else None,
-    )
-
-
-def _body_object(body: bytes) -> dict[str, Any]:
-    with contextlib.suppress(orjson.JSONDecodeError):
-        data = orjson.loads(body)
-        if isinstance(data, dict):
-            return data
-    return {}
-
-
-def worker_id(message: Incoming) -> str | None:
-    """The ID the worker claims the message under: the body's ``message_id``, else the property's."""
-    found = _body_object(message.body).get("message_id")
-    return found if isinstance(found, str) else message.message_id or None
-
-
-def _text_of(body: bytes) -> str:
-    text = _body_object(body).get("text")
-    return (text if isinstance(text, str) else body.decode(errors="replace"))[:SHOWN_TEXT_CHARS]
-
-
-def _time_of(message: Incoming) -> str | None:
-    deaths = (message.headers or {}).get("x-death")
-    entries = [e for e in (deaths if isinstance(deaths, list) else []) if isinstance(e, dict)]
-    times = [t for e in entries if isinstance(t := e.get("time"), datetime)]
-    stamp = message.timestamp or max(times, default=None)
-    if stamp is None:
-        return None
-    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).isoformat()
-
-
 def replay_copy(message: Incoming, message_id: str) -> aio_pika.Message:
     """The copy that goes back: body and properties kept, a fresh attempt count, a replay mark
     (the same for every copy of this dead letter, so two copies show they are one replay)."""
     old = message.headers or {}
     headers = {k: v for k, v in old.items() if not k.startswith(DROPPED_HEADER_PREFIXES)}
-    mark = hashlib.sha256(orjson.dumps([message_id, _time_of(message)]) + message.body)
+    mark = hashlib.sha256(orjson.dumps([message_id, time_of(message)]) + message.body)
     headers[REPLAY_HEADER] = mark.hexdigest()[:32]
     kept = {name: getattr(message, name) for name in KEPT_PROPERTIES}
     return aio_pika.Message(

@@ -67,6 +67,7 @@ class Demo:
         self.log_dir = tempfile.TemporaryDirectory(prefix="neiromatrius-demo-")
         self.replicas = ReplicaGroup(Path(self.log_dir.name))
         self.watcher = Watcher(settings.rabbitmq_url, self.names, options, self.replicas, stop, err)
+        self.watcher.input_arguments = self.names.topology(settings).input_arguments()
 
     def child_env(self, replica_id: str) -> dict[str, str]:
         # The children get this process's environment (so .env and every other setting apply to

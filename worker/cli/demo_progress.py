@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -89,6 +90,7 @@ class Watcher:
     stop: asyncio.Event
     err: TextIO
     progress: Progress = field(default_factory=Progress)
+    input_arguments: Mapping[str, str | int] = field(default_factory=dict)  # if it creates it
     line_open: bool = False  # a progress line is on the terminal without its newline
 
     async def publish_plan(self, plan: SamplePlan) -> None:
@@ -100,7 +102,13 @@ class Watcher:
             if self.stop.is_set():
                 return
             chunk = messages[start : start + size]
-            await publish.publish(self.rabbitmq_url, self.names.input_queue, chunk, rate_per_s=rate)
+            await publish.publish(
+                self.rabbitmq_url,
+                self.names.input_queue,
+                chunk,
+                rate_per_s=rate,
+                arguments=self.input_arguments,
+            )
             self.progress.published += len(chunk)
 
     async def poll(self, session: aiohttp.ClientSession) -> None:

@@ -3,7 +3,6 @@ clean-up of its queues, exchange and Redis keys."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import TextIO
 
 import aio_pika
 
-from worker.amqp.topology import Topology
+from worker.amqp.connection import CONNECTION_NAME, connect_once
 from worker.cli.replicas import ReplicaNames
 from worker.core.redaction import redact_url
 from worker.core.settings import Settings
@@ -54,7 +53,7 @@ async def preflight(settings: Settings, redis_url: str) -> aio_pika.abc.Abstract
     """Reach the broker (and Redis), so a wrong URL is one clear line, not a hang."""
     where = redact_url(settings.rabbitmq_url)
     try:
-        connection = await asyncio.wait_for(aio_pika.connect(settings.rabbitmq_url), 10)
+        connection = await connect_once(settings.rabbitmq_url, name=f"{CONNECTION_NAME} demo")
     except QUEUE_PROBE_ERRORS as exc:
         raise DemoFailed(
             f"cannot reach RabbitMQ at {where} ({type(exc).__name__}); start it or set RABBITMQ_URL"
@@ -77,11 +76,11 @@ async def preflight(settings: Settings, redis_url: str) -> aio_pika.abc.Abstract
 async def remove_broker_objects(settings: Settings, names: ReplicaNames) -> None:
     """Delete the run's queues (retry queues included) and exchange, each step on its own."""
     # The retry queues are named after the input queue, as the replicas named them.
-    topology = Topology.of(settings.model_copy(update={"input_queue": names.input_queue}))
-    queues = [names.input_queue, names.dead_letter_queue]
+    topology = names.topology(settings)
+    queues = [names.input_queue, names.dead_letter_queue, topology.unrouted]
     queues += [topology.retry_queue(a) for a in range(1, settings.max_attempts)]
     with contextlib.suppress(*QUEUE_PROBE_ERRORS):
-        connection = await asyncio.wait_for(aio_pika.connect(settings.rabbitmq_url), 10)
+        connection = await connect_once(settings.rabbitmq_url, name=f"{CONNECTION_NAME} demo")
         try:
             for queue in queues:
                 with contextlib.suppress(*QUEUE_PROBE_ERRORS):
@@ -91,6 +90,7 @@ async def remove_broker_objects(settings: Settings, names: ReplicaNames) -> None
             with contextlib.suppress(*QUEUE_PROBE_ERRORS):
                 channel = await connection.channel()
                 await channel.exchange_delete(names.results_exchange)
+                await channel.exchange_delete(topology.unrouted)
                 await channel.close()
         finally:
             await connection.close()

@@ -69,6 +69,7 @@ async def _run(settings: Settings) -> int:
 
 
 async def _publish(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.amqp.topology import Topology
     from worker.cli import publish
 
     loaded = await _messages_to_publish(args)
@@ -82,6 +83,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
             messages,
             rate_per_s=args.rate,
             secrets=settings.secrets,
+            arguments=Topology.of(settings).input_arguments(),
         )
     except (ConfigError, publish.BrokerUnreachable) as exc:
         print(f"neiromatrius-worker publish: {exc}", file=sys.stderr)
@@ -129,12 +131,14 @@ async def _messages_to_publish(
 
 
 async def _stats(settings: Settings, *, as_json: bool) -> int:
+    from worker.observability.cache_redis import probe_cache_redis
+    from worker.observability.exposition import results_unrouted
     from worker.observability.stats import (
         QueueNames,
         probe_queue_depths,
         read_cluster,
-        render_table,
     )
+    from worker.observability.table import render_table
     from worker.redisio.clients import client_for
     from worker.redisio.keys import RedisKeys
     from worker.redisio.link import REDIS_ERRORS
@@ -150,18 +154,21 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
         client = await client_for(settings)
     except REDIS_ERRORS as exc:
         return _redis_failed(settings, exc)
-    names = QueueNames(settings.input_queue, settings.dead_letter_queue)
+    names = QueueNames.of(settings)
     try:
         # The broker is optional here: without it the queue depths are reported as unknown.
-        data, queues = await asyncio.gather(
+        data, queues, cache_redis = await asyncio.gather(
             read_cluster(client, RedisKeys(settings.redis_key_prefix)),
             probe_queue_depths(settings.rabbitmq_url, names),
+            probe_cache_redis(settings),  # REDIS_CACHE_URL's, when set
         )
     except REDIS_ERRORS as exc:
         return _redis_failed(settings, exc)
     finally:
         await client.aclose()
     data = {"cache": {"status": "redis_connected", "type": "redis"}, **data, "queues": queues}
+    data["cache_redis"] = cache_redis
+    data["results_unrouted"] = results_unrouted(queues)
     print(
         orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else render_table(data)
     )

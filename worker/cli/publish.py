@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import aio_pika
@@ -16,8 +16,10 @@ from worker.amqp.connection import (
     CONNECT_TIMEOUT_S,
     CONNECTION_NAME,
     connect_failure,
+    connect_once,
     describe_failure,
 )
+from worker.amqp.declaring import ensure_queue
 from worker.core.errors import ConfigError
 
 
@@ -69,14 +71,17 @@ async def publish(
     rate_per_s: float = 0.0,
     window: int = 500,
     secrets: tuple[str, ...] = (),
+    arguments: Mapping[str, str | int] | None = None,
 ) -> float:
     """Publish with confirms (``window`` at a time, or paced at ``rate_per_s``); returns seconds
-    taken. ``ConfigError`` if the broker refuses the connection (a wrong password, say),
-    ``BrokerUnreachable`` if it cannot be reached: one line each, ``secrets`` masked."""
+    taken. The queue is used as it is if it exists, else declared with ``arguments`` (the input
+    queue's, ``Topology.input_arguments``). ``ConfigError`` if the broker refuses the connection
+    (a wrong password, say), ``BrokerUnreachable`` if it cannot be reached: one line each,
+    ``secrets`` masked."""
     connection = await open_connection(rabbitmq_url, secrets)
     try:
+        await ensure_queue(connection, queue, arguments or {})
         channel = await connection.channel(publisher_confirms=True)
-        await channel.declare_queue(queue, durable=True)
         exchange = channel.default_exchange
         started = time.perf_counter()
         if rate_per_s > 0:
@@ -89,15 +94,11 @@ async def publish(
 
 
 async def open_connection(url: str, secrets: tuple[str, ...] = ()) -> AbstractConnection:
-    """A connection to ``url``, or the reason there is none as ``ConfigError`` (refused) or
-    ``BrokerUnreachable``, in one line. Not a robust one: a robust connection cancelled while
-    it connects goes on reconnecting and keeps the command from exiting."""
+    """A connection to ``url`` (to one of its addresses, tried in turn), or the reason there is
+    none as ``ConfigError`` (refused) or ``BrokerUnreachable``, in one line."""
     try:
-        return await asyncio.wait_for(
-            aio_pika.connect(
-                url, client_properties={"connection_name": f"{CONNECTION_NAME} publish"}
-            ),
-            CONNECT_TIMEOUT_S,
+        return await connect_once(
+            url, name=f"{CONNECTION_NAME} publish", timeout_s=CONNECT_TIMEOUT_S
         )
     except CONNECT_ERRORS as exc:
         line = describe_failure(url, exc, secrets)

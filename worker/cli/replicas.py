@@ -25,6 +25,10 @@ from typing import IO, Any, Self
 import aio_pika
 import orjson
 
+from worker.amqp.declaring import ensure_exchange
+from worker.amqp.topology import Topology
+from worker.core.settings import UNROUTED_SUFFIX, Settings
+
 STARTED_EVENT = "replica_started"
 LISTENING_EVENT = "monitoring_listening"
 POLL_S = 0.05
@@ -62,6 +66,12 @@ class ReplicaNames:
             "REDIS_KEY_PREFIX": self.key_prefix,
         }
 
+    def topology(self, settings: Settings) -> Topology:
+        """What replicas given these names and ``settings`` declare."""
+        named = {"input_queue": self.input_queue, "dead_letter_queue": self.dead_letter_queue}
+        named["results_exchange"] = self.results_exchange
+        return Topology.of(settings.model_copy(update=named))
+
 
 def replica_env(
     base: Mapping[str, str],
@@ -83,10 +93,11 @@ async def listen_for_results(
 ) -> None:
     """Hand every result the replicas publish on ``results_exchange`` to ``on_result``, through
     a queue of the listener's own bound to every routing key (declared here if need be)."""
+    # As the replicas declare it (with its alternate exchange), whoever comes first.
+    alternate = {"alternate-exchange": results_exchange + UNROUTED_SUFFIX}
+    await ensure_exchange(connection, results_exchange, "topic", alternate)
     channel = await connection.channel()
-    exchange = await channel.declare_exchange(
-        results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-    )
+    exchange = await channel.get_exchange(results_exchange, ensure=False)
     queue = await channel.declare_queue(exclusive=True, auto_delete=True)
     await queue.bind(exchange, routing_key="#")
     await queue.consume(on_result, no_ack=True)

@@ -3,19 +3,27 @@
 A URL may carry a secret in two places: its password (``redis://:secret@host``) and, for clients
 that read connection options from the query string, a ``password``-like parameter
 (``rediss://host/0?password=secret``). Both are masked by ``redact_url`` and listed by
-``url_secrets`` (as written and percent-decoded) for ``scrub`` to remove from free text.
+``url_secrets`` (as written and percent-decoded) for ``scrub`` to remove from free text. A list of
+URLs (``RABBITMQ_URL=amqp://u:p@a/,amqp://u:q@b/``) has every address's secrets masked and listed.
 """
 
 from __future__ import annotations
 
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+from worker.core.addresses import listed_urls
+
 MASK = "***"
 SECRET_QUERY_KEYS = frozenset({"password", "pass", "passwd", "ssl_password", "token", "secret"})
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (user names stay, they help debugging)."""
+    """Return ``url`` with any password replaced by ``***`` (user names stay, they help debugging);
+    for a comma-separated list of URLs, every one of them."""
+    return ",".join(_redact_one(address) for address in listed_urls(url))
+
+
+def _redact_one(url: str) -> str:
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -39,13 +47,16 @@ def redact_url(url: str) -> str:
 
 
 def url_secrets(url: str) -> tuple[str, ...]:
-    """The secrets inside ``url``: its password and password-like query values, raw and decoded."""
-    try:
-        parts = urlsplit(url)
-        found = [parts.password or ""]
-        found += [v for k, v in parse_qsl(parts.query) if k.lower() in SECRET_QUERY_KEYS]
-    except ValueError:
-        return ()
+    """The secrets inside ``url`` (every URL of a list): its password and password-like query
+    values, raw and decoded."""
+    found: list[str] = []
+    for address in listed_urls(url):
+        try:
+            parts = urlsplit(address)
+            found.append(parts.password or "")
+            found += [v for k, v in parse_qsl(parts.query) if k.lower() in SECRET_QUERY_KEYS]
+        except ValueError:
+            continue
     every = {s for secret in found for s in (secret, unquote(secret)) if s}
     return tuple(sorted(every, key=len, reverse=True))  # longest first: no partial leftovers
 

@@ -12,8 +12,10 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.core.addresses import split_addresses
 from worker.core.errors import ConfigError
 from worker.core.redaction import url_secrets
+from worker.core.redis_tls import check_redis_tls
 from worker.core.sentinel_url import SENTINEL_SCHEMES, is_sentinel_url, parse_sentinel_url
 
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
@@ -22,6 +24,7 @@ AMQP_SCHEMES = frozenset({"amqp", "amqps"})
 SECRET_FIELDS = frozenset(
     {
         "redis_url",
+        "redis_cache_url",
         "rabbitmq_url",
         "llm_api_key",
         "llm_base_url",
@@ -29,6 +32,7 @@ SECRET_FIELDS = frozenset(
         "redis_sentinel_password",
     }
 )
+UNROUTED_SUFFIX = ".unrouted"  # {RESULTS_EXCHANGE}.unrouted: the name CONTRACT.md fixes
 DEFAULT_LLM_LABELS = "question,complaint,order,greeting,spam,other"
 # Labels become AMQP routing keys: one topic word (no dots, no wildcards), letters first.
 _LLM_LABEL_RE = re.compile(r"[^\W\d_][\w-]{0,63}")
@@ -61,6 +65,9 @@ class Settings(BaseSettings):
     redis_url: str = ""
     # ``auto`` asks the server whether it is a cluster node (see worker/redisio/clients.py).
     redis_mode: Literal["auto", "standalone", "cluster", "sentinel"] = "auto"
+    # The classification cache and its single-flight locks on a Redis of their own (may evict
+    # freely); empty: on REDIS_URL. Claims, done markers, counters and the LLM rate limit stay there.
+    redis_cache_url: str = ""
     rabbitmq_url: str = "amqp://guest:guest@localhost:5672/"
     input_queue: str = Field(default="neiromatrius.messages", min_length=1, max_length=200)
     results_exchange: str = Field(default="neiromatrius.classified", min_length=1, max_length=200)
@@ -82,6 +89,11 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(default=30.0, gt=0, le=600)
     llm_max_retries: int = Field(default=3, ge=0, le=20)
     llm_max_rps: float = Field(default=0.0, ge=0, le=100_000)
+    llm_breaker_failures: int = Field(default=5, ge=1, le=10_000)
+    llm_breaker_probe_min_s: float = Field(default=1.0, gt=0, le=3_600)
+    llm_breaker_probe_max_s: float = Field(default=3.0, gt=0, le=3_600)
+    llm_breaker_config_probe_s: float = Field(default=30.0, gt=0, le=3_600)
+    llm_breaker_hold_s: float = Field(default=5.0, gt=0, le=600)
     single_flight_wait_s: float = Field(default=30.0, gt=0, le=3_600)
     prefetch: int = Field(default=1024, ge=1, le=65_535)
     stats_host: str = "0.0.0.0"
@@ -107,6 +119,10 @@ class Settings(BaseSettings):
     # After each completion batch: WAIT until this many Redis replicas have the done markers.
     redis_wait_replicas: int = Field(default=0, ge=0, le=100)
     rabbitmq_consumer_timeout_s: float = Field(default=1_800.0, gt=0)
+    # The type of the queues the worker creates; a queue that exists is used as it is.
+    queue_type: Literal["classic", "quorum"] = "classic"
+    # ``keep``: results no binding takes wait in ``{RESULTS_EXCHANGE}.unrouted``; ``discard``: dropped.
+    results_unrouted: Literal["keep", "discard"] = "keep"
     # ``off`` runs on stock aio-pika/aiormq (see worker/amqp/fastpath and the README).
     amqp_fast_path: bool = True
     # ``uvloop`` where it is installed (else asyncio, said once at start); ``asyncio`` opts out.
@@ -125,25 +141,39 @@ class Settings(BaseSettings):
         "redis_failure_mode",
         "redis_mode",
         "event_loop",
+        "queue_type",
+        "results_unrouted",
         mode="before",
     )
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "redis_cache_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
         value = value.strip()
         if value and is_sentinel_url(value):
             parse_sentinel_url(value)  # raises ValueError saying what is wrong
             return value
-        return _check_url(value, REDIS_SCHEMES | SENTINEL_SCHEMES) if value else ""
+        return check_redis_tls(_check_url(value, REDIS_SCHEMES | SENTINEL_SCHEMES)) if value else ""
 
     @field_validator("rabbitmq_url")
     @classmethod
     def _rabbitmq_url(cls, value: str) -> str:
-        return _check_url(value.strip(), AMQP_SCHEMES)
+        """One address, or a cluster's: several comma-separated, each checked on its own."""
+        addresses = [part.strip() for part in value.split(",")]
+        if len(addresses) == 1:
+            return _check_url(addresses[0], AMQP_SCHEMES)
+        for number, address in enumerate(addresses, 1):
+            where = f"address {number} of {len(addresses)}"
+            if not address:
+                raise ValueError(f"{where} is empty (a comma too many?)")
+            try:
+                _check_url(address, AMQP_SCHEMES)
+            except ValueError as exc:
+                raise ValueError(f"{where} {exc}") from None
+        return ",".join(addresses)
 
     @field_validator("llm_base_url")
     @classmethod
@@ -173,13 +203,26 @@ class Settings(BaseSettings):
             raise ValueError(
                 "REDIS_FAILURE_MODE=strict needs REDIS_URL (without Redis there is nothing to wait for)"
             )
-        # A delivery may wait for another replica's work on its ID, then do its own: both must
-        # end before RabbitMQ's consumer_timeout closes the channel over the unacknowledged delivery.
-        if 2 * self.work_timeout_s + self.claim_lease_s >= self.rabbitmq_consumer_timeout_s:
+        if self.redis_cache_url and not self.redis_url:
             raise ValueError(
-                "WORK_TIMEOUT_S is too long: 2 × WORK_TIMEOUT_S + CLAIM_LEASE_S must stay below "
-                f"RABBITMQ_CONSUMER_TIMEOUT_S ({self.rabbitmq_consumer_timeout_s:g} s, the "
+                "REDIS_CACHE_URL needs REDIS_URL: it moves the cache off the claims Redis, and "
+                "without REDIS_URL there is none (set REDIS_URL, or leave REDIS_CACHE_URL empty)"
+            )
+        if self.longest_unacked_s >= self.rabbitmq_consumer_timeout_s:
+            raise ValueError(
+                "WORK_TIMEOUT_S is too long: 3 × WORK_TIMEOUT_S + CLAIM_LEASE_S (a wait in the "
+                "inbox behind a pass, a wait for another replica's work, its own work) must stay "
+                f"below RABBITMQ_CONSUMER_TIMEOUT_S ({self.rabbitmq_consumer_timeout_s:g} s, the "
                 "broker's consumer_timeout)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _breaker(self) -> Settings:
+        if self.llm_breaker_probe_max_s < self.llm_breaker_probe_min_s:
+            raise ValueError(
+                "LLM_BREAKER_PROBE_MAX_S must not be below LLM_BREAKER_PROBE_MIN_S "
+                f"({self.llm_breaker_probe_min_s:g} s)"
             )
         return self
 
@@ -204,8 +247,33 @@ class Settings(BaseSettings):
         return configured and not self.otel_sdk_disabled and self.otel_traces_exporter != "none"
 
     @property
+    def rabbitmq_urls(self) -> tuple[str, ...]:
+        """The broker's addresses (one, or every node of a cluster), in the order listed."""
+        return split_addresses(self.rabbitmq_url)
+
+    @property
+    def unrouted_queue(self) -> str | None:
+        """Where results no binding takes wait; ``None`` with ``RESULTS_UNROUTED=discard``."""
+        return self.results_exchange + UNROUTED_SUFFIX if self.results_unrouted == "keep" else None
+
+    @property
+    def longest_unacked_s(self) -> float:
+        """The longest a delivery can stay unacknowledged: it waits in the inbox until one of the
+        passes ahead of it ends (each bounded by WORK_TIMEOUT_S: the inbox holds at most PREFETCH
+        deliveries, which two passes of PREFETCH / 2 take at once, so one pass at most is ahead),
+        may then wait for another replica's work on its ID (its lease lapses CLAIM_LEASE_S after
+        that work's timeout), then does its own work; all of it before the broker's
+        consumer_timeout closes the channel."""
+        return 3 * self.work_timeout_s + self.claim_lease_s
+
+    @property
     def redis_enabled(self) -> bool:
         return bool(self.redis_url)
+
+    @property
+    def cache_redis_separate(self) -> bool:
+        """Whether the cache has a Redis of its own (``REDIS_CACHE_URL`` set, and not ``REDIS_URL``)."""
+        return bool(self.redis_cache_url) and self.redis_cache_url != self.redis_url
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -214,7 +282,7 @@ class Settings(BaseSettings):
             self.llm_api_key.get_secret_value(),
             self.redis_sentinel_password.get_secret_value(),
         ]
-        for url in (self.redis_url, self.rabbitmq_url):
+        for url in (self.redis_url, self.redis_cache_url, self.rabbitmq_url):
             found += url_secrets(url)
         return tuple(s for s in found if s)
 

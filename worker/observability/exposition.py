@@ -63,11 +63,28 @@ def queue_depth_metric(queue_depths: dict[str, Any]) -> Metric:
         "Messages waiting in the queue (the same for every replica: use max).",
         labels=["queue"],
     )
-    for role in ("input", "dead_letter"):
+    for role in ("input", "dead_letter", "unrouted"):
         messages = queue_depths.get(role, {}).get("messages")
         if messages is not None:
             depth.add_metric([role], float(messages))
     return depth
+
+
+def results_unrouted(queue_depths: dict[str, Any] | None) -> int | None:
+    """Results kept in ``{RESULTS_EXCHANGE}.unrouted`` now (no binding took them); ``None``
+    when unknown (the broker not asked, or ``RESULTS_UNROUTED=discard``)."""
+    messages = ((queue_depths or {}).get("unrouted") or {}).get("messages")
+    return messages if isinstance(messages, int) else None
+
+
+def unrouted_metric(queue_depths: dict[str, Any]) -> Iterator[Metric]:
+    if (count := results_unrouted(queue_depths)) is not None:
+        yield gauge(
+            "neiromatrius_results_unrouted",
+            "Results no binding took, kept in {RESULTS_EXCHANGE}.unrouted (the same for every "
+            "replica: use max).",
+            count,
+        )
 
 
 def redis_metrics(redis: dict[str, Any]) -> Iterator[Metric]:
@@ -93,6 +110,20 @@ async def scrape_redis(link: RedisLink | None) -> dict[str, Any] | None:
         return None
 
 
+def breaker_metrics(breaker: dict[str, Any] | None) -> Iterator[Metric]:
+    """The LLM circuit breaker's state, as this replica last read it (nothing without one)."""
+    if breaker is None:
+        return
+    yield gauge(
+        "neiromatrius_llm_breaker_open",
+        "1 while the LLM circuit breaker is open (cache misses wait, hits flow).",
+        breaker["state"] == "open",
+    )
+    yield gauge(
+        "neiromatrius_llm_breaker_configuration_error",
+        "1 while the LLM breaker is open because the server refuses the configuration.",
+        breaker["kind"] == "configuration",
+    )
 def counter_metrics(local: Mapping[str, int]) -> Iterator[Metric]:
     """This replica's counters, one family each."""
     for counter in CounterName:

@@ -34,14 +34,18 @@ from prometheus_client.registry import Collector
 from worker import __version__
 from worker.core.errors import ConfigError
 from worker.core.redaction import scrub
+from worker.observability.cache_redis import cache_redis_metrics, cache_redis_section
 from worker.observability.counters import Counters, ReplicaIdentity
 from worker.observability.exposition import (
+    breaker_metrics,
     classifier_metrics,
     counter_metrics,
     gauge,
     queue_depth_metric,
     redis_metrics,
+    results_unrouted,
     scrape_redis,
+    unrouted_metric,
 )
 from worker.observability.metrics import CounterName
 from worker.observability.stats import (
@@ -80,6 +84,9 @@ class ReplicaView:
     connection: Callable[[], AbstractConnection | None] = lambda: None
     classifier_tallies: Callable[[], dict[str, int]] = dict
     broker_problem: Callable[[], str | None] = lambda: None  # why not connected, when known
+    cache_link: RedisLink | None = None  # REDIS_CACHE_URL's, when the cache has a Redis of its own
+    classifier_problem: Callable[[], str | None] = lambda: None  # why the classifier is paused
+    breaker: Callable[[], dict[str, Any] | None] = lambda: None  # the classifier's breaker
     background_errors: BackgroundErrors = field(default_factory=BackgroundErrors)
     secrets: tuple[str, ...] = ()
 
@@ -97,6 +104,7 @@ class ReplicaView:
             "in_flight": self.in_flight(),
             "counters": self.counters.snapshot(),
             "classifier": self.classifier_tallies(),
+            "breaker": self.breaker(),
             "throughput": {f"{w}s": round(self.counters.throughput(w), 2) for w in WINDOWS_S},
             "background_errors": self.background_errors.snapshot(),
         }
@@ -119,10 +127,13 @@ class ReplicaView:
         cache = self.cache_status()
         queues = await self.queues()
         error = None
+        cache_redis = await cache_redis_section(self.cache_link)
+        tail = {"cache_redis": cache_redis, "queues": queues, "replica": replica}
         if self.link is not None and self.link.available:
             try:
                 cluster = await read_cluster(self.link.client, self.keys)
-                return {"cache": cache, **cluster, "queues": queues, "replica": replica}
+                cluster["results_unrouted"] = results_unrouted(queues)
+                return {"cache": cache, **cluster, **tail}
             except REDIS_ERRORS as exc:
                 error = scrub(f"{type(exc).__name__}: {exc}", self.secrets)
                 try:
@@ -140,8 +151,9 @@ class ReplicaView:
             "throughput": replica["throughput"],
             "replicas": [replica_entry(own)],
             "redis": None,
-            "queues": queues,
-            "replica": replica,
+            "breakers": [] if replica["breaker"] is None else [replica["breaker"]],
+            "results_unrouted": results_unrouted(queues),
+            **tail,
             **({"error": error} if error else {}),
         }
 
@@ -152,6 +164,8 @@ class ReplicaView:
             return False, self.link.problem.reason
         if not self.consuming():
             return False, "the consumer is not running"
+        if (paused := self.classifier_problem()) is not None:
+            return False, paused
         return True, "consuming"
 
 
@@ -166,6 +180,7 @@ class ReplicaCollector(Collector):
         self._view = view
         self.queue_depths: dict[str, Any] | None = None
         self.redis: dict[str, Any] | None = None
+        self.cache_redis: dict[str, Any] | None = None
 
     def collect(self) -> Iterator[Metric]:
         view = self._view
@@ -187,8 +202,10 @@ class ReplicaCollector(Collector):
         yield from _state_gauges(view)
         if self.queue_depths is not None:
             yield queue_depth_metric(self.queue_depths)
+            yield from unrouted_metric(self.queue_depths)
         if self.redis is not None:
             yield from redis_metrics(self.redis)
+        yield from cache_redis_metrics(self.cache_redis)
 
 
 def _state_gauges(view: ReplicaView) -> Iterator[Metric]:
@@ -209,6 +226,7 @@ def _state_gauges(view: ReplicaView) -> Iterator[Metric]:
         view.broker_connected(),
     )
     yield gauge("neiromatrius_consuming", "1 while the consumer is running.", view.consuming())
+    yield from breaker_metrics(view.breaker())
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -238,6 +256,7 @@ def build_app(view: ReplicaView) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         collector.queue_depths = await view.queues()
         collector.redis = await scrape_redis(view.link)
+        collector.cache_redis = await cache_redis_section(view.cache_link)
         return web.Response(body=generate_latest(registry), headers={"Content-Type": METRICS_TYPE})
 
     app = web.Application()

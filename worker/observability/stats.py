@@ -19,9 +19,12 @@ import orjson
 from aio_pika.abc import AbstractConnection
 from redis.exceptions import NoPermissionError
 
+from worker.core.addresses import in_turn, split_addresses
+from worker.core.settings import Settings
+from worker.observability.breakers import read_breakers
 from worker.observability.metrics import CounterName
-from worker.observability.stats_table import INFO_NOT_PERMITTED
-from worker.observability.stats_table import render_table as render_table  # its old home
+from worker.observability.table import INFO_NOT_PERMITTED
+from worker.observability.table import render_table as render_table  # its old home
 from worker.redisio.batching import summed_hashes
 from worker.redisio.clients import RedisClient, server_info
 from worker.redisio.keys import SHARDS, RedisKeys
@@ -143,6 +146,7 @@ async def read_cluster(redis: RedisClient, keys: RedisKeys) -> dict[str, Any]:
         "throughput": await read_throughput(redis, keys),
         "replicas": await read_replicas(redis, keys),
         "redis": await read_redis_memory(redis),
+        "breakers": await read_breakers(redis, keys),
     }
 
 
@@ -152,9 +156,15 @@ class QueueNames:
 
     input: str
     dead_letter: str
+    unrouted: str | None = None  # ``{RESULTS_EXCHANGE}.unrouted``, unless results are discarded
+
+    @classmethod
+    def of(cls, settings: Settings) -> QueueNames:
+        return cls(settings.input_queue, settings.dead_letter_queue, settings.unrouted_queue)
 
     def roles(self) -> tuple[tuple[str, str], ...]:
-        return (("input", self.input), ("dead_letter", self.dead_letter))
+        roles = (("input", self.input), ("dead_letter", self.dead_letter))
+        return roles + ((("unrouted", self.unrouted),) if self.unrouted else ())
 
 
 def unknown_depths(names: QueueNames, reason: str) -> dict[str, Any]:
@@ -202,15 +212,14 @@ async def read_queue_depths(
 async def probe_queue_depths(
     rabbitmq_url: str, names: QueueNames, *, timeout_s: float = 3.0
 ) -> dict[str, Any]:
-    """``read_queue_depths`` over a short-lived connection; unknown depths if it cannot connect."""
-    try:
-        connection = await asyncio.wait_for(aio_pika.connect(rabbitmq_url), timeout_s)
-    except QUEUE_PROBE_ERRORS:
-        return unknown_depths(names, BROKER_UNREACHABLE)
-    try:
-        return await read_queue_depths(connection, names, timeout_s=timeout_s)
-    except QUEUE_PROBE_ERRORS:
-        return unknown_depths(names, BROKER_UNREACHABLE)
-    finally:
+    """``read_queue_depths`` over a short-lived connection to the first of the broker's addresses
+    that answers (tried in turn); unknown depths if none does."""
+    for address in in_turn(split_addresses(rabbitmq_url)):
         with contextlib.suppress(*QUEUE_PROBE_ERRORS):
-            await connection.close()
+            connection = await asyncio.wait_for(aio_pika.connect(address), timeout_s)
+            try:
+                return await read_queue_depths(connection, names, timeout_s=timeout_s)
+            finally:
+                with contextlib.suppress(*QUEUE_PROBE_ERRORS):
+                    await connection.close()
+    return unknown_depths(names, BROKER_UNREACHABLE)

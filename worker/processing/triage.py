@@ -14,6 +14,15 @@ verdict            what the caller does
 ``BUSY``           hold the delivery, re-claim after ``retry_after_s``
 ``WORK``           classify, publish, complete: attempt number ``attempt``
 =================  ====================================================================
+
+What a failed attempt means is decided the same way, by ``after_failure``:
+
+===============  ======================================================================
+``HOLD``         the classifier's breaker is open (``ClassifierPaused``): release the claim
+                 with its attempt given back and hold the delivery (``Failures.hold``)
+``RETRY``        release the claim, park a copy in the retry queue of ``attempt``
+``DEAD_LETTER``  release the claim, dead-letter: a permanent error, or the last attempt
+===============  ======================================================================
 """
 
 from __future__ import annotations
@@ -21,7 +30,9 @@ from __future__ import annotations
 from enum import Enum
 from typing import NamedTuple
 
+from worker.amqp.topology import Attempts
 from worker.claims.protocol import ClaimResult, ClaimStatus
+from worker.core.errors import ClassifierPaused, PermanentError
 
 
 class Verdict(Enum):
@@ -43,12 +54,17 @@ class Triage(NamedTuple):
 
 
 def triage(
-    claim: ClaimResult, *, header_attempt: int, seen_before: bool, max_attempts: int
+    claim: ClaimResult, *, attempts: Attempts, seen_before: bool, max_attempts: int
 ) -> Triage:
-    """Decide what ``claim`` means for a delivery whose attempt header says ``header_attempt``.
+    """Decide what ``claim`` means for a delivery whose attempt header and broker delivery count
+    are ``attempts``.
 
     The store counts attempts when a claim is taken (``claim.attempt``); the header survives a
-    Redis outage and a memory store's restart: the attempt is the larger of the two.
+    Redis outage and a memory store's restart, and so does a quorum queue's count of the times a
+    delivery came back unacknowledged (a replica that crashed on it, a lost channel): each such
+    return is an attempt on top of the header's. The attempt is the larger of the two counts, so
+    a message that kills every replica working on it ends in the dead-letter queue even when the
+    attempts counted in memory die with the replicas.
     """
     status = claim.status
     if status is ClaimStatus.DONE:
@@ -59,7 +75,23 @@ def triage(
         return Triage(Verdict.SUSPECT, claim.attempt)
     if status is ClaimStatus.EXHAUSTED:
         return Triage(Verdict.EXHAUSTED, claim.attempt)
-    attempt = max(header_attempt, claim.attempt)
+    attempt = max(attempts.header + attempts.returned, claim.attempt)
     if attempt > max_attempts:
         return Triage(Verdict.OVER_LIMIT, attempt - 1)
     return Triage(Verdict.WORK, attempt)
+
+
+class AfterFailure(Enum):
+    HOLD = "hold"
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+
+
+def after_failure(exc: BaseException, *, attempt: int, max_attempts: int) -> AfterFailure:
+    """Decide what a failure of attempt ``attempt`` means: a message the open breaker refused
+    spends nothing; a permanent error or the last attempt ends in the dead-letter queue."""
+    if isinstance(exc, ClassifierPaused):
+        return AfterFailure.HOLD
+    if isinstance(exc, PermanentError) or attempt >= max_attempts:
+        return AfterFailure.DEAD_LETTER
+    return AfterFailure.RETRY

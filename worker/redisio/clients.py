@@ -190,6 +190,10 @@ def make_cluster(url: str, timeout_s: float) -> RedisCluster:
             socket_connect_timeout=timeout_s,
             health_check_interval=0,
             retry=Retry(ExponentialBackoff(cap=timeout_s / 4, base=0.05), retries=3),
+            # A MOVED patches the slot table (what a failover needs). Every fifth one would
+            # otherwise close all the client's connections under the calls still using them
+            # (RuntimeError "handler is closed" on uvloop) to reload the whole table.
+            reinitialize_steps=0,
         )
     except (RedisClusterException, TypeError) as exc:
         # ``db`` other than 0, a Unix socket, or a URL parameter only a standalone client knows.

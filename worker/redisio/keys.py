@@ -13,11 +13,13 @@
                                           minute (field: the epoch second), TTL 15 min
 {p}replica:{t0}:{replica_id}  JSON        heartbeat of a live replica, TTL 3 heartbeats
 {p}replicas:{t0}              set         replica IDs that have sent a heartbeat
+{p}breaker:{classifier}       hash        circuit breaker of a classifier (fields: breaker.lua);
+                                          the identity, in braces, is a hash tag; TTL 7 days
 
 ``{t}`` is a Redis Cluster *hash tag*: one of ``SHARDS`` short strings, chosen by the message ID
 (or the text hash) alone, so a message's claim, done marker and attempts, and a cached value and
 its lock, are always in one slot, as are the counters and throughput shard of the same tag. A
-batch is cut by shard (``batching.in_shards``) and each shard's part is one script call; on a
+batch is cut by shard (``batching.in_groups``) and each shard's part is one script call; on a
 single Redis the whole batch is one call and its counts go to the first item's shard. Counters
 and throughput are summed over the shards when read. The heartbeats and the counters a replica
 flushes itself use the tag of shard 0 (``t0``), so a flush and a stats read are one slot each.
@@ -136,3 +138,13 @@ class RedisKeys:
     def everything(self) -> str:
         """A ``SCAN MATCH`` pattern for every key of the deployment (demo and bench clean-up)."""
         return f"{self.prefix}*"
+
+    def breaker(self, classifier_key: str) -> str:
+        """The circuit breaker of one classifier identity. The identity is a hash tag, so that
+        the breaker's keys (one today) stay in one Redis Cluster slot for its script."""
+        return f"{self.prefix}breaker:{{{classifier_key}}}"
+
+    @property
+    def breaker_pattern(self) -> str:
+        """A ``SCAN MATCH`` pattern for every classifier's breaker."""
+        return f"{self.prefix}breaker:*"

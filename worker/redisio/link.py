@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 import structlog
 from redis.asyncio import RedisCluster
@@ -64,6 +65,27 @@ class LinkProblem:
     reason: str
 
 
+class LinkLines(NamedTuple):
+    """What a link logs when its Redis answers and when it fails, and the setting naming it."""
+
+    connected: str
+    failed: str
+    setting: str
+
+
+CLAIMS_LINES = LinkLines(CONNECTED_LINE, FAILED_LINE, "REDIS_URL")
+# The cache Redis's own lines: they contain neither contract line, so a grep for those still
+# finds only the claims Redis, and they name the variable an operator has to look at.
+CACHE_LINES = LinkLines(
+    "✅ Cache Redis (REDIS_CACHE_URL) connected",
+    "⚠️ Cache Redis (REDIS_CACHE_URL) connection failed",
+    "REDIS_CACHE_URL",
+)
+FALLBACK_NO_SHARED_CACHE = (
+    "classification without the shared cache until it is back (claims and counters unaffected)"
+)
+
+
 class LinkState(StrEnum):
     CONNECTED = "redis_connected"
     DISCONNECTED = "redis_disconnected"
@@ -80,8 +102,10 @@ class RedisLink:
         secrets: tuple[str, ...] = (),
         max_backoff_s: float = 1.0,
         fallback: str = FALLBACK_IN_MEMORY,
+        lines: LinkLines = CLAIMS_LINES,
     ) -> None:
         self.client = client
+        self.lines = lines
         self._where = redact_url(url)
         self._secrets = secrets
         self._max_backoff_s = max_backoff_s
@@ -129,7 +153,7 @@ class RedisLink:
             return False
         self.state = LinkState.CONNECTED
         self._down_since = None
-        log.info(CONNECTED_LINE, redis=self._where)
+        log.info(self.lines.connected, redis=self._where, setting=self.lines.setting)
         return True
 
     def report_failure(self, exc: BaseException) -> RedisFault:
@@ -247,7 +271,11 @@ class RedisLink:
         self._down_since = time.monotonic()
         if not quiet:
             log.warning(
-                FAILED_LINE, redis=self._where, error=self._error_text(exc), fallback=self._fallback
+                self.lines.failed,
+                redis=self._where,
+                setting=self.lines.setting,
+                error=self._error_text(exc),
+                fallback=self._fallback,
             )
         self._recovery = asyncio.get_running_loop().create_task(self._recover())
 
@@ -270,7 +298,13 @@ class RedisLink:
         self._recovery = None  # a failure from here on starts a new recovery
         if self.problem is not None and self.problem.fault is RedisFault.REFUSED:
             self.problem = None  # the credentials are accepted now (a NOPERM would come back)
-        log.info(CONNECTED_LINE, redis=self._where, recovered=True, outage_s=outage_s)
+        log.info(
+            self.lines.connected,
+            redis=self._where,
+            setting=self.lines.setting,
+            recovered=True,
+            outage_s=outage_s,
+        )
         for callback in self._on_recovery:
             try:
                 await callback()

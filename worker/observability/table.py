@@ -1,10 +1,12 @@
-"""The stats as a table for people (the ``stats`` command without ``--json``)."""
+"""The stats as a table for people: the ``stats`` command without ``--json``."""
 
 from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
 from typing import Any
+
+from worker.observability.breakers import breaker_lines
 
 # What the ``redis`` section says when the Redis user may not run ``INFO``.
 INFO_NOT_PERMITTED = "not permitted"
@@ -55,6 +57,8 @@ def render_table(stats: dict[str, Any], now: float | None = None) -> str:
     lines.append("  throughput       " + "  ".join(f"{k}: {v:,.1f}/s" for k, v in tp.items()))
     lines.extend(_replica_lines(stats.get("replicas", []), now))
     lines.extend(_redis_lines(stats.get("redis")))
+    lines.extend(_cache_redis_lines(stats.get("cache_redis")))
+    lines.extend(breaker_lines(stats.get("breakers")))
     lines.extend(_queue_lines(stats.get("queues")))
     return "\n".join(lines)
 
@@ -70,17 +74,25 @@ def _replica_lines(replicas: list[dict[str, Any]], now: float) -> list[str]:
     return lines
 
 
-def _redis_lines(redis: dict[str, Any] | None) -> list[str]:
+def _cache_redis_lines(section: dict[str, Any] | None) -> list[str]:
+    """The cache Redis of its own (``REDIS_CACHE_URL``): its state, then its figures."""
+    if not section:
+        return []
+    lines = ["", f"  cache redis      {section['status']} (REDIS_CACHE_URL)"]
+    return lines + _redis_lines(section.get("redis"), "cache redis")[1:]
+
+
+def _redis_lines(redis: dict[str, Any] | None, name: str = "redis") -> list[str]:
     if not redis:
         return []
     if redis.get("memory") == INFO_NOT_PERMITTED:
-        return ["", "  redis memory     not permitted (the Redis user may not run INFO)"]
+        return ["", f"  {name + ' memory ':<17}not permitted (the Redis user may not run INFO)"]
     lines = [
         "",
-        f"  redis memory     {redis.get('used_memory_human')} "
+        f"  {name + ' memory ':<17}{redis.get('used_memory_human')} "
         f"(max {redis.get('maxmemory') or 'unlimited'}, policy {redis.get('maxmemory_policy')},"
         f" evicted {redis.get('evicted_keys')})",
-        f"  redis clients    {redis.get('connected_clients') or 0:,} connected, "
+        f"  {name + ' clients ':<17}{redis.get('connected_clients') or 0:,} connected, "
         f"{redis.get('instantaneous_ops_per_sec') or 0:,} commands/s",
     ]
     if "warning" in redis:
@@ -96,6 +108,8 @@ def _queue_lines(queues: dict[str, Any] | None) -> list[str]:
         f"  input queue      {_depth(queues['input'])}",
         f"  dead letters     {_depth(queues['dead_letter'])}",
     ]
+    if "unrouted" in queues:
+        lines.append(f"  unrouted results {_depth(queues['unrouted'])}")
     if "error" in queues:
         lines.append(f"  (queue depths unknown: {queues['error']})")
     return lines
