@@ -73,13 +73,18 @@ class RedisFault(StrEnum):
     REFUSED = "refused"
 
 
+class ReplicasBehind(RedisError):
+    """Fewer Redis replicas than ``REDIS_WAIT_REPLICAS`` acknowledged a completion in time: its
+    done markers may not survive a failover, so it is held and retried, not acknowledged."""
+
+
 def classify(exc: BaseException) -> RedisFault | None:
     """The ``RedisFault`` of ``exc``, or ``None`` when it is not one (a bug: let it raise)."""
     if isinstance(exc, AuthenticationError | AuthorizationError | NoPermissionError):
         return RedisFault.REFUSED
     if isinstance(exc, AuthenticationWrongNumberOfArgsError):
         return RedisFault.REFUSED
-    if isinstance(exc, OutOfMemoryError):
+    if isinstance(exc, OutOfMemoryError | ReplicasBehind):
         return RedisFault.NOT_WRITABLE
     if isinstance(exc, ReadOnlyError | ClusterDownError | TryAgainError | BusyLoadingError):
         return RedisFault.UNAVAILABLE
