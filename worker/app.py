@@ -87,12 +87,12 @@ class _Base:
     hooks: Hooks
 
 
-def build_link(settings: Settings) -> RedisLink | None:
+async def build_link(settings: Settings) -> RedisLink | None:
     """The link to Redis; ``None`` (and the contract's in-memory line) without ``REDIS_URL``."""
     if not settings.redis_enabled:
         log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
         return None
-    return claims_link(settings)
+    return await claims_link(settings)
 
 
 async def build_cached_classifier(stack: AsyncExitStack, base: _Base) -> CachedClassifier:
@@ -251,11 +251,11 @@ async def consume_until_stopped(
     return drained
 
 
-def build_base(settings: Settings) -> _Base:
+async def build_base(settings: Settings) -> _Base:
     """What needs no server: built first, so a bad setting stops start-up before any connection."""
     identity = ReplicaIdentity.create(settings.replica_id)
     hooks = pipeline_hooks(settings, replica_id=identity.replica_id)
-    link = build_link(settings)
+    link = await build_link(settings)
     counters = Counters(cluster=settings.redis_enabled)
     classifier = build_classifier(settings, link=link, counters=counters)
     return _Base(
@@ -265,7 +265,7 @@ def build_base(settings: Settings) -> _Base:
         keys=RedisKeys(settings.redis_key_prefix),
         counters=counters,
         link=link,
-        cache_link=cache_link(settings, link),
+        cache_link=await cache_link(settings, link),
         live=_Live(),
         classifier=classifier,
         breaker=breaker_of(classifier),
@@ -274,7 +274,7 @@ def build_base(settings: Settings) -> _Base:
 
 async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
     """Run one replica until ``stop`` is set; ``True`` if it drained everything in time."""
-    base = build_base(settings)
+    base = await build_base(settings)
     fastpath.install(settings.amqp_fast_path)  # the only place aiormq is patched
     link = base.link
     async with AsyncExitStack() as stack:

@@ -22,7 +22,7 @@ from worker.core.settings import Settings
 from worker.observability.breakers import breaker_entry
 from worker.redisio.keys import RedisKeys
 from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
-from worker.redisio.roles import client_for
+from worker.redisio.roles import redis_client
 
 PROBE_TIMEOUT_S = 10.0
 NO_MODELS_ROUTE = frozenset({404, 405})
@@ -47,7 +47,7 @@ async def check_redis(settings: Settings, setting: str = "REDIS_URL") -> Outcome
     its version."""
     url = settings.redis_cache_url if setting == "REDIS_CACHE_URL" else settings.redis_url
     where = redact_url(url)
-    client = client_for(settings, url, setting)
+    client = await redis_client(settings, url, setting)
     try:
         info = await client.info("server")
         return Outcome(True, f"{where} (Redis {info.get('redis_version')})")
@@ -63,7 +63,7 @@ async def check_cache_redis(settings: Settings) -> Outcome:
     found = await check_redis(settings, "REDIS_CACHE_URL")
     if not found.ok:
         return Outcome(False, f"{found.detail} (replicas classify without the shared cache)")
-    client = client_for(settings, settings.redis_cache_url, "REDIS_CACHE_URL")
+    client = await redis_client(settings, settings.redis_cache_url, "REDIS_CACHE_URL")
     try:
         memory = await client.info("memory")
     except REDIS_UNAVAILABLE:

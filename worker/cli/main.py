@@ -138,7 +138,7 @@ async def _messages_to_publish(
 
 
 async def _stats(settings: Settings, *, as_json: bool) -> int:
-    from worker.observability.cache_redis import probe_cache_redis
+    from worker.observability.cache_redis import probe_cache_redis, render_cache_redis
     from worker.observability.exposition import results_unrouted
     from worker.observability.stats import (
         QueueNames,
@@ -173,9 +173,8 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
     data = {"cache": {"status": "redis_connected", "type": "redis"}, **data, "queues": queues}
     data["cache_redis"] = cache_redis
     data["results_unrouted"] = results_unrouted(queues)
-    print(
-        orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else render_table(data)
-    )
+    table = render_table(data) + render_cache_redis(cache_redis)
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else table)
     return 0
 
 

@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from worker import __version__
 from worker.core.errors import ConfigError
-from worker.observability.cache_redis import cache_redis_metrics, cache_redis_section
+from worker.observability.cache_redis import CacheRedisCollector, cache_redis_section
 from worker.observability.counters import Counters, ReplicaIdentity
 from worker.observability.exposition import (
     breaker_metrics,
@@ -117,8 +117,7 @@ class ReplicaView:
         """The stats document: the cluster's numbers when Redis answers, else this replica's."""
         replica = self.replica()
         cache = self.cache_status()
-        queues = await self.queues()
-        cache_redis = await cache_redis_section(self.cache_link)
+        queues, cache_redis = await self.queues(), await cache_redis_section(self.cache_link)
         tail = {"cache_redis": cache_redis, "queues": queues, "replica": replica}
         if self.link is not None and self.link.available:
             try:
@@ -164,7 +163,6 @@ class ReplicaCollector(Collector):
         self._view = view
         self.queue_depths: dict[str, Any] | None = None
         self.redis: dict[str, Any] | None = None
-        self.cache_redis: dict[str, Any] | None = None
 
     def collect(self) -> Iterator[Metric]:
         view = self._view
@@ -189,7 +187,6 @@ class ReplicaCollector(Collector):
             yield from unrouted_metric(self.queue_depths)
         if self.redis is not None:
             yield from redis_metrics(self.redis)
-        yield from cache_redis_metrics(self.cache_redis)
 
 
 def _counter_metrics(view: ReplicaView) -> Iterator[Metric]:
@@ -246,6 +243,7 @@ def build_app(view: ReplicaView) -> web.Application:
     registry = CollectorRegistry(auto_describe=False)
     collector = ReplicaCollector(view)
     registry.register(collector)
+    cache_redis = CacheRedisCollector(view.cache_link, registry)
     ProcessCollector(registry=registry)
 
     async def stats(_: web.Request) -> web.Response:
@@ -261,7 +259,7 @@ def build_app(view: ReplicaView) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         collector.queue_depths = await view.queues()
         collector.redis = await scrape_redis(view.link)
-        collector.cache_redis = await cache_redis_section(view.cache_link)
+        await cache_redis.scrape()
         return web.Response(body=generate_latest(registry), headers={"Content-Type": METRICS_TYPE})
 
     app = web.Application()

@@ -261,7 +261,6 @@ def render_table(stats: dict[str, Any], now: float | None = None) -> str:
     lines.append("  throughput       " + "  ".join(f"{k}: {v:,.1f}/s" for k, v in tp.items()))
     lines.extend(_replica_lines(stats.get("replicas", []), now))
     lines.extend(_redis_lines(stats.get("redis")))
-    lines.extend(_cache_redis_lines(stats.get("cache_redis")))
     lines.extend(breaker_lines(stats.get("breakers")))
     lines.extend(_queue_lines(stats.get("queues")))
     return "\n".join(lines)
@@ -278,23 +277,15 @@ def _replica_lines(replicas: list[dict[str, Any]], now: float) -> list[str]:
     return lines
 
 
-def _cache_redis_lines(section: dict[str, Any] | None) -> list[str]:
-    """The cache Redis of its own (``REDIS_CACHE_URL``): its state, then its figures."""
-    if not section:
-        return []
-    lines = ["", f"  cache redis      {section['status']} (REDIS_CACHE_URL)"]
-    return lines + _redis_lines(section.get("redis"), "cache redis")[1:]
-
-
-def _redis_lines(redis: dict[str, Any] | None, name: str = "redis") -> list[str]:
+def _redis_lines(redis: dict[str, Any] | None) -> list[str]:
     if not redis:
         return []
     lines = [
         "",
-        f"  {name + ' memory ':<17}{redis.get('used_memory_human')} "
+        f"  redis memory     {redis.get('used_memory_human')} "
         f"(max {redis.get('maxmemory') or 'unlimited'}, policy {redis.get('maxmemory_policy')},"
         f" evicted {redis.get('evicted_keys')})",
-        f"  {name + ' clients ':<17}{redis.get('connected_clients') or 0:,} connected, "
+        f"  redis clients    {redis.get('connected_clients') or 0:,} connected, "
         f"{redis.get('instantaneous_ops_per_sec') or 0:,} commands/s",
     ]
     if "warning" in redis:

@@ -36,8 +36,11 @@ from worker.redisio.link import (
 FALLBACK_CLAIMS_ONLY = "in-memory claims and counters until Redis is back (the cache stays shared)"
 
 
-def client_for(settings: Settings, url: str, setting: str) -> Redis:
-    """A client for ``url``; a URL redis-py refuses (a bad query parameter) names ``setting``."""
+async def redis_client(settings: Settings, url: str, setting: str) -> Redis:
+    """A client for ``url``; a URL redis-py refuses (a bad query parameter) names ``setting``.
+
+    Asynchronous because the client a URL needs may depend on the server (a cluster node); both
+    roles and every command (``check``, ``stats``) get their clients here."""
     try:
         return make_redis(url, settings.redis_timeout_s)
     except ValueError as exc:
@@ -46,7 +49,7 @@ def client_for(settings: Settings, url: str, setting: str) -> Redis:
         ) from None
 
 
-def claims_link(settings: Settings) -> RedisLink:
+async def claims_link(settings: Settings) -> RedisLink:
     """The link to ``REDIS_URL`` (which must be set)."""
     if settings.redis_failure_mode == "strict":
         fallback = FALLBACK_STRICT
@@ -55,7 +58,7 @@ def claims_link(settings: Settings) -> RedisLink:
     else:
         fallback = FALLBACK_IN_MEMORY
     return RedisLink(
-        client_for(settings, settings.redis_url, CLAIMS_LINES.setting),
+        await redis_client(settings, settings.redis_url, CLAIMS_LINES.setting),
         settings.redis_url,
         secrets=settings.secrets,
         fallback=fallback,
@@ -63,12 +66,12 @@ def claims_link(settings: Settings) -> RedisLink:
     )
 
 
-def cache_link(settings: Settings, claims: RedisLink | None) -> RedisLink | None:
+async def cache_link(settings: Settings, claims: RedisLink | None) -> RedisLink | None:
     """The cache's link: one of its own for ``REDIS_CACHE_URL``, else ``claims`` itself."""
     if not settings.cache_redis_separate:
         return claims
     return RedisLink(
-        client_for(settings, settings.redis_cache_url, CACHE_LINES.setting),
+        await redis_client(settings, settings.redis_cache_url, CACHE_LINES.setting),
         settings.redis_cache_url,
         secrets=settings.secrets,
         fallback=FALLBACK_NO_SHARED_CACHE,
