@@ -98,6 +98,7 @@ async def test_the_cache_link_logs_lines_of_its_own() -> None:
     settings = load_settings(redis_url=unreachable, redis_cache_url="redis://127.0.0.1:1/1")
     claims = await claims_link(settings)
     cache = await cache_link(settings, claims)
+    assert claims is not None
     assert cache is not None
     with capture_logs() as logs:
         assert not await cache.connect()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
+import structlog
 from redis.asyncio import Redis
 
 from worker.core.errors import ConfigError
@@ -32,6 +33,9 @@ from worker.redisio.link import (
     make_redis,
 )
 
+log = structlog.get_logger("worker.redis")
+
+IN_MEMORY_LINE = "In-memory mode: no REDIS_URL, claims, cache and counters are per replica"
 # With a cache Redis of its own, the claims Redis's outage leaves the shared cache in place.
 FALLBACK_CLAIMS_ONLY = "in-memory claims and counters until Redis is back (the cache stays shared)"
 
@@ -49,8 +53,11 @@ async def redis_client(settings: Settings, url: str, setting: str) -> Redis:
         ) from None
 
 
-async def claims_link(settings: Settings) -> RedisLink:
-    """The link to ``REDIS_URL`` (which must be set)."""
+async def claims_link(settings: Settings) -> RedisLink | None:
+    """The link to ``REDIS_URL``; ``None`` (and the contract's in-memory line) without it."""
+    if not settings.redis_enabled:
+        log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
+        return None
     if settings.redis_failure_mode == "strict":
         fallback = FALLBACK_STRICT
     elif settings.cache_redis_separate:
