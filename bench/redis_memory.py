@@ -108,7 +108,7 @@ async def measure(url: str, count: int, prefix: str = "neiromatrius:") -> dict[s
         await store.aclose()
         written = [keys.done(i) for i in ids] + [cache.redis_key(h) for h in hashes]
         written += [k async for k in client.scan_iter(match=keys.throughput_pattern)]
-        written.append(keys.stats)
+        written += keys.stats_shards
         for start in range(0, len(written), 5_000):
             await client.unlink(*written[start : start + 5_000])
         await link.aclose()

@@ -35,6 +35,7 @@ from worker.core.settings import Settings
 from worker.observability.counters import ClusterReporter, Counters, ReplicaIdentity, log_progress
 from worker.observability.http import MonitorServer, ReplicaView
 from worker.observability.stats import QueueNames
+from worker.observability.tasks import BackgroundErrors
 from worker.processing.claiming import Claimer
 from worker.processing.failures import Failures
 from worker.processing.hooks import Hooks
@@ -48,6 +49,7 @@ from worker.redisio.roles import cache_link, claims_link, connect_links
 
 log = structlog.get_logger("worker.app")
 
+IN_MEMORY_LINE = "In-memory mode: no REDIS_URL, claims, cache and counters are per replica"
 SUMMARY_INTERVAL_S = 30.0
 
 
@@ -78,12 +80,21 @@ class _Base:
     identity: ReplicaIdentity
     keys: RedisKeys
     counters: Counters
+    background_errors: BackgroundErrors
     link: RedisLink | None
     cache_link: RedisLink | None  # the cache's: ``link`` itself without REDIS_CACHE_URL
     live: _Live
     classifier: Classifier
     breaker: CircuitBreaker | None  # the classifier's, if it has one
     hooks: Hooks
+
+
+async def build_link(settings: Settings) -> RedisLink | None:
+    """The link to Redis; ``None`` (and the contract's in-memory line) without ``REDIS_URL``."""
+    if not settings.redis_enabled:
+        log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
+        return None
+    return await claims_link(settings)
 
 
 async def build_cached_classifier(stack: AsyncExitStack, base: _Base) -> CachedClassifier:
@@ -126,6 +137,8 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
         cache_link=base.cache_link if base.cache_link is not link else None,
         classifier_problem=base.breaker.problem if base.breaker else lambda: None,
         breaker=base.breaker.state if base.breaker else lambda: None,
+        background_errors=base.background_errors,
+        secrets=settings.secrets,
     )
     await stack.enter_async_context(MonitorServer(view, settings.stats_host, settings.stats_port))
     if link is not None:
@@ -136,6 +149,7 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
             base.identity,
             lambda: {"in_flight": live.in_flight()},
             interval_s=settings.heartbeat_interval_s,
+            errors=base.background_errors,
         )
         await stack.enter_async_context(reporter)
 
@@ -243,10 +257,10 @@ async def consume_until_stopped(
 
 
 async def build_base(settings: Settings) -> _Base:
-    """What needs no server: built first, so a bad setting stops start-up before any connection."""
+    """Built first, so a bad setting stops start-up before any connection but Redis's mode probe."""
     identity = ReplicaIdentity.create(settings.replica_id)
     hooks = pipeline_hooks(settings, replica_id=identity.replica_id)
-    link = await claims_link(settings)
+    link = await build_link(settings)
     counters = Counters(cluster=settings.redis_enabled)
     classifier = build_classifier(settings, link=link, counters=counters)
     return _Base(
@@ -255,6 +269,7 @@ async def build_base(settings: Settings) -> _Base:
         hooks=hooks,
         keys=RedisKeys(settings.redis_key_prefix),
         counters=counters,
+        background_errors=BackgroundErrors(settings.secrets),
         link=link,
         cache_link=await cache_link(settings, link),
         live=_Live(),
@@ -283,7 +298,10 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
         if broker is None:
             return True
         leases = LeaseKeeper(
-            claims, lease_s=settings.claim_lease_s, work_timeout_s=settings.work_timeout_s
+            claims,
+            lease_s=settings.claim_lease_s,
+            work_timeout_s=settings.work_timeout_s,
+            errors=base.background_errors,
         )
         await stack.enter_async_context(leases)
         acker = Acker()

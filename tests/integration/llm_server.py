@@ -3,7 +3,8 @@
 It answers ``POST /v1/chat/completions`` on 127.0.0.1 (a free port) after ``latency_s``, labels each
 text deterministically, lists ``models`` at ``GET /v1/models`` (404 when ``models`` is ``None``, or
 ``models_status`` if set), and can be told to misbehave: per text (``script``), for the next requests
-whatever their text (``fail_next``), or by a function of the request (``policy``). Every request is
+whatever their text (``fail_next``), by a function of the request (``policy``), or with one status
+for every request until told otherwise (``down_with``: an outage, a refused key). Every request is
 recorded with its arrival and answer times (the server's ``time.monotonic``), text, model,
 ``Authorization`` header, status and JSON body. Error bodies echo the key the client sent, as real
 providers do, so a test can prove the worker never repeats them.
@@ -88,6 +89,7 @@ class FakeLLM:
         self.labels = labels
         self.requests: list[Recorded] = []
         self.policy: Policy | None = None
+        self.down_with: int | None = None  # every chat completion answers this status while set
         self.models: list[str] | None = ["test-model"]
         self.models_status = 200
         self.models_requests: list[str] = []  # the Authorization header of each GET /v1/models
@@ -128,7 +130,13 @@ class FakeLLM:
             best = max(best, end - start + 1)
         return best
 
+    def requests_between(self, start: float, end: float) -> list[Recorded]:
+        """The requests that arrived from ``start`` to ``end`` (``time.monotonic`` values)."""
+        return [r for r in self.requests if start <= r.received_at < end]
+
     def _reply_for(self, text: str) -> Reply:
+        if self.down_with is not None:
+            return Reply.http_error(self.down_with)
         scripted = self._scripts.get(text)
         if scripted:
             return scripted.popleft()

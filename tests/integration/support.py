@@ -20,13 +20,14 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import orjson
-import redis.asyncio as aioredis
 from hypothesis import strategies as st
 
 from tests.conftest import RABBITMQ_URL, Names
 from worker.cli import publish
 from worker.cli.replicas import ReplicaGroup, ReplicaProcess, listen_for_results
 from worker.observability.metrics import CounterName
+from worker.observability.stats import read_counters
+from worker.redisio.clients import RedisClient
 
 Replica = ReplicaProcess  # the package's harness: one ``neiromatrius-worker run`` process
 
@@ -101,14 +102,13 @@ async def publish_raw(names: Names, raw: list[tuple[bytes, str | None]]) -> None
     )
 
 
-async def cluster_counters(client: aioredis.Redis, names: Names) -> dict[str, int]:
-    raw = await client.hgetall(names.keys.stats)
-    values = {k.decode(): int(v) for k, v in raw.items()}
-    return {c.value: values.get(c.value, 0) for c in CounterName}
+async def cluster_counters(client: RedisClient, names: Names) -> dict[str, int]:
+    """The cluster counters, summed over their shards (the ``stats`` command's reading)."""
+    return await read_counters(client, names.keys)
 
 
 async def wait_counter(
-    client: aioredis.Redis,
+    client: RedisClient,
     names: Names,
     counter: CounterName,
     expected: int,
@@ -131,7 +131,8 @@ async def drain_queue(
     taken: list[aio_pika.abc.AbstractIncomingMessage] = []
     try:
         channel = await connection.channel()
-        queue = await channel.declare_queue(queue_name, durable=True)
+        # Passive: the replicas declared it (a quorum queue refuses a declaration without its type).
+        queue = await channel.declare_queue(queue_name, passive=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             message = await queue.get(no_ack=True, fail=False)

@@ -166,6 +166,7 @@ async def test_killing_the_leaders_node_loses_nothing(
             assert all(not replica.exited for replica in replicas)
             for name in on_leader:
                 moved = next(r for r in replicas if r.env["REPLICA_ID"] == name)
+                assert moved.event("broker_connection_lost") is not None
                 assert moved.event("broker_reconnected") is not None
         finally:
             await results.close()

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from tests.conftest import RABBITMQ_URL, Names
 from tests.integration.proxy import CuttableProxy
 from tests.integration.servers import SpareRedis
-from tests.integration.support import Replica, Replicas, drain_queue
+from tests.integration.support import Replica, Replicas, cluster_counters, drain_queue
 from worker.cli import publish
 from worker.cli.samples import sample_texts
 from worker.observability.metrics import CounterName
@@ -265,11 +265,9 @@ async def test_chaos_loses_nothing_and_publishes_next_to_nothing_twice(
 async def read_counters(spare: SpareRedis, names: Names) -> dict[str, int]:
     client = aioredis.Redis.from_url(spare.url)
     try:
-        raw = await client.hgetall(names.keys.stats)
+        return await cluster_counters(client, names)
     finally:
         await client.aclose()
-    values = {k.decode(): int(v) for k, v in raw.items()}
-    return {c.value: values.get(c.value, 0) for c in CounterName}
 
 
 async def queue_depth(queue_name: str) -> int:

@@ -12,9 +12,9 @@ import redis.asyncio as aioredis
 
 from tests.conftest import Names
 from tests.integration.servers import SpareRedis, free_port
-from tests.integration.support import Replicas, ResultSink, body, publish_bodies
+from tests.integration.support import Replicas, ResultSink, body, cluster_counters, publish_bodies
+from worker.app import IN_MEMORY_LINE
 from worker.redisio.link import CONNECTED_LINE, FAILED_LINE
-from worker.redisio.roles import IN_MEMORY_LINE
 
 pytestmark = pytest.mark.integration
 
@@ -88,9 +88,8 @@ async def test_unreachable_redis_falls_back_and_recovers(
                 assert await client.exists(names.keys.done("on-0"))
                 # IDs finished during the outage were written back when Redis returned.
                 assert await client.exists(names.keys.done("off-0"))
-                processed = await client.hget(names.keys.stats, "processed")
-                assert processed is not None
-                assert int(processed) == 100
+                counters = await cluster_counters(client, names)
+                assert counters["processed"] == 100
             finally:
                 await client.aclose()
             stats = await asyncio.to_thread(get_json, replica.stats_port, "/api/monitoring/stats")

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from tests.conftest import Names
 from tests.integration.servers import SpareRedis
-from tests.integration.support import Replicas, ResultSink, body, publish_bodies
+from tests.integration.support import Replicas, ResultSink, body, cluster_counters, publish_bodies
 from worker.observability.metrics import CounterName
 from worker.redisio.link import CONNECTED_LINE, FAILED_LINE
 
@@ -36,10 +36,10 @@ def http_get(port: int, path: str) -> tuple[int, dict[str, object]]:
 async def stats_of(spare: SpareRedis, names: Names) -> dict[str, int]:
     client = aioredis.Redis.from_url(spare.url)
     try:
-        raw = await client.hgetall(names.keys.stats)
+        counters = await cluster_counters(client, names)
     finally:
         await client.aclose()
-    return {k.decode(): int(v) for k, v in raw.items()}
+    return {name: n for name, n in counters.items() if n}
 
 
 def batch(prefix: str, count: int) -> list[dict[str, object]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -53,7 +54,11 @@ def test_every_process_builds_the_same_key() -> None:
         capture_output=True,
         text=True,
         check=True,
-        env={"PYTHONHASHSEED": "12345", "PYTHONIOENCODING": "utf-8"},
+        env={
+            "PYTHONHASHSEED": "12345",
+            "PYTHONIOENCODING": "utf-8",
+            "PYTHONPATH": os.pathsep.join(sys.path),
+        },
     )
     assert other.stdout.split() == [key_of("Где мой заказ?"), key_of("hi", "llm:m")]
 

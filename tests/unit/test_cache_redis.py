@@ -15,11 +15,11 @@ from tests.unit.test_redis_figures import InfoOnly, redis_section
 from worker.app import build_base
 from worker.core.errors import ConfigError
 from worker.core.settings import load_settings
-from worker.observability.cache_redis import (
-    CacheRedisCollector,
-    cache_redis_section,
-    render_cache_redis,
-)
+from worker.observability.cache_redis import cache_redis_section
+from worker.observability.counters import Counters, ReplicaIdentity
+from worker.observability.http import ReplicaCollector, ReplicaView
+from worker.observability.stats import render_table
+from worker.redisio.keys import RedisKeys
 from worker.redisio.link import CACHE_LINES, CLAIMS_LINES, LinkState, RedisLink
 from worker.redisio.roles import FALLBACK_CLAIMS_ONLY, cache_link, claims_link
 
@@ -56,12 +56,15 @@ async def test_a_cache_url_equal_to_redis_url_shares_the_claims_link() -> None:
         claims = await claims_link(settings)
         assert not settings.cache_redis_separate
         assert await cache_link(settings, claims) is claims
+        await claims.aclose()
     settings = load_settings(redis_url=CLAIMS, redis_cache_url="redis://127.0.0.1:6380/0")
     base = await build_base(settings)
     assert base.link is not None
     assert base.cache_link is not None
     assert base.cache_link is not base.link
     assert (base.link.lines, base.cache_link.lines) == (CLAIMS_LINES, CACHE_LINES)
+    await base.cache_link.aclose()
+    await base.link.aclose()
 
 
 async def test_a_cache_url_redis_py_refuses_names_the_variable() -> None:
@@ -98,7 +101,6 @@ async def test_the_cache_link_logs_lines_of_its_own() -> None:
     settings = load_settings(redis_url=unreachable, redis_cache_url="redis://127.0.0.1:1/1")
     claims = await claims_link(settings)
     cache = await cache_link(settings, claims)
-    assert claims is not None
     assert cache is not None
     with capture_logs() as logs:
         assert not await cache.connect()
@@ -136,28 +138,38 @@ async def test_the_cache_redis_section_has_its_figures_without_the_eviction_warn
 
 
 def test_the_stats_table_shows_the_cache_redis() -> None:
-    """``stats`` prints the cache Redis's state, memory, policy and evictions under its name, and
-    nothing without a cache Redis of its own."""
+    """``stats`` prints the cache Redis's state, memory, policy and evictions under their name."""
     figures = {**redis_section(), "maxmemory_policy": "allkeys-lru", "evicted_keys": 321}
-    table = render_cache_redis({"status": "redis_connected", "redis": figures})
-    assert "\n  cache redis      redis_connected (REDIS_CACHE_URL)\n" in table
-    assert "  cache memory     2.00M (max 268435456, policy allkeys-lru, evicted 321)" in table
-    down = render_cache_redis({"status": "redis_disconnected", "redis": None})
-    assert down.splitlines()[-1] == "  cache redis      redis_disconnected (REDIS_CACHE_URL)"
-    assert render_cache_redis(None) == ""
+    stats = {
+        "counters": {"processed": 1},
+        "rates": {"duplicate_rate": 0.0, "cache_hit_rate": 0.0},
+        "throughput": {"10s": 0.0},
+        "cache_redis": {"status": "redis_connected", "redis": figures},
+    }
+    table = render_table(stats)
+    assert "cache redis      redis_connected (REDIS_CACHE_URL)" in table
+    assert "cache redis memory 2.00M" in table
+    assert "policy allkeys-lru, evicted 321" in table
+    assert "redis memory     " not in table, "no claims Redis figures were given"
 
 
-async def test_metrics_show_the_cache_redis() -> None:
-    """``/metrics`` has the cache Redis's state, memory and evictions when it has one of its own,
-    and no such family without."""
+def test_metrics_show_the_cache_redis() -> None:
+    """``/metrics`` has the cache Redis's state, memory and evictions when it has one."""
+    view = ReplicaView(
+        identity=ReplicaIdentity.create("r-1"),
+        counters=Counters(cluster=True),
+        link=None,
+        keys=RedisKeys("t:"),
+        in_flight=lambda: 0,
+        broker_connected=lambda: True,
+        consuming=lambda: True,
+    )
     registry = CollectorRegistry(auto_describe=False)
-    none = CacheRedisCollector(None, registry)
-    await none.scrape()
+    collector = ReplicaCollector(view)
+    registry.register(collector)
     assert b"cache_redis" not in generate_latest(registry)
-    registry = CollectorRegistry(auto_describe=False)
-    collector = CacheRedisCollector(_info_link(LinkState.CONNECTED), registry)
-    await collector.scrape()
+    collector.cache_redis = {"status": "redis_connected", "redis": redis_section()}
     text = generate_latest(registry).decode()
     assert "neiromatrius_cache_redis_connected 1.0" in text
     assert "neiromatrius_cache_redis_maxmemory_bytes 2.68435456e+08" in text
-    assert "neiromatrius_cache_redis_evicted_keys_total 0.0" in text
+    assert "neiromatrius_cache_redis_evicted_keys_total 4.0" in text

@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.classification.ratelimit import LocalPacer, RateLimiter, burst_for, window_limit
+from worker.redisio.clients import make_redis
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import RedisLink, make_redis
+from worker.redisio.link import RedisLink
 
 KEYS = RedisKeys("unit:")
 

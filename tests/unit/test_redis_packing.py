@@ -6,7 +6,7 @@ import pytest
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import DataError
 
-from worker.redisio.link import make_redis, pack_with_hiredis
+from worker.redisio.clients import make_redis, pack_with_hiredis
 
 COMMANDS = [
     (

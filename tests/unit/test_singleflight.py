@@ -9,8 +9,9 @@ import pytest
 from worker.classification.locks import ClusterLocks, Entry, LockState, Looked, WaitOutcome
 from worker.classification.singleflight import ClusterFlight
 from worker.core.errors import ClassifierUnavailable
+from worker.redisio.clients import make_redis
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import RedisLink, make_redis
+from worker.redisio.link import RedisLink
 
 KEYS = RedisKeys("unit:")
 ENTRY = Entry(KEYS.cache("c", "h"), KEYS.lock("c", "h"))

@@ -21,10 +21,10 @@ from worker.observability.stats import (
     read_counters,
     read_replicas,
     read_throughput,
-    render_table,
     unknown_depths,
 )
-from worker.redisio.keys import RedisKeys
+from worker.observability.table import render_table
+from worker.redisio.keys import SHARDS, RedisKeys
 
 KEYS = RedisKeys("unit:")
 
@@ -35,12 +35,16 @@ def redis() -> fakeredis.FakeAsyncRedis:
 
 
 async def test_throughput_counts_full_seconds_per_window(redis: fakeredis.FakeAsyncRedis) -> None:
-    """Each window averages the per-second buckets of its last full seconds; the current,
-    unfinished second is left out."""
+    """Each window averages the per-second counts of its last full seconds, summed over the
+    throughput shards; the current, unfinished second is left out."""
     now = 1_000_000
     for age_s in range(1, 301):
-        await redis.set(KEYS.throughput(now - age_s), 10 if age_s <= 10 else 2)
-    await redis.set(KEYS.throughput(now), 999)  # the second in progress
+        second = now - age_s
+        shard = age_s % SHARDS
+        n = 10 if age_s <= 10 else 2
+        await redis.hincrby(KEYS.throughput(shard, second), str(second), n - 1)  # type: ignore[misc]
+        await redis.hincrby(KEYS.throughput(0, second), str(second), 1)  # type: ignore[misc]
+    await redis.hset(KEYS.throughput(3, now), str(now), 999)  # type: ignore[misc]  # in progress
     throughput = await read_throughput(redis, KEYS, now=now + 0.7)
     assert throughput == {
         "10s": 10.0,
@@ -50,8 +54,10 @@ async def test_throughput_counts_full_seconds_per_window(redis: fakeredis.FakeAs
 
 
 async def test_counters_are_all_present(redis: fakeredis.FakeAsyncRedis) -> None:
-    """Counters never written read as zero, so the stats always list every counter."""
-    await redis.hset(KEYS.stats, mapping={"processed": 7, "duplicates": 3})
+    """Counters never written read as zero, so the stats always list every counter; the
+    shards' counts add up."""
+    await redis.hset(KEYS.stats(0), mapping={"processed": 5, "duplicates": 3})  # type: ignore[misc]
+    await redis.hset(KEYS.stats(SHARDS - 1), mapping={"processed": 2})  # type: ignore[misc]
     counters = await read_counters(redis, KEYS)
     assert counters["processed"] == 7
     assert counters["duplicates"] == 3

@@ -14,6 +14,7 @@ from worker.claims.protocol import ClaimAsk, CompleteStatus, Completion, TokenSo
 from worker.claims.redis_store import RedisClaimStore
 from worker.observability.counters import Counters
 from worker.observability.metrics import CounterName
+from worker.observability.stats import read_counters
 from worker.redisio.keys import RedisKeys
 from worker.redisio.link import LinkState, RedisLink
 
@@ -44,8 +45,7 @@ def store(link: RedisLink) -> FallbackClaimStore:
 
 
 async def stats(link: RedisLink) -> dict[str, int]:
-    raw = await link.client.hgetall(KEYS.stats)  # type: ignore[misc]
-    return {k.decode(): int(v) for k, v in raw.items()}
+    return {name: n for name, n in (await read_counters(link.client, KEYS)).items() if n}
 
 
 async def test_a_completion_whose_answer_was_lost_is_not_counted_twice(link: RedisLink) -> None:

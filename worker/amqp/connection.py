@@ -211,7 +211,8 @@ def _log_changes(connection: BackoffRobustConnection) -> None:
     """Say when the connection is lost and which node it is back on."""
 
     def lost(_: object, exc: BaseException | None) -> None:
-        if exc is not None and not connection.is_closed:
+        # Closing it on purpose (``close()``) hands the callbacks a CancelledError.
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
             log.warning("broker_connection_lost", broker=_node(connection))
 
     def back(_: object) -> None:

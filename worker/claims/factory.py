@@ -32,17 +32,8 @@ def build_claim_store(
     )
     if link is None:
         return memory
-    tokens = TokenSource(replica_id)
-    redis_store = RedisClaimStore(
-        link.client,
-        keys,
-        tokens,
-        lease_s=settings.claim_lease_s,
-        dedup_ttl_s=settings.dedup_ttl_s,
-        max_attempts=settings.max_attempts,
-    )
     return FallbackClaimStore(
-        redis_store,
+        build_redis_store(settings, link, keys, replica_id),
         memory,
         link=link,
         keys=keys,
@@ -51,4 +42,20 @@ def build_claim_store(
         dedup_ttl_s=settings.dedup_ttl_s,
         strict=settings.redis_failure_mode == "strict",
         fallback_after_s=settings.redis_fallback_after_s,
+    )
+
+
+def build_redis_store(
+    settings: Settings, link: RedisLink, keys: RedisKeys, replica_id: str
+) -> RedisClaimStore:
+    return RedisClaimStore(
+        link.client,
+        keys,
+        TokenSource(replica_id),
+        lease_s=settings.claim_lease_s,
+        dedup_ttl_s=settings.dedup_ttl_s,
+        max_attempts=settings.max_attempts,
+        wait_replicas=settings.redis_wait_replicas,
+        # Below the socket timeout, so a WAIT that times out is an answer, not an outage.
+        wait_timeout_ms=max(1, int(settings.redis_timeout_s * 500)),
     )

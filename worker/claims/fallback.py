@@ -10,6 +10,12 @@ returns, so their duplicates are still recognised.
 
 In ``strict`` mode claims never fall back: the consumer takes no new message until Redis answers
 again, and a message finished meanwhile is acknowledged only once its done marker is in Redis.
+
+When Redis answers but refuses the worker's writes (``OOM`` under ``noeviction``) or its commands
+(an ACL, a wrong password, a sentinel's port: the link's ``problem``), nothing falls back, in any
+mode: claims wait, and a completion whose result the broker has confirmed is held and retried
+until its done marker is in Redis (the delivery stays unacknowledged meanwhile). Writing it to
+memory instead would let every other replica process the message again.
 """
 
 from __future__ import annotations
@@ -22,14 +28,13 @@ import structlog
 
 from worker.claims.memory_store import MemoryClaimStore
 from worker.claims.protocol import ClaimResult, ClaimStatus, CompleteStatus
-from worker.claims.redis_store import RedisClaimStore
+from worker.claims.redis_store import RedisClaimStore, WriteBack
 from worker.core.errors import StoreUnavailable
 from worker.observability.counters import Counters
 from worker.observability.metrics import CounterName
 from worker.redisio.batching import MAX_SCRIPT_BATCH
-from worker.redisio.keys import THROUGHPUT_BUCKET_TTL_S, RedisKeys
-from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
-from worker.redisio.scripts import LuaScript
+from worker.redisio.keys import RedisKeys
+from worker.redisio.link import REDIS_ERRORS, RedisFault, RedisLink
 
 if TYPE_CHECKING:
     from worker.claims.protocol import ClaimAsk, Completion, Lease
@@ -37,8 +42,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("worker.claims")
 
 STRICT_RETRY_MAX_S = 1.0
-
-WRITE_BACK = LuaScript("worker.claims", "write_back.lua", library=("count_completed.lua",))
+HELD_RETRY_MAX_S = 1.0
 
 
 class FallbackClaimStore:
@@ -74,14 +78,19 @@ class FallbackClaimStore:
         self._memory_announced = False
         # (message ID, what the write-back counts: see write_back.lua)
         self._finished_offline: list[tuple[str, str]] = []
-        self._write_back_script = WRITE_BACK.register(link.client)
         link.on_recovery(self.write_back)
 
     def _in_memory(self, token: str) -> bool:
         return token.startswith(self._memory_prefix)
 
+    def _problem(self) -> str:
+        problem = self._link.problem
+        return problem.reason if problem is not None else "Redis refuses the claim"
+
     def _fall_back(self) -> None:
         """Redis is unreachable: return to claim in memory, or raise to make the claim wait."""
+        if self._link.problem is not None:
+            raise StoreUnavailable(self._problem())
         if self._strict:
             raise StoreUnavailable("Redis is unreachable (REDIS_FAILURE_MODE=strict)")
         if self._link.outage_s < self._fallback_after_s:
@@ -101,9 +110,13 @@ class FallbackClaimStore:
     async def _claim(self, requests: Sequence[ClaimAsk]) -> list[ClaimResult]:
         if self._link.available:
             try:
-                return await self._redis.claim_many(requests)
-            except REDIS_UNAVAILABLE as exc:
-                self._link.report_failure(exc)
+                answers = await self._redis.claim_many(requests)
+            except REDIS_ERRORS as exc:
+                if self._link.report_failure(exc) is not RedisFault.UNAVAILABLE:
+                    raise StoreUnavailable(self._problem()) from exc
+            else:
+                self._link.writes_succeeded()
+                return answers
         self._fall_back()
         self._counters.record(CounterName.DEGRADED, len(requests))
         return await self._memory.claim_many(requests)
@@ -114,9 +127,29 @@ class FallbackClaimStore:
         if self._link.available and not any(self._in_memory(i.token) for i in items):
             try:
                 return await self._redis.complete_many(items)
-            except REDIS_UNAVAILABLE as exc:
-                self._link.report_failure(exc)
+            except REDIS_ERRORS as exc:
+                if self._link.report_failure(exc) is not RedisFault.UNAVAILABLE:
+                    return await self._hold_completions(items)
         return [await self._complete_one(item) for item in items]
+
+    async def _hold_completions(self, items: Sequence[Completion]) -> list[CompleteStatus]:
+        """Redis refuses the completion's writes (see the module docstring): retry with backoff
+        until it takes them, or until it becomes unreachable (then as for an outage)."""
+        delay_s = 0.1
+        while True:
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, HELD_RETRY_MAX_S)
+            if not self._link.available:
+                return [await self._complete_one(item) for item in items]
+            try:
+                statuses = await self._redis.complete_many(items)
+            except REDIS_ERRORS as exc:
+                if self._link.report_failure(exc) is RedisFault.UNAVAILABLE:
+                    return [await self._complete_one(item) for item in items]
+                continue
+            self._link.writes_succeeded()
+            log.info("completions_written_after_hold", count=len(items))
+            return statuses
 
     async def _complete_one(self, item: Completion) -> CompleteStatus:
         if not self._in_memory(item.token):
@@ -125,8 +158,9 @@ class FallbackClaimStore:
             if self._link.available:
                 try:
                     return (await self._redis.complete_many([item]))[0]
-                except REDIS_UNAVAILABLE as exc:
-                    self._link.report_failure(exc)
+                except REDIS_ERRORS as exc:
+                    if self._link.report_failure(exc) is not RedisFault.UNAVAILABLE:
+                        return (await self._hold_completions([item]))[0]
             # The lease was ours when Redis went away; finish here and tell Redis later.
             self._memory.mark_done(item.message_id)
             self._finished_offline.append((item.message_id, "2" if item.cache_hit else "1"))
@@ -143,7 +177,7 @@ class FallbackClaimStore:
             if self._link.available:
                 try:
                     return (await self._redis.complete_many([item]))[0]
-                except REDIS_UNAVAILABLE as exc:
+                except REDIS_ERRORS as exc:
                     self._link.report_failure(exc)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, STRICT_RETRY_MAX_S)
@@ -153,7 +187,7 @@ class FallbackClaimStore:
             return await self._memory.release(message_id, token, refund_attempt=refund_attempt)
         try:
             return await self._redis.release(message_id, token, refund_attempt=refund_attempt)
-        except REDIS_UNAVAILABLE as exc:
+        except REDIS_ERRORS as exc:
             self._link.report_failure(exc)
             return False  # the lease expires by itself
 
@@ -163,9 +197,10 @@ class FallbackClaimStore:
         if in_redis:
             try:
                 renewed.update(zip(in_redis, await self._redis.renew(in_redis), strict=True))
-            except REDIS_UNAVAILABLE as exc:
+            except REDIS_ERRORS as exc:
                 self._link.report_failure(exc)
-                # Nobody can take a Redis lease over while Redis is down: keep working.
+                # Nobody can take a Redis lease over while Redis is down or refuses writes (no
+                # claim can be written either): keep working.
                 renewed.update((lease, True) for lease in in_redis)
         in_memory = [lease for lease in leases if self._in_memory(lease.token)]
         renewed.update(zip(in_memory, await self._memory.renew(in_memory), strict=True))
@@ -184,18 +219,13 @@ class FallbackClaimStore:
                 chunk = finished[:MAX_SCRIPT_BATCH]
                 await self._write_back_chunk(chunk)
                 del finished[: len(chunk)]
-        except REDIS_UNAVAILABLE:
+        except REDIS_ERRORS:
             self._finished_offline = finished + self._finished_offline
             raise
         log.info("done_markers_written_back", count=total)
 
     async def _write_back_chunk(self, chunk: list[tuple[str, str]]) -> None:
-        keys = [self._keys.stats]
-        for message_id, _ in chunk:
-            keys += (self._keys.done(message_id), self._keys.attempts(message_id))
-        args = [str(self._dedup_ttl_s), str(THROUGHPUT_BUCKET_TTL_S), *(kind for _, kind in chunk)]
-        args.append(self._keys.throughput_stem)
-        await self._write_back_script(keys=keys, args=args)
+        await self._redis.write_back([WriteBack(message_id, kind) for message_id, kind in chunk])
 
     async def aclose(self) -> None:
         await self._redis.aclose()

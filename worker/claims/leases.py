@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 import structlog
 
 from worker.claims.protocol import ClaimStore, Lease
+from worker.observability.tasks import BackgroundErrors
 
 log = structlog.get_logger("worker.claims.leases")
 
@@ -43,8 +44,16 @@ class HeldLease:
 class LeaseKeeper:
     """Renews the leases of messages in progress; see the module docstring."""
 
-    def __init__(self, claims: ClaimStore, *, lease_s: float, work_timeout_s: float) -> None:
+    def __init__(
+        self,
+        claims: ClaimStore,
+        *,
+        lease_s: float,
+        work_timeout_s: float,
+        errors: BackgroundErrors | None = None,
+    ) -> None:
         self._claims = claims
+        self._errors = errors or BackgroundErrors()
         self._lease_s = lease_s
         self._work_timeout_s = work_timeout_s
         self._held: dict[Lease, HeldLease] = {}
@@ -107,8 +116,13 @@ class LeaseKeeper:
             await asyncio.sleep(interval_s)
             try:
                 await self.renew_due()
-            except Exception:
-                log.exception("lease_renewal_failed")
+            except Exception as exc:
+                # Never the end of renewal: the leases it could not renew run out their
+                # deadlines (their work stops in time), and the next turn tries again.
+                if self._errors.failed("lease_renewal", exc):
+                    log.exception("lease_renewal_failed", retry_in_s=round(interval_s, 2))
+            else:
+                self._errors.succeeded("lease_renewal")
 
     async def __aenter__(self) -> LeaseKeeper:
         self._task = asyncio.get_running_loop().create_task(self._run())

@@ -50,7 +50,7 @@ class BreakerConfig:
 
     failures: int = 5
     probe_min_s: float = 1.0
-    probe_max_s: float = 5.0
+    probe_max_s: float = 3.0
     config_probe_s: float = 30.0
     probe_lease_s: float = 35.0  # longer than one call may take (LLM_TIMEOUT_S)
 

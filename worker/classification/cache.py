@@ -17,9 +17,10 @@ import orjson
 import structlog
 
 from worker.classification.classifiers.base import Classification
-from worker.redisio.batching import MicroBatcher
+from worker.redisio.batching import MicroBatcher, in_groups, slot_of
+from worker.redisio.clients import is_cluster
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+from worker.redisio.link import REDIS_ERRORS, RedisLink
 
 log = structlog.get_logger("worker.classification.cache")
 
@@ -148,8 +149,8 @@ class ClassificationCache:
             return None
         try:
             raw = await self._gets.submit(self.redis_key(hashed_text))
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
             self.misses += 1
             return None
         found = _decode(raw) if raw is not None else None
@@ -175,13 +176,19 @@ class ClassificationCache:
             return
         try:
             await self._puts.submit((self.redis_key(hashed_text), _encode(classification)))
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
 
     async def _get_batch(self, keys: list[str]) -> Sequence[bytes | None]:
         assert self._link is not None
-        result: list[bytes | None] = await self._link.client.mget(keys)
-        return result
+        client = self._link.client
+
+        async def mget(_slot: int, part: list[str]) -> list[bytes | None]:
+            found: list[bytes | None] = await client.mget(part)
+            return found
+
+        # An MGET must stay in one slot on a cluster: one per slot, all at once.
+        return await in_groups(mget, keys, slot_of, split=is_cluster(client))
 
     async def _put_batch(self, items: list[tuple[str, bytes]]) -> list[None]:
         assert self._link is not None

@@ -21,8 +21,9 @@ from typing import Final, NamedTuple
 
 import structlog
 
-from worker.redisio.batching import MicroBatcher, in_script_batches
-from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+from worker.redisio.batching import MicroBatcher, in_groups, slot_of
+from worker.redisio.clients import is_cluster
+from worker.redisio.link import REDIS_ERRORS, RedisLink
 from worker.redisio.scripts import RENEW, LuaScript
 
 log = structlog.get_logger("worker.classification.locks")
@@ -72,6 +73,22 @@ class _Write(NamedTuple):
     ttl_s: int
 
 
+def _slot_of_entry(entry: Entry) -> int:
+    return slot_of(entry.value_key)
+
+
+def _slot_of_ask(ask: tuple[Entry, str]) -> int:
+    return slot_of(ask[0].value_key)
+
+
+def _slot_of_held(held: tuple[str, str]) -> int:
+    return slot_of(held[0])
+
+
+def _slot_of_write(write: _Write) -> int:
+    return slot_of(write.entry.value_key)
+
+
 class ClusterLocks:
     """Short, renewed, owner-checked locks next to their values; every call is batched."""
 
@@ -89,9 +106,11 @@ class ClusterLocks:
         self._store_script = STORE_AND_RELEASE.register(client)
         self._renew_script = RENEW.register(client)
         self._mark_failed_script = MARK_FAILED.register(client)
-        self._writes: MicroBatcher[_Write, int] = MicroBatcher(self._write_batch)
+        # Every call keeps its keys in one slot on a cluster (a value and its lock share one).
+        self._split = is_cluster(client)
+        self._writes: MicroBatcher[_Write, int] = MicroBatcher(self._write_batches)
         self._probes: MicroBatcher[Entry, tuple[bytes | None, bytes | None]] = MicroBatcher(
-            self._probe_batch
+            self._probe_batches
         )
 
     async def lookup_or_lock_many(self, entries: Sequence[Entry]) -> list[Looked]:
@@ -101,9 +120,9 @@ class ClusterLocks:
             return [UNAVAILABLE] * len(entries)
         asks = [(entry, self._new_token()) for entry in entries]
         try:
-            answers = await in_script_batches(self._lookup_batch, asks)
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)  # locks taken by an earlier chunk lapse by themselves
+            answers = await in_groups(self._lookup_batch, asks, _slot_of_ask, split=self._split)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)  # locks taken by an earlier chunk lapse by themselves
             return [UNAVAILABLE] * len(entries)
         return [
             self._lookup_answer(entry, token, answer)
@@ -133,8 +152,8 @@ class ClusterLocks:
             return
         try:
             await self._writes.submit(_Write(entry, token, value or b"", ttl_s))
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
 
     async def store_many(self, writes: Sequence[tuple[Entry, str, bytes]], ttl_s: int) -> None:
         """``store_and_release`` for several ``(entry, token, value)``, in one script call per
@@ -145,9 +164,9 @@ class ClusterLocks:
             return
         batch = [_Write(entry, token, value, ttl_s) for entry, token, value in writes]
         try:
-            await in_script_batches(self._write_batch, batch)
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+            await in_groups(self._write_batch, batch, _slot_of_write, split=self._split)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
 
     def _stop_renewing(self, entry: Entry, token: str) -> None:
         """Forget our lock on ``entry`` (if ``token`` is still ours): it is released or marked."""
@@ -163,8 +182,8 @@ class ClusterLocks:
             await self._mark_failed_script(
                 keys=[entry.lock_key], args=[self._failure_mark_ms, FAILED, token]
             )
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
 
     async def wait(self, entry: Entry, timeout_s: float) -> tuple[WaitOutcome, bytes | None]:
         """Poll until the value appears, the lock is gone or marked failed, or ``timeout_s``
@@ -186,8 +205,8 @@ class ClusterLocks:
             return WaitOutcome.UNAVAILABLE, None
         try:
             value, lock = await self._probes.submit(entry)
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
             return WaitOutcome.UNAVAILABLE, None
         if value is not None:
             return WaitOutcome.FOUND, value
@@ -204,9 +223,14 @@ class ClusterLocks:
         keys = list(self._held)
         tokens = [self._held[key] for key in keys]
         try:
-            renewed = await self._renew_script(keys=keys, args=[self._ttl_ms, *tokens])
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+            renewed = await in_groups(
+                self._renew_batch,
+                list(zip(keys, tokens, strict=True)),
+                _slot_of_held,
+                split=self._split,
+            )
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
             return
         for key, token, ok in zip(keys, tokens, renewed, strict=True):
             if not ok and self._held.get(key) == token:
@@ -218,19 +242,37 @@ class ClusterLocks:
             await asyncio.sleep(self._ttl_s / 3)
             await self.renew_held()
 
-    async def _lookup_batch(self, batch: list[tuple[Entry, str]]) -> Sequence[bytes | int]:
+    async def _renew_batch(self, _slot: int, held: list[tuple[str, str]]) -> Sequence[int]:
+        keys = [key for key, _ in held]
+        args = [self._ttl_ms, *(token for _, token in held)]
+        renewed: list[int] = await self._renew_script(keys=keys, args=args)
+        return renewed
+
+    async def _lookup_batch(
+        self, _slot: int, batch: list[tuple[Entry, str]]
+    ) -> Sequence[bytes | int]:
         keys = [key for entry, _ in batch for key in (entry.value_key, entry.lock_key)]
         args: list[str | bytes] = [self._ttl_ms, FAILED, *(token for _, token in batch)]
         answers: list[bytes | int] = await self._lookup_script(keys=keys, args=args)
         return answers
 
-    async def _write_batch(self, batch: list[_Write]) -> Sequence[int]:
+    async def _write_batches(self, batch: list[_Write]) -> Sequence[int]:
+        return await in_groups(self._write_batch, batch, _slot_of_write, split=self._split)
+
+    async def _write_batch(self, _slot: int, batch: list[_Write]) -> Sequence[int]:
         keys = [key for w in batch for key in (w.entry.value_key, w.entry.lock_key)]
         args: list[str | bytes | int] = [x for w in batch for x in (w.token, w.value, w.ttl_s)]
         answers: list[int] = await self._store_script(keys=keys, args=args)
         return answers
 
-    async def _probe_batch(self, batch: list[Entry]) -> Sequence[tuple[bytes | None, bytes | None]]:
+    async def _probe_batches(
+        self, batch: list[Entry]
+    ) -> Sequence[tuple[bytes | None, bytes | None]]:
+        return await in_groups(self._probe_batch, batch, _slot_of_entry, split=self._split)
+
+    async def _probe_batch(
+        self, _slot: int, batch: list[Entry]
+    ) -> Sequence[tuple[bytes | None, bytes | None]]:
         keys = [key for entry in batch for key in (entry.value_key, entry.lock_key)]
         values: list[bytes | None] = await self._link.client.mget(keys)
         return list(zip(values[::2], values[1::2], strict=True))

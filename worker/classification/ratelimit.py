@@ -33,7 +33,7 @@ from typing import Final
 import structlog
 
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+from worker.redisio.link import REDIS_ERRORS, RedisLink
 from worker.redisio.scripts import LuaScript
 
 log = structlog.get_logger("worker.classification.ratelimit")
@@ -150,8 +150,8 @@ class RateLimiter:
             reserved, wait_us = await self._reserve_script(
                 keys=[self._rate_key, self._cool_key], args=[self._interval_us, self._burst_us]
             )
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
             return self._local.reserve(now)
         return bool(reserved), int(wait_us) / 1_000_000
 
@@ -166,8 +166,8 @@ class RateLimiter:
         assert self._link is not None
         try:
             await self._cool_down_script(keys=[self._cool_key], args=[math.ceil(seconds * 1000)])
-        except REDIS_UNAVAILABLE as exc:
-            self._link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            self._link.report_aside(exc)
 
     def snapshot(self) -> dict[str, int]:
         return {

@@ -1,7 +1,8 @@
 """``neiromatrius-worker check``: what works and what does not, one line each.
 
-Every configured server is contacted: Redis (``INFO server``; the cache Redis of
-``REDIS_CACHE_URL`` too, with its memory and eviction policy), RabbitMQ (a connection), and for
+Every configured server is contacted: Redis (``PING``, ``HELLO``, a probe of ``EVALSHA``,
+``INFO``; the cache Redis of ``REDIS_CACHE_URL`` too, with its memory and eviction policy),
+RabbitMQ (a connection), and for
 ``CLASSIFIER=llm`` the LLM endpoint with the cheapest request the OpenAI-compatible API offers,
 ``GET {LLM_BASE_URL}/models`` (which also says whether ``LLM_MODEL`` is served), falling back to a
 one-token chat completion when the server has no ``/models`` (404 or 405).
@@ -9,10 +10,12 @@ one-token chat completion when the server has no ``/models`` (404 or 405).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from redis.exceptions import NoPermissionError, NoScriptError
 
 from worker.classification.classifiers.factory import build_classifier
 from worker.cli.publish import BrokerUnreachable, open_connection
@@ -20,11 +23,15 @@ from worker.core.errors import ConfigError
 from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
 from worker.observability.breakers import breaker_entry
+from worker.redisio.clients import RedisClient, client_for, is_cluster
+from worker.redisio.faults import SENTINEL_FIX, refusal_fix
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
-from worker.redisio.roles import redis_client
+from worker.redisio.link import REDIS_ERRORS, RedisFault, classify
+from worker.redisio.roles import client_of
+from worker.redisio.sentinel import server_mode
 
 PROBE_TIMEOUT_S = 10.0
+PROBE_SHA = "0" * 40  # the SHA1 of no script: EVALSHA answers NOSCRIPT when it is permitted
 NO_MODELS_ROUTE = frozenset({404, 405})
 KEY_REFUSED = frozenset({401, 403})
 
@@ -43,18 +50,43 @@ def line(status: str, name: str, detail: str) -> str:
 
 
 async def check_redis(settings: Settings, setting: str = "REDIS_URL") -> Outcome:
-    """Whether the Redis ``setting`` names (``REDIS_URL`` or ``REDIS_CACHE_URL``) answers, and
-    its version."""
+    """What a replica needs of the Redis ``setting`` names (``REDIS_URL`` or ``REDIS_CACHE_URL``):
+    it answers, it is not a sentinel's port, and the user may run the scripts (an ``EVALSHA`` of a
+    script nobody loaded: ``NOSCRIPT`` says it may, with no side effect). ``INFO`` is optional:
+    only the stats' memory figures need it."""
     url = settings.redis_cache_url if setting == "REDIS_CACHE_URL" else settings.redis_url
     where = redact_url(url)
-    client = await redis_client(settings, url, setting)
     try:
-        info = await client.info("server")
-        return Outcome(True, f"{where} (Redis {info.get('redis_version')})")
-    except REDIS_UNAVAILABLE as exc:
-        return Outcome(False, f"{where}: {scrub(str(exc), settings.secrets) or type(exc).__name__}")
+        client = await client_of(settings, url, setting)
+    except REDIS_ERRORS as exc:
+        return _redis_outcome(settings, where, exc)
+    try:
+        return await _probe_redis(client, where)
+    except REDIS_ERRORS as exc:
+        return _redis_outcome(settings, where, exc)
     finally:
         await client.aclose()
+
+
+async def _probe_redis(client: RedisClient, where: str) -> Outcome:
+    await client.ping()  # type: ignore[misc]
+    if not is_cluster(client) and await server_mode(client) == b"sentinel":
+        return Outcome(False, f"{where}: {SENTINEL_FIX}")
+    with contextlib.suppress(NoScriptError):  # NOSCRIPT: permitted, the worker's scripts can run
+        await client.evalsha(PROBE_SHA, 0)  # type: ignore[misc]
+    try:
+        info = await client.info("server")
+    except NoPermissionError:
+        return Outcome(True, f"{where} (INFO not permitted: stats show no memory figures)")
+    return Outcome(True, f"{where} (Redis {info.get('redis_version')})")
+
+
+def _redis_outcome(settings: Settings, where: str, exc: BaseException) -> Outcome:
+    """The one line for a failure: the reason, and the fix when the configuration refused."""
+    reason = scrub(str(exc), settings.secrets) or type(exc).__name__
+    if classify(exc) is RedisFault.REFUSED:
+        return Outcome(False, f"{where}: refused ({reason}): {refusal_fix(exc)}")
+    return Outcome(False, f"{where}: {reason}")
 
 
 async def check_cache_redis(settings: Settings) -> Outcome:
@@ -63,10 +95,13 @@ async def check_cache_redis(settings: Settings) -> Outcome:
     found = await check_redis(settings, "REDIS_CACHE_URL")
     if not found.ok:
         return Outcome(False, f"{found.detail} (replicas classify without the shared cache)")
-    client = await redis_client(settings, settings.redis_cache_url, "REDIS_CACHE_URL")
+    try:
+        client = await client_of(settings, settings.redis_cache_url, "REDIS_CACHE_URL")
+    except REDIS_ERRORS:
+        return found
     try:
         memory = await client.info("memory")
-    except REDIS_UNAVAILABLE:
+    except REDIS_ERRORS:
         return found
     finally:
         await client.aclose()
@@ -185,10 +220,13 @@ async def check_breaker(settings: Settings) -> Outcome | None:
         return None  # the classifier line says why
     identity = classifier.identity
     await classifier.aclose()
-    client = make_redis(settings.redis_url, settings.redis_timeout_s)
+    try:
+        client = await client_for(settings)
+    except REDIS_ERRORS:
+        return None  # the redis line says why
     try:
         raw = await client.hgetall(RedisKeys(settings.redis_key_prefix).breaker(identity))  # type: ignore[misc]
-    except REDIS_UNAVAILABLE:
+    except REDIS_ERRORS:
         return None  # the redis line says why
     finally:
         await client.aclose()

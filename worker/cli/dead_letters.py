@@ -27,15 +27,15 @@ import aiormq
 import orjson
 from aio_pika.abc import AbstractConnection, AbstractExchange
 from aio_pika.abc import AbstractIncomingMessage as Incoming
-from redis.asyncio import Redis
 
 from worker.amqp.connection import CONNECTION_NAME, connect_once
 from worker.cli.letters import Letter, letter_of, time_of
 from worker.core.errors import ConfigError
 from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
+from worker.redisio.clients import RedisClient, client_for
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
+from worker.redisio.link import REDIS_ERRORS
 
 REPLAY_HEADER = "x-neiromatrius-replay"
 CONNECT_TIMEOUT_S = 10.0
@@ -75,7 +75,7 @@ async def run(settings: Settings, args: Namespace) -> int:
         summary = await _command(settings, args)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    except UNREACHABLE_ERRORS + REDIS_UNAVAILABLE as exc:
+    except UNREACHABLE_ERRORS + REDIS_ERRORS as exc:
         return _fail((scrub(str(exc), settings.secrets) or type(exc).__name__).splitlines()[0], 1)
     as_json = orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode()
     print(as_json if args.json else render(summary))
@@ -193,7 +193,7 @@ class _Target:
 
     exchange: AbstractExchange
     queue: str
-    redis: Redis | None
+    redis: RedisClient | None
     keys: RedisKeys
 
     async def send(self, message: Incoming, message_id: str) -> None:
@@ -207,9 +207,7 @@ async def _replay(conn: AbstractConnection, settings: Settings, args: Namespace)
     queue = settings.dead_letter_queue
     await _depth(conn, settings.input_queue, "INPUT_QUEUE")
     out = await conn.channel(publisher_confirms=True)
-    redis = (
-        make_redis(settings.redis_url, settings.redis_timeout_s) if settings.redis_enabled else None
-    )
+    redis = await client_for(settings) if settings.redis_enabled else None
     if redis is None:
         print(
             "no REDIS_URL: replicas keep their own attempt counts until restarted", file=sys.stderr

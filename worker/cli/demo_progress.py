@@ -21,8 +21,9 @@ from worker.cli.samples import SamplePlan
 from worker.core.redaction import redact_url
 from worker.observability.metrics import CounterName
 from worker.observability.stats import read_counters
+from worker.redisio.clients import make_client
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
+from worker.redisio.link import REDIS_ERRORS
 
 POLL_INTERVAL_S = 0.25  # each poll asks every replica for its stats: keep it light
 PROGRESS_INTERVAL_S = 0.5
@@ -207,7 +208,7 @@ class Watcher:
             await asyncio.sleep(0.05)
         if not redis_url:
             return None
-        client = make_redis(redis_url, redis_timeout_s)
+        client = await make_client(redis_url, "auto", redis_timeout_s)
         keys = RedisKeys(self.names.key_prefix)
         try:
             cluster = await read_counters(client, keys)
@@ -217,7 +218,7 @@ class Watcher:
                 await asyncio.sleep(0.2)
                 cluster = await read_counters(client, keys)
             return cluster
-        except REDIS_UNAVAILABLE:
+        except REDIS_ERRORS:
             return None
         finally:
             await client.aclose()

@@ -15,7 +15,8 @@ from worker.cli.replicas import ReplicaNames
 from worker.core.redaction import redact_url
 from worker.core.settings import Settings
 from worker.observability.stats import QUEUE_PROBE_ERRORS
-from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
+from worker.redisio.clients import make_client
+from worker.redisio.link import REDIS_ERRORS
 
 
 class DemoFailed(Exception):
@@ -58,10 +59,10 @@ async def preflight(settings: Settings, redis_url: str) -> aio_pika.abc.Abstract
             f"cannot reach RabbitMQ at {where} ({type(exc).__name__}); start it or set RABBITMQ_URL"
         ) from None
     if redis_url:
-        client = make_redis(redis_url, settings.redis_timeout_s)
+        client = await make_client(redis_url, settings.redis_mode, settings.redis_timeout_s)
         try:
             await client.ping()  # type: ignore[misc]
-        except REDIS_UNAVAILABLE as exc:
+        except REDIS_ERRORS as exc:
             await connection.close()
             raise DemoFailed(
                 f"⚠️ Redis connection failed: {redact_url(redis_url)} "
@@ -99,13 +100,13 @@ async def remove_redis_keys(
     settings: Settings, redis_url: str, names: ReplicaNames, err: TextIO
 ) -> None:
     """Delete every key under the run's prefix (they expire anyway: best effort)."""
-    client = make_redis(redis_url, settings.redis_timeout_s)
+    client = await make_client(redis_url, settings.redis_mode, settings.redis_timeout_s)
     try:
         prefix = f"{names.key_prefix}*"
         keys = [k async for k in client.scan_iter(match=prefix, count=1000)]
         for start in range(0, len(keys), 500):
             await client.delete(*keys[start : start + 500])
-    except REDIS_UNAVAILABLE:
+    except REDIS_ERRORS:
         err.write("demo: could not remove the run's Redis keys (they expire)\n")
     finally:
         await client.aclose()

@@ -12,11 +12,6 @@ from typing import TYPE_CHECKING
 
 import orjson
 import structlog
-from redis.exceptions import (
-    AuthenticationError,
-    AuthenticationWrongNumberOfArgsError,
-    NoPermissionError,
-)
 
 from worker.cli import dead_letters
 from worker.cli.arguments import build_parser
@@ -31,8 +26,6 @@ if TYPE_CHECKING:
 
 EXIT_CONFIG = 2  # a setting is wrong: fix it before trying again
 EXIT_UNREACHABLE = 1  # a server could not be reached: try again once it is up
-# What Redis answers to credentials it does not accept (a configuration problem, not an outage).
-REDIS_REFUSALS = (AuthenticationError, AuthenticationWrongNumberOfArgsError, NoPermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,16 +131,17 @@ async def _messages_to_publish(
 
 
 async def _stats(settings: Settings, *, as_json: bool) -> int:
-    from worker.observability.cache_redis import probe_cache_redis, render_cache_redis
+    from worker.observability.cache_redis import probe_cache_redis
     from worker.observability.exposition import results_unrouted
     from worker.observability.stats import (
         QueueNames,
         probe_queue_depths,
         read_cluster,
-        render_table,
     )
+    from worker.observability.table import render_table
+    from worker.redisio.clients import client_for
     from worker.redisio.keys import RedisKeys
-    from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
+    from worker.redisio.link import REDIS_ERRORS
 
     if not settings.redis_enabled:
         print(
@@ -156,8 +150,10 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
             file=sys.stderr,
         )
         return 1
-    failures: tuple[type[BaseException], ...] = (*REDIS_UNAVAILABLE, *REDIS_REFUSALS)
-    client = make_redis(settings.redis_url, settings.redis_timeout_s)
+    try:
+        client = await client_for(settings)
+    except REDIS_ERRORS as exc:
+        return _redis_failed(settings, exc)
     names = QueueNames.of(settings)
     try:
         # The broker is optional here: without it the queue depths are reported as unknown.
@@ -166,24 +162,27 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
             probe_queue_depths(settings.rabbitmq_url, names),
             probe_cache_redis(settings),  # REDIS_CACHE_URL's, when set
         )
-    except failures as exc:
+    except REDIS_ERRORS as exc:
         return _redis_failed(settings, exc)
     finally:
         await client.aclose()
     data = {"cache": {"status": "redis_connected", "type": "redis"}, **data, "queues": queues}
     data["cache_redis"] = cache_redis
     data["results_unrouted"] = results_unrouted(queues)
-    table = render_table(data) + render_cache_redis(cache_redis)
-    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else table)
+    print(
+        orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else render_table(data)
+    )
     return 0
 
 
 def _redis_failed(settings: Settings, exc: BaseException) -> int:
     """Say why Redis did not answer as ``check`` does (the address, password masked, and the
-    reason) in one line; exit 2 when it refused the credentials, else 1."""
-    refused = isinstance(exc, REDIS_REFUSALS)
+    reason) in one line; exit 2 when the configuration refused the worker, else 1."""
+    from worker.redisio.faults import RedisFault, classify, refusal_fix
+
+    refused = classify(exc) is RedisFault.REFUSED
     reason = scrub(str(exc), settings.secrets) or type(exc).__name__
-    fix = "; check the password (and user) in REDIS_URL" if refused else ""
+    fix = f"; {refusal_fix(exc)}" if refused else ""
     print(
         f"neiromatrius-worker stats: ⚠️ Redis connection failed: "
         f"{redact_url(settings.redis_url)}: {reason}{fix}",

@@ -27,22 +27,15 @@ def _redact_one(url: str) -> str:
     try:
         parts = urlsplit(url)
         password = parts.password
-        host = parts.hostname
         query = parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:
         return "<unparseable URL>"
     netloc = parts.netloc
     if password is not None:
+        # Only the user information is rewritten: the hosts stay as written (a sentinel URL
+        # lists several ``host:port`` pairs, which ``hostname`` and ``port`` cannot describe).
         user = parts.username or ""
-        netloc = f"{user}:{MASK}@" if user else f":{MASK}@"
-        if host is not None:
-            netloc += f"[{host}]" if ":" in host else host
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        if port is not None:
-            netloc += f":{port}"
+        netloc = f"{user}:{MASK}@{netloc.rpartition('@')[2]}"
     if any(key.lower() in SECRET_QUERY_KEYS for key, _ in query):
         masked = [(k, MASK if k.lower() in SECRET_QUERY_KEYS else v) for k, v in query]
         query_text = urlencode(masked, safe="*/")

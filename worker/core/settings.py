@@ -16,6 +16,7 @@ from worker.core.addresses import split_addresses
 from worker.core.errors import ConfigError
 from worker.core.redaction import url_secrets
 from worker.core.redis_tls import check_redis_tls
+from worker.core.sentinel_url import SENTINEL_SCHEMES, is_sentinel_url, parse_sentinel_url
 
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps"})
@@ -28,6 +29,7 @@ SECRET_FIELDS = frozenset(
         "llm_api_key",
         "llm_base_url",
         "otel_exporter_otlp_endpoint",
+        "redis_sentinel_password",
     }
 )
 UNROUTED_SUFFIX = ".unrouted"  # {RESULTS_EXCHANGE}.unrouted: the name CONTRACT.md fixes
@@ -61,6 +63,8 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = ""
+    # ``auto`` asks the server whether it is a cluster node (see worker/redisio/clients.py).
+    redis_mode: Literal["auto", "standalone", "cluster", "sentinel"] = "auto"
     # The classification cache and its single-flight locks on a Redis of their own (may evict
     # freely); empty: on REDIS_URL. Claims, done markers, counters and the LLM rate limit stay there.
     redis_cache_url: str = ""
@@ -87,7 +91,7 @@ class Settings(BaseSettings):
     llm_max_rps: float = Field(default=0.0, ge=0, le=100_000)
     llm_breaker_failures: int = Field(default=5, ge=1, le=10_000)
     llm_breaker_probe_min_s: float = Field(default=1.0, gt=0, le=3_600)
-    llm_breaker_probe_max_s: float = Field(default=5.0, gt=0, le=3_600)
+    llm_breaker_probe_max_s: float = Field(default=3.0, gt=0, le=3_600)
     llm_breaker_config_probe_s: float = Field(default=30.0, gt=0, le=3_600)
     llm_breaker_hold_s: float = Field(default=5.0, gt=0, le=600)
     single_flight_wait_s: float = Field(default=30.0, gt=0, le=3_600)
@@ -110,6 +114,10 @@ class Settings(BaseSettings):
     fault_injection: str = ""
     redis_failure_mode: Literal["fallback", "strict"] = "fallback"
     redis_fallback_after_s: float = Field(default=3.0, ge=0, le=3_600)
+    # The sentinels' own password (the master's is in the sentinel form of REDIS_URL).
+    redis_sentinel_password: SecretStr = SecretStr("")
+    # After each completion batch: WAIT until this many Redis replicas have the done markers.
+    redis_wait_replicas: int = Field(default=0, ge=0, le=100)
     rabbitmq_consumer_timeout_s: float = Field(default=1_800.0, gt=0)
     # The type of the queues the worker creates; a queue that exists is used as it is.
     queue_type: Literal["classic", "quorum"] = "classic"
@@ -131,6 +139,7 @@ class Settings(BaseSettings):
         "log_level",
         "llm_response_format",
         "redis_failure_mode",
+        "redis_mode",
         "event_loop",
         "queue_type",
         "results_unrouted",
@@ -144,7 +153,10 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url(cls, value: str) -> str:
         value = value.strip()
-        return check_redis_tls(_check_url(value, REDIS_SCHEMES)) if value else ""
+        if value and is_sentinel_url(value):
+            parse_sentinel_url(value)  # raises ValueError saying what is wrong
+            return value
+        return check_redis_tls(_check_url(value, REDIS_SCHEMES | SENTINEL_SCHEMES)) if value else ""
 
     @field_validator("rabbitmq_url")
     @classmethod
@@ -235,6 +247,11 @@ class Settings(BaseSettings):
         return configured and not self.otel_sdk_disabled and self.otel_traces_exporter != "none"
 
     @property
+    def rabbitmq_urls(self) -> tuple[str, ...]:
+        """The broker's addresses (one, or every node of a cluster), in the order listed."""
+        return split_addresses(self.rabbitmq_url)
+
+    @property
     def unrouted_queue(self) -> str | None:
         """Where results no binding takes wait; ``None`` with ``RESULTS_UNROUTED=discard``."""
         return self.results_exchange + UNROUTED_SUFFIX if self.results_unrouted == "keep" else None
@@ -250,11 +267,6 @@ class Settings(BaseSettings):
         return 3 * self.work_timeout_s + self.claim_lease_s
 
     @property
-    def rabbitmq_urls(self) -> tuple[str, ...]:
-        """The broker's addresses (one, or every node of a cluster), in the order listed."""
-        return split_addresses(self.rabbitmq_url)
-
-    @property
     def redis_enabled(self) -> bool:
         return bool(self.redis_url)
 
@@ -266,7 +278,10 @@ class Settings(BaseSettings):
     @property
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never be printed (passwords inside URLs, the API key)."""
-        found: list[str] = [self.llm_api_key.get_secret_value()]
+        found: list[str] = [
+            self.llm_api_key.get_secret_value(),
+            self.redis_sentinel_password.get_secret_value(),
+        ]
         for url in (self.redis_url, self.redis_cache_url, self.rabbitmq_url):
             found += url_secrets(url)
         return tuple(s for s in found if s)

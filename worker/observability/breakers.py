@@ -9,8 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from redis.asyncio import Redis
-
+from worker.redisio.clients import RedisClient
 from worker.redisio.keys import RedisKeys
 
 
@@ -32,7 +31,7 @@ def breaker_entry(classifier: str, fields: dict[str, str]) -> dict[str, Any]:
     }
 
 
-async def read_breakers(redis: Redis, keys: RedisKeys) -> list[dict[str, Any]]:
+async def read_breakers(redis: RedisClient, keys: RedisKeys) -> list[dict[str, Any]]:
     """Every classifier's breaker of the deployment, open ones first."""
     stem = keys.breaker("")[:-2]  # the key without its empty "{}" hash tag
     found = []

@@ -12,15 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from worker.core.settings import Settings
 from worker.observability.exposition import gauge
 from worker.observability.stats import read_redis_memory
-from worker.redisio.link import CACHE_LINES, REDIS_UNAVAILABLE, LinkState, RedisLink
-from worker.redisio.roles import redis_client
+from worker.redisio.link import CACHE_LINES, REDIS_ERRORS, LinkState, RedisLink
+from worker.redisio.roles import client_of
 
 
 async def cache_redis_section(link: RedisLink | None) -> dict[str, Any] | None:
@@ -31,39 +29,23 @@ async def cache_redis_section(link: RedisLink | None) -> dict[str, Any] | None:
     if link.available:
         try:
             figures = await read_redis_memory(link.client)
-        except REDIS_UNAVAILABLE as exc:
-            link.report_failure(exc)
+        except REDIS_ERRORS as exc:
+            link.report_aside(exc)
         else:
             figures.pop("warning", None)
     return {"status": link.state.value, "redis": figures}
 
 
-class CacheRedisCollector(Collector):
-    """``/metrics``' families for the cache Redis: whether it answers, its memory and evictions
-    (none without a cache Redis of its own). ``collect`` cannot await: the ``/metrics`` handler
-    calls ``scrape`` first."""
-
-    def __init__(self, link: RedisLink | None, registry: CollectorRegistry) -> None:
-        self._link = link
-        self._section: dict[str, Any] | None = None
-        registry.register(self)
-
-    async def scrape(self) -> None:
-        self._section = await cache_redis_section(self._link)
-
-    def collect(self) -> Iterator[Metric]:
-        section = self._section
-        if section is None:
-            return
-        yield gauge(
-            "neiromatrius_cache_redis_connected",
-            "1 when the cache Redis (REDIS_CACHE_URL) is reachable.",
-            section["status"] == "redis_connected",
-        )
-        yield from _figures(section.get("redis") or {})
-
-
-def _figures(figures: dict[str, Any]) -> Iterator[Metric]:
+def cache_redis_metrics(section: dict[str, Any] | None) -> Iterator[Metric]:
+    """Whether the cache Redis answers, and its memory and evictions (nothing without one)."""
+    if section is None:
+        return
+    yield gauge(
+        "neiromatrius_cache_redis_connected",
+        "1 when the cache Redis (REDIS_CACHE_URL) is reachable.",
+        section["status"] == "redis_connected",
+    )
+    figures = section.get("redis") or {}
     for name, field, documentation in (
         ("used_memory_bytes", "used_memory", "Memory the cache Redis uses, in bytes."),
         ("maxmemory_bytes", "maxmemory", "The cache Redis's maxmemory in bytes (0: no limit)."),
@@ -83,27 +65,15 @@ async def probe_cache_redis(settings: Settings) -> dict[str, Any] | None:
     """The ``cache_redis`` section asked over a client of its own (the ``stats`` command)."""
     if not settings.cache_redis_separate:
         return None
-    client = await redis_client(settings, settings.redis_cache_url, CACHE_LINES.setting)
+    try:
+        client = await client_of(settings, settings.redis_cache_url, CACHE_LINES.setting)
+    except REDIS_ERRORS:
+        return {"status": LinkState.DISCONNECTED.value, "redis": None}
     try:
         figures = await read_redis_memory(client)
-    except REDIS_UNAVAILABLE:
+    except REDIS_ERRORS:
         return {"status": LinkState.DISCONNECTED.value, "redis": None}
     finally:
         await client.aclose()
     figures.pop("warning", None)
     return {"status": LinkState.CONNECTED.value, "redis": figures}
-
-
-def render_cache_redis(section: dict[str, Any] | None) -> str:
-    """The ``stats`` table's lines for the cache Redis ("" without one), after ``render_table``."""
-    if not section:
-        return ""
-    lines = ["", f"  cache redis      {section['status']} (REDIS_CACHE_URL)"]
-    figures = section.get("redis")
-    if figures:
-        lines.append(
-            f"  cache memory     {figures.get('used_memory_human')} (max "
-            f"{figures.get('maxmemory') or 'unlimited'}, policy {figures.get('maxmemory_policy')}, "
-            f"evicted {figures.get('evicted_keys')})"
-        )
-    return "\n" + "\n".join(lines)  # a blank line, then the section

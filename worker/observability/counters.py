@@ -1,9 +1,11 @@
 """Counters: this replica's own, and its share of the cluster's, flushed to Redis in batches.
 
 Counts that belong to a message's completion (processed, cache hits/misses, duplicates) are added
-to Redis by the claim scripts themselves, atomically with the done marker. Everything else
-(failures, retries, dead letters, ...) and anything counted while Redis was unreachable is kept as
-a pending delta here and written by ``ClusterReporter`` every heartbeat, one pipeline per flush.
+to Redis by the claim scripts themselves, atomically with the done marker, to the counters shard
+of the message's hash tag (see ``keys``). Everything else (failures, retries, dead letters, ...)
+and anything counted while Redis was unreachable is kept as a pending delta here and written by
+``ClusterReporter`` every heartbeat, one transaction per flush into counters shard 0, the slot of
+the heartbeats.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import structlog
 from prometheus_client.core import HistogramMetricFamily
 
 from worker.observability.metrics import CounterName
-from worker.redisio.keys import THROUGHPUT_BUCKET_TTL_S, RedisKeys
-from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+from worker.observability.tasks import BackgroundErrors
+from worker.redisio.keys import HEARTBEAT_SHARD, THROUGHPUT_BUCKET_TTL_S, RedisKeys
+from worker.redisio.link import REDIS_ERRORS, RedisFault, RedisLink
 
 log = structlog.get_logger("worker.observability.counters")
 
@@ -145,8 +148,10 @@ class ClusterReporter:
         status: Callable[[], dict[str, Any]],
         *,
         interval_s: float,
+        errors: BackgroundErrors | None = None,
     ) -> None:
         self._link = link
+        self._errors = errors or BackgroundErrors()
         self._keys = keys
         self._counters = counters
         self._identity = identity
@@ -170,13 +175,16 @@ class ClusterReporter:
         if not self._link.available:
             return
         deltas = self._counters.take_pending()
+        # Every key here has the heartbeats' hash tag: one slot, so one transaction on a cluster.
         pipe = self._link.client.pipeline(transaction=True)
+        stats = self._keys.stats(HEARTBEAT_SHARD)
         for name, value in deltas.items():
-            pipe.hincrby(self._keys.stats, name, value)
+            pipe.hincrby(stats, name, value)
         processed = deltas.get(CounterName.PROCESSED, 0)
         if processed:
-            bucket = self._keys.throughput(int(time.time()))
-            pipe.incrby(bucket, processed)
+            now_s = int(time.time())
+            bucket = self._keys.throughput(HEARTBEAT_SHARD, now_s)
+            pipe.hincrby(bucket, str(now_s), processed)
             pipe.expire(bucket, THROUGHPUT_BUCKET_TTL_S)
         ttl_s = max(1, int(self._interval_s * 3 + 1))
         pipe.set(
@@ -185,14 +193,36 @@ class ClusterReporter:
         pipe.sadd(self._keys.replicas, self._identity.replica_id)
         try:
             await pipe.execute()
-        except REDIS_UNAVAILABLE as exc:
+        except BaseException:
             self._counters.restore_pending(deltas)
-            self._link.report_failure(exc)
+            raise
 
     async def _run(self) -> None:
+        """Flush every interval; a failed flush is logged, reported and tried again next time."""
         while True:
-            await self.flush()
+            try:
+                await self.flush()
+            except REDIS_ERRORS as exc:
+                self._failed(exc)
+                with contextlib.suppress(*REDIS_ERRORS):  # an unclassified error is only recorded
+                    await self._after_failure(exc)
+            except Exception as exc:
+                self._failed(exc)
+            else:
+                self._errors.succeeded("heartbeat")
+                self._link.writes_succeeded(scripts=False)
             await asyncio.sleep(self._interval_s)
+
+    async def _after_failure(self, exc: BaseException) -> None:
+        """Tell the link; when Redis is full (``noeviction``), keep this replica listed in the
+        stats by extending its heartbeat's life: ``EXPIRE`` is allowed when ``SET`` is not."""
+        if self._link.report_aside(exc) is RedisFault.NOT_WRITABLE:
+            ttl_s = max(1, int(self._interval_s * 3 + 1))
+            await self._link.client.expire(self._keys.replica(self._identity.replica_id), ttl_s)
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._errors.failed("heartbeat", exc):
+            log.warning("heartbeat_failed", error=type(exc).__name__, retry_in_s=self._interval_s)
 
     async def __aenter__(self) -> ClusterReporter:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -209,9 +239,10 @@ class ClusterReporter:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await self.flush()
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.flush()
         if self._link.available:
-            with contextlib.suppress(*REDIS_UNAVAILABLE):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await self._link.client.delete(self._keys.replica(self._identity.replica_id))
                 await self._link.client.srem(self._keys.replicas, self._identity.replica_id)  # type: ignore[misc]
 

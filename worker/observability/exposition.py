@@ -7,13 +7,14 @@ from every replica: take ``max`` in PromQL.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from worker.observability.metrics import CounterName
 from worker.observability.stats import read_redis_memory
-from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+from worker.redisio.link import REDIS_ERRORS, RedisLink
 
 # (metric name, field of the stats' ``redis`` section, help) for the gauges.
 REDIS_GAUGES: tuple[tuple[str, str, str], ...] = (
@@ -30,6 +31,24 @@ REDIS_GAUGES: tuple[tuple[str, str, str], ...] = (
         "Commands per second Redis executes (its instantaneous_ops_per_sec).",
     ),
 )
+
+
+COUNTER_HELP: dict[str, str] = {
+    CounterName.PROCESSED: "Messages processed (classified, result published) by this replica.",
+    CounterName.DUPLICATES: "Deliveries skipped because their message ID was already processed.",
+    CounterName.REDELIVERED_DONE: "Redeliveries of messages already processed (not counted twice).",
+    CounterName.CACHE_HITS: "Processed messages whose classification came from the cache.",
+    CounterName.CACHE_MISSES: "Processed messages whose classification had to be computed.",
+    CounterName.CLASSIFIER_CALLS: "Calls made to the classifier.",
+    CounterName.FAILED: "Processing attempts that failed (then retried or dead-lettered).",
+    CounterName.RETRIED: "Messages parked in a retry queue after a transient failure.",
+    CounterName.DEAD_LETTERED: "Messages sent to the dead-letter queue.",
+    CounterName.CLAIMS_LOST: "Messages whose claim lapsed before completion (another replica took over).",
+    CounterName.DEGRADED: "Claims made in memory because Redis was unreachable.",
+}
+
+
+GAUGE_TALLIES = frozenset({"cache_local_entries"})
 
 
 def gauge(name: str, documentation: str, value: float | bool) -> GaugeMetricFamily:
@@ -86,8 +105,8 @@ async def scrape_redis(link: RedisLink | None) -> dict[str, Any] | None:
         return None
     try:
         return await read_redis_memory(link.client)
-    except REDIS_UNAVAILABLE as exc:
-        link.report_failure(exc)
+    except REDIS_ERRORS as exc:
+        link.report_aside(exc)
         return None
 
 
@@ -105,3 +124,27 @@ def breaker_metrics(breaker: dict[str, Any] | None) -> Iterator[Metric]:
         "1 while the LLM breaker is open because the server refuses the configuration.",
         breaker["kind"] == "configuration",
     )
+def counter_metrics(local: Mapping[str, int]) -> Iterator[Metric]:
+    """This replica's counters, one family each."""
+    for counter in CounterName:
+        # The family name has no suffix: the exposition adds ``_total`` to counters.
+        family = CounterMetricFamily(
+            f"neiromatrius_{counter.value}",
+            COUNTER_HELP.get(counter, f"Events counted as {counter.value} by this replica."),
+        )
+        family.add_metric([], float(local[counter]))
+        yield family
+
+
+def classifier_metrics(tallies: Mapping[str, int]) -> Iterator[Metric]:
+    """The classifier's tallies: gauges for the sizes, counters for the rest."""
+    for name, value in sorted(tallies.items()):
+        # Tallies of the cache tiers, single flights, rate limiter and LLM client.
+        if name in GAUGE_TALLIES:
+            yield gauge(f"neiromatrius_{name}", f"Classifier state: {name}.", value)
+        else:
+            family = CounterMetricFamily(
+                f"neiromatrius_{name}", f"Classifier events counted as {name} by this replica."
+            )
+            family.add_metric([], float(value))
+            yield family

@@ -2,9 +2,13 @@
 
 - ``GET /api/monitoring/stats``: the cluster view from Redis (``scope: cluster``), or this
   replica's own numbers without a reachable Redis (``scope: instance``), plus queue depths and
-  this replica's own counters under ``replica``.
+  this replica's own counters under ``replica``. A Redis error while reading the cluster view
+  gives this replica's view with the error under ``error`` (never an HTTP 500); the last errors
+  of the background tasks are under ``replica.background_errors``.
 - ``GET /health/live``: 200 while the process serves HTTP.
-- ``GET /health/ready``: 200 while connected to the broker and consuming, else 503 with the reason.
+- ``GET /health/ready``: 200 while connected to the broker and consuming, else 503 with the reason
+  (the broker, the consumer, or Redis refusing the worker's writes or commands: the link's
+  ``problem``).
 - ``GET /metrics``: this replica's counters, in-flight, Redis/broker state, queue depths and Redis
   ``INFO`` figures in the Prometheus text format. Counters are per replica (sum them in PromQL);
   queue depths and Redis figures are the same from every replica (take ``max``).
@@ -15,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -23,16 +27,19 @@ import structlog
 from aio_pika.abc import AbstractConnection
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from worker import __version__
 from worker.core.errors import ConfigError
-from worker.observability.cache_redis import CacheRedisCollector, cache_redis_section
+from worker.core.redaction import scrub
+from worker.observability.cache_redis import cache_redis_metrics, cache_redis_section
 from worker.observability.counters import Counters, ReplicaIdentity
 from worker.observability.exposition import (
     breaker_metrics,
+    classifier_metrics,
+    counter_metrics,
     gauge,
     queue_depth_metric,
     redis_metrics,
@@ -40,7 +47,7 @@ from worker.observability.exposition import (
     scrape_redis,
     unrouted_metric,
 )
-from worker.observability.metrics import COUNTER_HELP, CounterName
+from worker.observability.metrics import CounterName
 from worker.observability.stats import (
     BROKER_UNREACHABLE,
     QUEUE_PROBE_ERRORS,
@@ -52,16 +59,14 @@ from worker.observability.stats import (
     replica_entry,
     unknown_depths,
 )
+from worker.observability.tasks import BackgroundErrors
 from worker.redisio.keys import RedisKeys
-from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+from worker.redisio.link import REDIS_ERRORS, RedisLink
 
 log = structlog.get_logger("worker.observability.http")
 
 # What ``generate_latest`` writes (newer prometheus_client versions advertise 1.0.0 by default).
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-GAUGE_TALLIES = frozenset({"cache_local_entries"})
 
 
 @dataclass(slots=True)
@@ -82,6 +87,8 @@ class ReplicaView:
     cache_link: RedisLink | None = None  # REDIS_CACHE_URL's, when the cache has a Redis of its own
     classifier_problem: Callable[[], str | None] = lambda: None  # why the classifier is paused
     breaker: Callable[[], dict[str, Any] | None] = lambda: None  # the classifier's breaker
+    background_errors: BackgroundErrors = field(default_factory=BackgroundErrors)
+    secrets: tuple[str, ...] = ()
 
     def cache_status(self) -> dict[str, str]:
         if self.link is None:
@@ -99,6 +106,7 @@ class ReplicaView:
             "classifier": self.classifier_tallies(),
             "breaker": self.breaker(),
             "throughput": {f"{w}s": round(self.counters.throughput(w), 2) for w in WINDOWS_S},
+            "background_errors": self.background_errors.snapshot(),
         }
 
     async def queues(self) -> dict[str, Any] | None:
@@ -117,15 +125,21 @@ class ReplicaView:
         """The stats document: the cluster's numbers when Redis answers, else this replica's."""
         replica = self.replica()
         cache = self.cache_status()
-        queues, cache_redis = await self.queues(), await cache_redis_section(self.cache_link)
+        queues = await self.queues()
+        error = None
+        cache_redis = await cache_redis_section(self.cache_link)
         tail = {"cache_redis": cache_redis, "queues": queues, "replica": replica}
         if self.link is not None and self.link.available:
             try:
                 cluster = await read_cluster(self.link.client, self.keys)
                 cluster["results_unrouted"] = results_unrouted(queues)
                 return {"cache": cache, **cluster, **tail}
-            except REDIS_UNAVAILABLE as exc:
-                self.link.report_failure(exc)
+            except REDIS_ERRORS as exc:
+                error = scrub(f"{type(exc).__name__}: {exc}", self.secrets)
+                try:
+                    self.link.report_aside(exc)
+                except REDIS_ERRORS:  # not a known Redis fault: said in ``error`` all the same
+                    log.warning("stats_read_failed", error=type(exc).__name__)
                 cache = self.cache_status()
         counters = replica["counters"]
         own = {**replica, "last_seen": time.time(), "processed": counters[CounterName.PROCESSED]}
@@ -140,11 +154,14 @@ class ReplicaView:
             "breakers": [] if replica["breaker"] is None else [replica["breaker"]],
             "results_unrouted": results_unrouted(queues),
             **tail,
+            **({"error": error} if error else {}),
         }
 
     def readiness(self) -> tuple[bool, str]:
         if not self.broker_connected():
             return False, self.broker_problem() or BROKER_UNREACHABLE
+        if self.link is not None and self.link.problem is not None:
+            return False, self.link.problem.reason
         if not self.consuming():
             return False, "the consumer is not running"
         if (paused := self.classifier_problem()) is not None:
@@ -163,6 +180,7 @@ class ReplicaCollector(Collector):
         self._view = view
         self.queue_depths: dict[str, Any] | None = None
         self.redis: dict[str, Any] | None = None
+        self.cache_redis: dict[str, Any] | None = None
 
     def collect(self) -> Iterator[Metric]:
         view = self._view
@@ -173,45 +191,21 @@ class ReplicaCollector(Collector):
         )
         info.add_metric([view.identity.replica_id, __version__], 1.0)
         yield info
-        yield from _counter_metrics(view)
+        yield from counter_metrics(view.counters.local)
         yield view.counters.latency.metric(
             "neiromatrius_processing_seconds",
             # Measured per pass, from the start of work on its claimed messages to their
             # completion in the claim store: waiting in the inbox and claiming are not in it.
             "Time from the start of work on a claimed message to its completion, in seconds.",
         )
-        yield from _classifier_metrics(view)
+        yield from classifier_metrics(view.classifier_tallies())
         yield from _state_gauges(view)
         if self.queue_depths is not None:
             yield queue_depth_metric(self.queue_depths)
             yield from unrouted_metric(self.queue_depths)
         if self.redis is not None:
             yield from redis_metrics(self.redis)
-
-
-def _counter_metrics(view: ReplicaView) -> Iterator[Metric]:
-    local = view.counters.local
-    for counter in CounterName:
-        # The family name has no suffix: the exposition adds ``_total`` to counters.
-        family = CounterMetricFamily(
-            f"neiromatrius_{counter.value}",
-            COUNTER_HELP.get(counter, f"Events counted as {counter.value} by this replica."),
-        )
-        family.add_metric([], float(local[counter]))
-        yield family
-
-
-def _classifier_metrics(view: ReplicaView) -> Iterator[Metric]:
-    for name, value in sorted(view.classifier_tallies().items()):
-        # Tallies of the cache tiers, single flights, rate limiter and LLM client.
-        if name in GAUGE_TALLIES:
-            yield gauge(f"neiromatrius_{name}", f"Classifier state: {name}.", value)
-        else:
-            family = CounterMetricFamily(
-                f"neiromatrius_{name}", f"Classifier events counted as {name} by this replica."
-            )
-            family.add_metric([], float(value))
-            yield family
+        yield from cache_redis_metrics(self.cache_redis)
 
 
 def _state_gauges(view: ReplicaView) -> Iterator[Metric]:
@@ -243,11 +237,14 @@ def build_app(view: ReplicaView) -> web.Application:
     registry = CollectorRegistry(auto_describe=False)
     collector = ReplicaCollector(view)
     registry.register(collector)
-    cache_redis = CacheRedisCollector(view.cache_link, registry)
     ProcessCollector(registry=registry)
 
     async def stats(_: web.Request) -> web.Response:
-        return _json(await view.snapshot())
+        try:
+            return _json(await view.snapshot())
+        except Exception as exc:  # the endpoint answers JSON whatever happens (never a 500 page)
+            log.exception("stats_failed")
+            return _json({"cache": view.cache_status(), "error": type(exc).__name__}, 503)
 
     async def live(_: web.Request) -> web.Response:
         return _json({"status": "alive", "replica": view.identity.replica_id})
@@ -259,7 +256,7 @@ def build_app(view: ReplicaView) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         collector.queue_depths = await view.queues()
         collector.redis = await scrape_redis(view.link)
-        await cache_redis.scrape()
+        collector.cache_redis = await cache_redis_section(view.cache_link)
         return web.Response(body=generate_latest(registry), headers={"Content-Type": METRICS_TYPE})
 
     app = web.Application()

@@ -11,20 +11,23 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import aiormq
 import orjson
 from aio_pika.abc import AbstractConnection
-from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
 
 from worker.core.addresses import in_turn, split_addresses
 from worker.core.settings import Settings
-from worker.observability.breakers import breaker_lines, read_breakers
+from worker.observability.breakers import read_breakers
 from worker.observability.metrics import CounterName
-from worker.redisio.keys import RedisKeys
+from worker.observability.table import INFO_NOT_PERMITTED
+from worker.observability.table import render_table as render_table  # its old home
+from worker.redisio.batching import summed_hashes
+from worker.redisio.clients import RedisClient, server_info
+from worker.redisio.keys import SHARDS, RedisKeys
 
 WINDOWS_S = (10, 60, 300)
 REPLICA_FIELDS = ("id", "host", "pid", "started_at", "last_seen", "in_flight", "processed")
@@ -58,20 +61,24 @@ def all_counters(values: dict[str, int]) -> dict[str, int]:
     return {c.value: int(values.get(c.value, 0)) for c in CounterName}
 
 
-async def read_counters(redis: Redis, keys: RedisKeys) -> dict[str, int]:
-    raw: dict[bytes, bytes] = await redis.hgetall(keys.stats)  # type: ignore[misc]
-    return all_counters({k.decode(): int(v) for k, v in raw.items()})
+async def read_counters(redis: RedisClient, keys: RedisKeys) -> dict[str, int]:
+    """The cluster counters: the sum of their shards."""
+    totals = await summed_hashes(redis, keys.stats_shards)
+    return all_counters({name.decode(): value for name, value in totals.items()})
 
 
 async def read_throughput(
-    redis: Redis, keys: RedisKeys, now: float | None = None
+    redis: RedisClient, keys: RedisKeys, now: float | None = None
 ) -> dict[str, float]:
     """Messages per second for the whole cluster over the last 10 s, 60 s and 5 min (full seconds)."""
     current = int(now if now is not None else time.time())
-    seconds = list(range(current - max(WINDOWS_S), current))
-    values = await redis.mget([keys.throughput(s) for s in seconds])
-    per_second = {s: int(v) if v is not None else 0 for s, v in zip(seconds, values, strict=True)}
-    return {f"{w}s": round(sum(per_second[s] for s in seconds[-w:]) / w, 2) for w in WINDOWS_S}
+    seconds = range(current - max(WINDOWS_S), current)
+    minutes = range(seconds[0] // 60, seconds[-1] // 60 + 1)
+    buckets = [keys.throughput(shard, m * 60) for shard in range(SHARDS) for m in minutes]
+    per_second = {int(second): n for second, n in (await summed_hashes(redis, buckets)).items()}
+    return {
+        f"{w}s": round(sum(per_second.get(s, 0) for s in seconds[-w:]) / w, 2) for w in WINDOWS_S
+    }
 
 
 def replica_entry(heartbeat: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +86,7 @@ def replica_entry(heartbeat: dict[str, Any]) -> dict[str, Any]:
     return {name: heartbeat.get(name) for name in REPLICA_FIELDS}
 
 
-async def read_replicas(redis: Redis, keys: RedisKeys) -> list[dict[str, Any]]:
+async def read_replicas(redis: RedisClient, keys: RedisKeys) -> list[dict[str, Any]]:
     """Heartbeats of live replicas; IDs whose heartbeat expired are dropped from the set."""
     ids = sorted(m.decode() for m in await redis.smembers(keys.replicas))  # type: ignore[misc]
     if not ids:
@@ -99,12 +106,17 @@ async def read_replicas(redis: Redis, keys: RedisKeys) -> list[dict[str, Any]]:
     return live
 
 
-async def read_redis_memory(redis: Redis) -> dict[str, Any]:
+async def read_redis_memory(redis: RedisClient) -> dict[str, Any]:
     """The three figures the source document watches (memory, connections, commands per
-    second) and evictions, from ``INFO memory``, ``clients`` and ``stats``."""
-    memory = await redis.info("memory")
-    clients = await redis.info("clients")
-    stats = await redis.info("stats")
+    second) and evictions, from ``INFO memory``, ``clients`` and ``stats`` (summed over the
+    masters of a cluster); ``{"memory": "not permitted"}`` for a user the ACL refuses ``INFO``
+    (the worker itself never needs it)."""
+    try:
+        memory = await server_info(redis, "memory")
+        clients = await server_info(redis, "clients")
+        stats = await server_info(redis, "stats")
+    except NoPermissionError:
+        return {"memory": INFO_NOT_PERMITTED}
     evicted = int(stats.get("evicted_keys", 0))
     found: dict[str, Any] = {
         "used_memory": int(memory.get("used_memory", 0)),
@@ -115,6 +127,8 @@ async def read_redis_memory(redis: Redis) -> dict[str, Any]:
         "connected_clients": int(clients.get("connected_clients", 0)),
         "instantaneous_ops_per_sec": int(stats.get("instantaneous_ops_per_sec", 0)),
     }
+    if "masters" in memory:
+        found["cluster_masters"] = memory["masters"]
     if evicted:
         found["warning"] = (
             f"{evicted} keys were evicted: evicted done markers let duplicates through; "
@@ -123,7 +137,7 @@ async def read_redis_memory(redis: Redis) -> dict[str, Any]:
     return found
 
 
-async def read_cluster(redis: Redis, keys: RedisKeys) -> dict[str, Any]:
+async def read_cluster(redis: RedisClient, keys: RedisKeys) -> dict[str, Any]:
     counters = await read_counters(redis, keys)
     return {
         "scope": "cluster",
@@ -198,111 +212,14 @@ async def read_queue_depths(
 async def probe_queue_depths(
     rabbitmq_url: str, names: QueueNames, *, timeout_s: float = 3.0
 ) -> dict[str, Any]:
-    """``read_queue_depths`` over a short-lived connection (to the first of the broker's
-    addresses that answers, tried in turn); unknown depths if none does."""
-    connection: AbstractConnection | None = None
+    """``read_queue_depths`` over a short-lived connection to the first of the broker's addresses
+    that answers (tried in turn); unknown depths if none does."""
     for address in in_turn(split_addresses(rabbitmq_url)):
         with contextlib.suppress(*QUEUE_PROBE_ERRORS):
             connection = await asyncio.wait_for(aio_pika.connect(address), timeout_s)
-            break
-    if connection is None:
-        return unknown_depths(names, BROKER_UNREACHABLE)
-    try:
-        return await read_queue_depths(connection, names, timeout_s=timeout_s)
-    except QUEUE_PROBE_ERRORS:
-        return unknown_depths(names, BROKER_UNREACHABLE)
-    finally:
-        with contextlib.suppress(*QUEUE_PROBE_ERRORS):
-            await connection.close()
-
-
-def _ago(epoch_s: Any, now: float) -> str:
-    if not isinstance(epoch_s, int | float):
-        return "?"
-    seconds = max(0.0, now - float(epoch_s))
-    if seconds < 120:
-        return f"{seconds:.0f}s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m ago"
-    return f"{seconds / 3600:.1f}h ago"
-
-
-def _started(epoch_s: Any) -> str:
-    if not isinstance(epoch_s, int | float):
-        return "?"
-    return datetime.fromtimestamp(float(epoch_s), UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _depth(entry: dict[str, Any]) -> str:
-    if entry.get("missing"):
-        return f"{entry['name']}: (no such queue)"
-    if entry.get("messages") is None:
-        return f"{entry['name']}: ?"
-    consumers = f"{entry['consumers']} consumer{'' if entry['consumers'] == 1 else 's'}"
-    return f"{entry['name']}: {entry['messages']:,} waiting, {consumers}"
-
-
-def render_table(stats: dict[str, Any], now: float | None = None) -> str:
-    """A readable summary for people (the ``stats`` command without ``--json``)."""
-    now = time.time() if now is None else now
-    lines = [f"Neiromatrius worker — {stats.get('scope', 'cluster')} stats"]
-    cache = stats.get("cache")
-    if cache:
-        lines.append(f"  cache            {cache['status']} ({cache['type']})")
-    lines.append("")
-    lines.append("  counters")
-    for name, value in stats["counters"].items():
-        lines.append(f"    {name:<18}{value:>12,}")
-    lines.append("")
-    r = stats["rates"]
-    lines.append(f"  duplicate rate   {r['duplicate_rate']:.2%}")
-    lines.append(f"  cache hit rate   {r['cache_hit_rate']:.2%}")
-    tp = stats["throughput"]
-    lines.append("  throughput       " + "  ".join(f"{k}: {v:,.1f}/s" for k, v in tp.items()))
-    lines.extend(_replica_lines(stats.get("replicas", []), now))
-    lines.extend(_redis_lines(stats.get("redis")))
-    lines.extend(breaker_lines(stats.get("breakers")))
-    lines.extend(_queue_lines(stats.get("queues")))
-    return "\n".join(lines)
-
-
-def _replica_lines(replicas: list[dict[str, Any]], now: float) -> list[str]:
-    lines = ["", f"  live replicas    {len(replicas)}"]
-    for rep in replicas:
-        lines.append(
-            f"    {rep.get('id')!s:<28} host {rep.get('host')!s:<16} pid {rep.get('pid')!s:<8}"
-            f" started {_started(rep.get('started_at'))}  seen {_ago(rep.get('last_seen'), now)}"
-            f"  in flight {rep.get('in_flight') or 0:<5} processed {rep.get('processed') or 0:,}"
-        )
-    return lines
-
-
-def _redis_lines(redis: dict[str, Any] | None) -> list[str]:
-    if not redis:
-        return []
-    lines = [
-        "",
-        f"  redis memory     {redis.get('used_memory_human')} "
-        f"(max {redis.get('maxmemory') or 'unlimited'}, policy {redis.get('maxmemory_policy')},"
-        f" evicted {redis.get('evicted_keys')})",
-        f"  redis clients    {redis.get('connected_clients') or 0:,} connected, "
-        f"{redis.get('instantaneous_ops_per_sec') or 0:,} commands/s",
-    ]
-    if "warning" in redis:
-        lines.append(f"  WARNING: {redis['warning']}")
-    return lines
-
-
-def _queue_lines(queues: dict[str, Any] | None) -> list[str]:
-    if not queues:
-        return []
-    lines = [
-        "",
-        f"  input queue      {_depth(queues['input'])}",
-        f"  dead letters     {_depth(queues['dead_letter'])}",
-    ]
-    if "unrouted" in queues:
-        lines.append(f"  unrouted results {_depth(queues['unrouted'])}")
-    if "error" in queues:
-        lines.append(f"  (queue depths unknown: {queues['error']})")
-    return lines
+            try:
+                return await read_queue_depths(connection, names, timeout_s=timeout_s)
+            finally:
+                with contextlib.suppress(*QUEUE_PROBE_ERRORS):
+                    await connection.close()
+    return unknown_depths(names, BROKER_UNREACHABLE)

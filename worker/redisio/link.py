@@ -1,10 +1,24 @@
-"""The replica's connection to Redis: its state, the contract's log lines, and background recovery.
+"""The replica's connection to Redis: its state, what each Redis error means, and recovery.
 
-Components that use Redis ask ``available`` before a call and ``report_failure`` when a call fails;
-the link then logs ``⚠️ Redis connection failed`` once, and retries with backoff in the background
-until a PING answers, when it logs ``✅ Redis cache connected`` and everybody switches back.
-``outage_s`` says how long the current outage has lasted (claims fall back to memory only after
-``REDIS_FALLBACK_AFTER_S`` of it, see ``fallback``).
+Components that use Redis ask ``available`` before a call and hand any error of a call to
+``report_failure``, which classifies it (``classify``) and answers what it is:
+
+- ``UNAVAILABLE``: Redis cannot be reached or cannot serve now (connection, timeout, ``LOADING``,
+  ``CLUSTERDOWN``, ``TRYAGAIN``, ``MASTERDOWN``, ``READONLY`` from a demoted master). The link logs
+  ``⚠️ Redis connection failed`` once and PINGs with backoff in the background until Redis
+  answers, then logs ``✅ Redis cache connected``; meanwhile ``REDIS_FAILURE_MODE`` applies
+  (claims wait, then fall back to memory; see ``worker.claims.fallback``). ``outage_s`` says how
+  long the outage has lasted. Behind Sentinel, the new connection of that PING asks the sentinels
+  for the master again (``worker.redisio.sentinel``).
+- ``NOT_WRITABLE``: Redis answers but refuses writes (``OOM`` under ``noeviction``). No fallback:
+  a done marker that cannot be written must not be replaced by memory, so claims wait and
+  completions are held and retried. ``problem`` says why until a write succeeds again
+  (``writes_succeeded``); the warning, naming the maxmemory, is logged at most once a minute.
+- ``REFUSED``: the configuration refuses the worker (``NOPERM``, ``WRONGPASS``/``NOAUTH``, an
+  unknown command such as ``EVALSHA`` on a sentinel's port). Logged once as an error with the fix;
+  claims wait as for ``NOT_WRITABLE`` until a call succeeds (an ``ACL SETUSER`` applies at once).
+
+Anything else (a bug in a script, bad arguments) is re-raised by ``report_failure``.
 """
 
 from __future__ import annotations
@@ -13,34 +27,62 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
-import hiredis
 import structlog
-from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import EncodableT
+from redis.exceptions import ResponseError
 
 from worker.core.redaction import redact_url, scrub
+from worker.redisio.clients import RedisClient, ping
+from worker.redisio.faults import (
+    REDIS_ERRORS,
+    REDIS_UNAVAILABLE,
+    SENTINEL_FIX,
+    RedisFault,
+    classify,
+    refusal_fix,
+)
+from worker.redisio.sentinel import server_mode
+
+__all__ = [  # the faults' names are re-exported: callers catch and classify through the link
+    "CONNECTED_LINE",
+    "FAILED_LINE",
+    "FALLBACK_IN_MEMORY",
+    "FALLBACK_NONE",
+    "FALLBACK_STRICT",
+    "NOT_WRITABLE_LINE",
+    "REDIS_ERRORS",
+    "REDIS_UNAVAILABLE",
+    "REFUSED_LINE",
+    "LinkProblem",
+    "LinkState",
+    "RedisFault",
+    "RedisLink",
+    "classify",
+]
 
 log = structlog.get_logger("worker.redis")
 
-# Failures that mean "Redis is not reachable right now" (not a bug in a command or a script).
-REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    OSError,
-    asyncio.TimeoutError,
-)
-
 CONNECTED_LINE = "✅ Redis cache connected"
 FAILED_LINE = "⚠️ Redis connection failed"
+REFUSED_LINE = "⛔ Redis refused the worker"
+NOT_WRITABLE_LINE = "⚠️ Redis refuses writes"
 FALLBACK_IN_MEMORY = "in-memory claims, cache and counters until Redis is back"
 FALLBACK_STRICT = "none (REDIS_FAILURE_MODE=strict): no new message is taken until Redis is back"
+FALLBACK_NONE = "none: no new message is claimed until Redis accepts the worker's commands"
+NOT_WRITABLE_WARN_EVERY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class LinkProblem:
+    """Why Redis answers but cannot take the worker's writes (``reason``: one line, no secret)."""
+
+    fault: RedisFault
+    reason: str
 
 
 class LinkLines(NamedTuple):
@@ -69,58 +111,12 @@ class LinkState(StrEnum):
     DISCONNECTED = "redis_disconnected"
 
 
-def make_redis(url: str, timeout_s: float) -> Redis:
-    """A client for ``url`` with timeouts, so an outage fails calls instead of hanging them, and
-    commands packed by hiredis (see ``packed_by_hiredis``)."""
-    client = Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry_on_timeout=False,
-        health_check_interval=0,
-    )
-    pool = client.connection_pool
-    pool.connection_class = packed_by_hiredis(pool.connection_class)
-    return client
-
-
-def packed_by_hiredis(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
-    """``connection_class`` packing commands with hiredis's C packer.
-
-    redis-py's synchronous client packs with hiredis when it is installed; its asyncio client
-    always packs in Python, about 0.8 µs per argument. The worker's scripts carry several
-    arguments per message, so that was a tenth of a message's cost. The bytes are the same RESP.
-    """
-
-    class HiredisPacking(connection_class):  # type: ignore[valid-type,misc]
-        def pack_command(self, *args: EncodableT) -> list[bytes]:
-            return pack_with_hiredis(args)
-
-    HiredisPacking.__name__ = HiredisPacking.__qualname__ = (
-        f"HiredisPacking{connection_class.__name__}"
-    )
-    return HiredisPacking
-
-
-def pack_with_hiredis(args: tuple[EncodableT, ...]) -> list[bytes]:
-    """What redis-py's ``HiredisRespSerializer.pack`` does (a multi-word command name is split)."""
-    first = args[0]
-    if isinstance(first, str):
-        args = (*first.encode().split(), *args[1:])
-    elif isinstance(first, bytes) and b" " in first:
-        args = (*first.split(), *args[1:])
-    try:
-        return [hiredis.pack_command(args)]  # type: ignore[arg-type]
-    except TypeError as exc:
-        raise DataError(str(exc)) from exc
-
-
 class RedisLink:
-    """Tracks whether Redis answers, and brings it back after an outage."""
+    """Tracks whether Redis answers and takes writes, and brings it back after an outage."""
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         url: str,
         *,
         secrets: tuple[str, ...] = (),
@@ -135,9 +131,14 @@ class RedisLink:
         self._max_backoff_s = max_backoff_s
         self._fallback = fallback
         self.state = LinkState.DISCONNECTED
+        self.problem: LinkProblem | None = None
         self._down_since: float | None = None
         self._recovery: asyncio.Task[None] | None = None
         self._on_recovery: list[Callable[[], Awaitable[None]]] = []
+        self._refusals_logged: set[str] = set()
+        self._at_sentinel = False  # REDIS_URL names a sentinel's port (see ``connect``)
+        self._not_writable_warned_at = self._accepting_logged_at = -NOT_WRITABLE_WARN_EVERY_S
+        self._warning: asyncio.Task[None] | None = None
 
     @property
     def available(self) -> bool:
@@ -155,30 +156,137 @@ class RedisLink:
         self._on_recovery.append(callback)
 
     async def connect(self) -> bool:
-        """Try once; on failure keep working (callers fall back) and retry in the background."""
+        """Try once; on failure keep working (callers fall back or wait) and retry in the
+        background. A sentinel's port answers PING too: ``HELLO`` tells it from a server."""
         try:
-            await self.client.ping()  # type: ignore[misc]
-        except REDIS_UNAVAILABLE as exc:
+            await ping(self.client)
+            mode = None if isinstance(self.client, RedisCluster) else await server_mode(self.client)
+        except REDIS_ERRORS as exc:
             self.report_failure(exc)
+            return False
+        if mode == b"sentinel":
+            self._at_sentinel = True
+            self._refused(ResponseError("the server is a sentinel"))
+            self.state = LinkState.CONNECTED
             return False
         self.state = LinkState.CONNECTED
         self._down_since = None
         log.info(self.lines.connected, redis=self._where, setting=self.lines.setting)
         return True
 
-    def report_failure(self, exc: BaseException) -> None:
+    def report_failure(self, exc: BaseException) -> RedisFault:
+        """What ``exc`` means (``classify``), acted on: an outage starts recovering, a refused
+        write or command becomes ``problem``. Re-raises ``exc`` when it is none of them."""
+        fault = classify(exc)
+        if fault is None:
+            raise exc
+        if fault is RedisFault.NOT_WRITABLE:
+            self._not_writable(exc)
+        elif fault is RedisFault.REFUSED:
+            self._refused(exc)
+            if isinstance(exc, RedisConnectionError):  # a refused AUTH: no connection either
+                self._start_recovery(exc, quiet=True)
+        else:
+            self._start_recovery(exc)
+        return fault
+
+    def report_aside(self, exc: BaseException) -> RedisFault:
+        """As ``report_failure``, for a call the claims do not depend on (cache, single flight,
+        rate limit, heartbeats, stats): an outage and a full Redis count, but a refusal is only
+        logged (once, with its fix), so a permission only the stats need cannot stop processing."""
+        fault = classify(exc)
+        if fault is None:
+            raise exc
+        if fault is RedisFault.UNAVAILABLE:
+            self._start_recovery(exc)
+        elif fault is RedisFault.REFUSED:
+            self._log_refusal(exc, self._fix_for(exc))
+        else:
+            self._not_writable(exc)  # Redis is full for everybody: the claims wait too
+        return fault
+
+    def writes_succeeded(self, *, scripts: bool = True) -> None:
+        """A write went through: Redis has room again, and, when it ran the worker's scripts
+        (``scripts``), whatever refused them is over too (said at most once a minute: a Redis
+        at its limit lets some writes through)."""
+        problem = self.problem
+        if problem is None or not (scripts or problem.fault is RedisFault.NOT_WRITABLE):
+            return
+        self.problem = None
+        now = time.monotonic()
+        if now - self._accepting_logged_at >= NOT_WRITABLE_WARN_EVERY_S:
+            self._accepting_logged_at = now
+            log.info("redis_accepting_again", was=problem.fault.value)
+
+    def _error_text(self, exc: BaseException) -> str:
+        return scrub(f"{type(exc).__name__}: {exc}", self._secrets)
+
+    def _fix_for(self, exc: BaseException) -> str:
+        return SENTINEL_FIX if self._at_sentinel else refusal_fix(exc)
+
+    def _refused(self, exc: BaseException) -> None:
+        fix = self._fix_for(exc)
+        self.problem = LinkProblem(RedisFault.REFUSED, f"Redis refused the worker: {fix}")
+        self._log_refusal(exc, fix, fallback=FALLBACK_NONE)
+
+    def _log_refusal(self, exc: BaseException, fix: str, *, fallback: str = "") -> None:
+        """The error line, once per fix for the life of the replica."""
+        if fix in self._refusals_logged:
+            return
+        self._refusals_logged.add(fix)
+        extra = {"fallback": fallback} if fallback else {}
+        log.error(REFUSED_LINE, redis=self._where, error=self._error_text(exc), fix=fix, **extra)
+
+    def _not_writable(self, exc: BaseException) -> None:
+        self.problem = LinkProblem(
+            RedisFault.NOT_WRITABLE,
+            "Redis refuses writes (OOM: used memory is over maxmemory under noeviction); "
+            "claims wait until it has room",
+        )
+        now = time.monotonic()
+        if now - self._not_writable_warned_at < NOT_WRITABLE_WARN_EVERY_S:
+            return
+        self._not_writable_warned_at = now
+        if self._warning is None or self._warning.done():
+            error = self._error_text(exc)
+            self._warning = asyncio.get_running_loop().create_task(self._warn_not_writable(error))
+
+    async def _warn_not_writable(self, error: str) -> None:
+        """The warning, with the memory figures when ``INFO`` is permitted."""
+        memory: dict[str, object] = {}
+        try:
+            info = await self.client.info("memory")
+            memory = {
+                "used_memory": info.get("used_memory"),
+                "maxmemory": info.get("maxmemory"),
+                "maxmemory_policy": info.get("maxmemory_policy"),
+            }
+        except REDIS_ERRORS:
+            memory = {"maxmemory": "unknown (INFO not permitted or failed)"}
+        log.warning(
+            NOT_WRITABLE_LINE,
+            redis=self._where,
+            error=error,
+            **memory,
+            fix="free memory in Redis, raise maxmemory, or shorten DEDUP_TTL_S/CACHE_TTL_S",
+            fallback=FALLBACK_NONE,
+            retry="claims are retried with backoff (at most 0.5 s apart)",
+        )
+
+    def _start_recovery(self, exc: BaseException, *, quiet: bool = False) -> None:
         """Mark Redis down (logging the failure line once per outage) and start recovering."""
         if self._recovery is not None and not self._recovery.done():
             return
         self.state = LinkState.DISCONNECTED
         self._down_since = time.monotonic()
-        log.warning(
-            self.lines.failed,
-            redis=self._where,
-            setting=self.lines.setting,
-            error=scrub(f"{type(exc).__name__}: {exc}", self._secrets),
-            fallback=self._fallback,
-        )
+        if not quiet:
+            log.warning(
+                self.lines.failed,
+                redis=self._where,
+                setting=self.lines.setting,
+                error=self._error_text(exc),
+                fallback=self._fallback,
+            )
         self._recovery = asyncio.get_running_loop().create_task(self._recover())
 
     async def _recover(self) -> None:
@@ -187,8 +295,10 @@ class RedisLink:
         while True:
             await asyncio.sleep(delay_s)
             try:
-                await self.client.ping()  # type: ignore[misc]
-            except REDIS_UNAVAILABLE:
+                await ping(self.client)
+            except REDIS_ERRORS as exc:
+                if classify(exc) is RedisFault.REFUSED:
+                    self._refused(exc)
                 delay_s = min(delay_s * 2, self._max_backoff_s)
                 continue
             break
@@ -196,6 +306,8 @@ class RedisLink:
         self.state = LinkState.CONNECTED
         self._down_since = None
         self._recovery = None  # a failure from here on starts a new recovery
+        if self.problem is not None and self.problem.fault is RedisFault.REFUSED:
+            self.problem = None  # the credentials are accepted now (a NOPERM would come back)
         log.info(
             self.lines.connected,
             redis=self._where,
@@ -206,12 +318,13 @@ class RedisLink:
         for callback in self._on_recovery:
             try:
                 await callback()
-            except REDIS_UNAVAILABLE as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("redis_recovery_step_failed", error=type(exc).__name__)
 
     async def aclose(self) -> None:
-        if self._recovery is not None:
-            self._recovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recovery
+        for task in (self._recovery, self._warning):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.client.aclose()

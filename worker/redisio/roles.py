@@ -17,12 +17,10 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
-import structlog
-from redis.asyncio import Redis
-
 from worker.core.errors import ConfigError
 from worker.core.redaction import scrub
 from worker.core.settings import Settings
+from worker.redisio.clients import RedisClient, make_client
 from worker.redisio.link import (
     CACHE_LINES,
     CLAIMS_LINES,
@@ -30,34 +28,31 @@ from worker.redisio.link import (
     FALLBACK_NO_SHARED_CACHE,
     FALLBACK_STRICT,
     RedisLink,
-    make_redis,
 )
 
-log = structlog.get_logger("worker.redis")
-
-IN_MEMORY_LINE = "In-memory mode: no REDIS_URL, claims, cache and counters are per replica"
 # With a cache Redis of its own, the claims Redis's outage leaves the shared cache in place.
 FALLBACK_CLAIMS_ONLY = "in-memory claims and counters until Redis is back (the cache stays shared)"
 
 
-async def redis_client(settings: Settings, url: str, setting: str) -> Redis:
-    """A client for ``url``; a URL redis-py refuses (a bad query parameter) names ``setting``.
-
-    Asynchronous because the client a URL needs may depend on the server (a cluster node); both
-    roles and every command (``check``, ``stats``) get their clients here."""
+async def client_of(settings: Settings, url: str, setting: str) -> RedisClient:
+    """A client for ``url`` (in ``REDIS_MODE`` for ``REDIS_URL``; the cache Redis's mode is asked
+    of the server); a URL redis-py refuses (a bad query parameter) names ``setting``."""
+    mode = settings.redis_mode if setting == CLAIMS_LINES.setting else "auto"
     try:
-        return make_redis(url, settings.redis_timeout_s)
+        return await make_client(
+            url,
+            mode,
+            settings.redis_timeout_s,
+            sentinel_password=settings.redis_sentinel_password.get_secret_value(),
+        )
     except ValueError as exc:
         raise ConfigError(
             f"invalid setting {setting}: {scrub(str(exc), settings.secrets)}"
         ) from None
 
 
-async def claims_link(settings: Settings) -> RedisLink | None:
-    """The link to ``REDIS_URL``; ``None`` (and the contract's in-memory line) without it."""
-    if not settings.redis_enabled:
-        log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
-        return None
+async def claims_link(settings: Settings) -> RedisLink:
+    """The link to ``REDIS_URL`` (which must be set)."""
     if settings.redis_failure_mode == "strict":
         fallback = FALLBACK_STRICT
     elif settings.cache_redis_separate:
@@ -65,7 +60,7 @@ async def claims_link(settings: Settings) -> RedisLink | None:
     else:
         fallback = FALLBACK_IN_MEMORY
     return RedisLink(
-        await redis_client(settings, settings.redis_url, CLAIMS_LINES.setting),
+        await client_of(settings, settings.redis_url, CLAIMS_LINES.setting),
         settings.redis_url,
         secrets=settings.secrets,
         fallback=fallback,
@@ -78,7 +73,7 @@ async def cache_link(settings: Settings, claims: RedisLink | None) -> RedisLink 
     if not settings.cache_redis_separate:
         return claims
     return RedisLink(
-        await redis_client(settings, settings.redis_cache_url, CACHE_LINES.setting),
+        await client_of(settings, settings.redis_cache_url, CACHE_LINES.setting),
         settings.redis_cache_url,
         secrets=settings.secrets,
         fallback=FALLBACK_NO_SHARED_CACHE,

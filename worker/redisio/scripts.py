@@ -16,8 +16,9 @@ import functools
 from dataclasses import dataclass
 from importlib import resources
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+
+from worker.redisio.clients import RedisClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +35,10 @@ class LuaScript:
         parts = [_read(self.package, part) for part in (*self.library, self.name)]
         return "\n".join(parts)
 
-    def register(self, client: Redis) -> AsyncScript:
+    def register(self, client: RedisClient) -> AsyncScript:
         """``client``'s handle to this script (no round trip: the script is loaded on first use)."""
-        return client.register_script(self.source)
+        # redis-py annotates the method for Redis only; RedisCluster inherits the same one.
+        return client.register_script(self.source)  # type: ignore[misc]
 
 
 @functools.cache
