@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,9 +16,8 @@ from worker.core.errors import ConfigError
 from worker.core.redaction import url_secrets
 from worker.core.redis_tls import check_redis_tls
 from worker.core.sentinel_url import SENTINEL_SCHEMES, is_sentinel_url, parse_sentinel_url
+from worker.core.urls import AMQP_SCHEMES, REDIS_SCHEMES, check_url
 
-REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
-AMQP_SCHEMES = frozenset({"amqp", "amqps"})
 # URL-valued settings whose input must never be echoed: they may carry a password.
 SECRET_FIELDS = frozenset(
     {
@@ -36,19 +34,6 @@ UNROUTED_SUFFIX = ".unrouted"  # {RESULTS_EXCHANGE}.unrouted: the name CONTRACT.
 DEFAULT_LLM_LABELS = "question,complaint,order,greeting,spam,other"
 # Labels become AMQP routing keys: one topic word (no dots, no wildcards), letters first.
 _LLM_LABEL_RE = re.compile(r"[^\W\d_][\w-]{0,63}")
-
-
-def _check_url(value: str, schemes: frozenset[str], *, needs_host: bool = True) -> str:
-    try:
-        parts = urlsplit(value)
-        _ = parts.port  # raises ValueError on a non-numeric port
-    except ValueError as exc:
-        raise ValueError("is not a valid URL") from exc
-    if parts.scheme not in schemes:
-        raise ValueError(f"must start with one of {', '.join(s + '://' for s in sorted(schemes))}")
-    if needs_host and parts.scheme != "unix" and not parts.hostname:
-        raise ValueError("has no host name")
-    return value
 
 
 class Settings(BaseSettings):
@@ -156,7 +141,7 @@ class Settings(BaseSettings):
         if value and is_sentinel_url(value):
             parse_sentinel_url(value)  # raises ValueError saying what is wrong
             return value
-        return check_redis_tls(_check_url(value, REDIS_SCHEMES | SENTINEL_SCHEMES)) if value else ""
+        return check_redis_tls(check_url(value, REDIS_SCHEMES | SENTINEL_SCHEMES)) if value else ""
 
     @field_validator("rabbitmq_url")
     @classmethod
@@ -164,13 +149,13 @@ class Settings(BaseSettings):
         """One address, or a cluster's: several comma-separated, each checked on its own."""
         addresses = [part.strip() for part in value.split(",")]
         if len(addresses) == 1:
-            return _check_url(addresses[0], AMQP_SCHEMES)
+            return check_url(addresses[0], AMQP_SCHEMES)
         for number, address in enumerate(addresses, 1):
             where = f"address {number} of {len(addresses)}"
             if not address:
                 raise ValueError(f"{where} is empty (a comma too many?)")
             try:
-                _check_url(address, AMQP_SCHEMES)
+                check_url(address, AMQP_SCHEMES)
             except ValueError as exc:
                 raise ValueError(f"{where} {exc}") from None
         return ",".join(addresses)
@@ -179,7 +164,7 @@ class Settings(BaseSettings):
     @classmethod
     def _llm_base_url(cls, value: str) -> str:
         value = value.strip()
-        return _check_url(value, frozenset({"http", "https"})) if value else ""
+        return check_url(value, frozenset({"http", "https"})) if value else ""
 
     @field_validator("llm_labels")
     @classmethod
