@@ -49,7 +49,6 @@ from worker.redisio.roles import cache_link, claims_link, connect_links
 
 log = structlog.get_logger("worker.app")
 
-IN_MEMORY_LINE = "In-memory mode: no REDIS_URL, claims, cache and counters are per replica"
 SUMMARY_INTERVAL_S = 30.0
 
 
@@ -87,14 +86,6 @@ class _Base:
     classifier: Classifier
     breaker: CircuitBreaker | None  # the classifier's, if it has one
     hooks: Hooks
-
-
-async def build_link(settings: Settings) -> RedisLink | None:
-    """The link to Redis; ``None`` (and the contract's in-memory line) without ``REDIS_URL``."""
-    if not settings.redis_enabled:
-        log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
-        return None
-    return await claims_link(settings)
 
 
 async def build_cached_classifier(stack: AsyncExitStack, base: _Base) -> CachedClassifier:
@@ -260,7 +251,7 @@ async def build_base(settings: Settings) -> _Base:
     """Built first, so a bad setting stops start-up before any connection but Redis's mode probe."""
     identity = ReplicaIdentity.create(settings.replica_id)
     hooks = pipeline_hooks(settings, replica_id=identity.replica_id)
-    link = await build_link(settings)
+    link = await claims_link(settings)
     counters = Counters(cluster=settings.redis_enabled)
     classifier = build_classifier(settings, link=link, counters=counters)
     return _Base(

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
+import structlog
+
 from worker.core.errors import ConfigError
 from worker.core.redaction import scrub
 from worker.core.settings import Settings
@@ -30,6 +32,9 @@ from worker.redisio.link import (
     RedisLink,
 )
 
+log = structlog.get_logger("worker.redis")
+
+IN_MEMORY_LINE = "In-memory mode: no REDIS_URL, claims, cache and counters are per replica"
 # With a cache Redis of its own, the claims Redis's outage leaves the shared cache in place.
 FALLBACK_CLAIMS_ONLY = "in-memory claims and counters until Redis is back (the cache stays shared)"
 
@@ -54,8 +59,11 @@ async def client_of(
         ) from None
 
 
-async def claims_link(settings: Settings) -> RedisLink:
-    """The link to ``REDIS_URL`` (which must be set)."""
+async def claims_link(settings: Settings) -> RedisLink | None:
+    """The link to ``REDIS_URL``; ``None`` (and the contract's in-memory line) without it."""
+    if not settings.redis_enabled:
+        log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
+        return None
     if settings.redis_failure_mode == "strict":
         fallback = FALLBACK_STRICT
     elif settings.cache_redis_separate:
