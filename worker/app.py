@@ -23,10 +23,11 @@ from worker.amqp.unrouted import UnroutedWatch
 from worker.claims.factory import build_claim_store
 from worker.claims.leases import LeaseKeeper
 from worker.claims.protocol import ClaimStore
+from worker.classification.breaker import CircuitBreaker
 from worker.classification.cache import ClassificationCache, LocalCache
 from worker.classification.cached import CachedClassifier
 from worker.classification.classifiers.base import Classifier
-from worker.classification.classifiers.factory import build_classifier
+from worker.classification.classifiers.factory import breaker_of, build_classifier
 from worker.classification.locks import LOCK_TTL_S, ClusterLocks
 from worker.classification.singleflight import ClusterFlight
 from worker.core.gc_tuning import tune_for_throughput
@@ -80,6 +81,7 @@ class _Base:
     link: RedisLink | None
     live: _Live
     classifier: Classifier
+    breaker: CircuitBreaker | None  # the classifier's, if it has one
     hooks: Hooks
 
 
@@ -133,6 +135,8 @@ async def start_monitoring(stack: AsyncExitStack, base: _Base, cached: CachedCla
         classifier_tallies=cached.snapshot,
         connection=lambda: live.broker.connection if live.broker else None,
         broker_problem=live.broker_status.reason,
+        classifier_problem=base.breaker.problem if base.breaker else lambda: None,
+        breaker=base.breaker.state if base.breaker else lambda: None,
     )
     await stack.enter_async_context(MonitorServer(view, settings.stats_host, settings.stats_port))
     if link is not None:
@@ -168,6 +172,20 @@ async def build_broker(stack: AsyncExitStack, base: _Base, stop: asyncio.Event) 
     return broker
 
 
+def build_failures(base: _Base, broker: Broker, claims: ClaimStore, stop: Stopping) -> Failures:
+    """Retries, dead letters, and the hold of messages while the classifier's breaker is open."""
+    return Failures(
+        outbox=broker,
+        claims=claims,
+        counters=base.counters,
+        max_attempts=base.settings.max_attempts,
+        stopping=stop,
+        retry_delay_ms=broker.topology.retry_delay_ms,
+        paused=base.breaker.is_open if base.breaker else lambda: False,
+        hold_s=base.settings.llm_breaker_hold_s,
+    )
+
+
 def build_consumer(
     base: _Base,
     *,
@@ -180,14 +198,7 @@ def build_consumer(
     """The inbox, its claimer and its pipeline, with the failures' handling they share."""
     settings, counters = base.settings, base.counters
     stopping = Stopping()
-    failures = Failures(
-        outbox=broker,
-        claims=claims,
-        counters=counters,
-        max_attempts=settings.max_attempts,
-        stopping=stopping,
-        retry_delay_ms=broker.topology.retry_delay_ms,
-    )
+    failures = build_failures(base, broker, claims, stopping)
     pipeline = Pipeline(
         outbox=broker,
         claims=claims,
@@ -243,20 +254,22 @@ async def consume_until_stopped(
 
 
 def build_base(settings: Settings) -> _Base:
-    """What needs no server: built first, so that a bad fault spec, tracing or classifier
-    setting stops start-up before anything connects."""
+    """What needs no server: built first, so a bad setting stops start-up before any connection."""
     identity = ReplicaIdentity.create(settings.replica_id)
     hooks = pipeline_hooks(settings, replica_id=identity.replica_id)
     link = build_link(settings)
+    counters = Counters(cluster=settings.redis_enabled)
+    classifier = build_classifier(settings, link=link, counters=counters)
     return _Base(
         settings=settings,
         identity=identity,
         hooks=hooks,
         keys=RedisKeys(settings.redis_key_prefix),
-        counters=Counters(cluster=settings.redis_enabled),
+        counters=counters,
         link=link,
         live=_Live(),
-        classifier=build_classifier(settings, link=link),
+        classifier=classifier,
+        breaker=breaker_of(classifier),
     )
 
 
@@ -270,6 +283,8 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
         if link is not None:
             stack.push_async_callback(link.aclose)
             await link.connect()
+        if base.breaker is not None:
+            base.breaker.start()  # stopped by the classifier's aclose
         claims = build_claim_store(
             settings, link, base.keys, base.counters, replica_id=base.identity.replica_id
         )

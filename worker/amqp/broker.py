@@ -233,6 +233,11 @@ class Broker:
         headers = {ATTEMPT_HEADER: attempt + 1, DETAIL_HEADER: error[:500]}
         await self._publish_copy(delivery, headers, self.topology.retry_queue(attempt))
 
+    async def send_to_back(self, delivery: Delivery) -> None:
+        """A copy at the back of the input queue, headers (the attempt) unchanged: a message
+        held while the classifier was paused, making way for the deliveries behind it."""
+        await self._publish_copy(delivery, {}, self.topology.input_queue)
+
     @property
     def connected(self) -> bool:
         return self.connection.connected.is_set() and not self.connection.is_closed

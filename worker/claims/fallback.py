@@ -148,11 +148,11 @@ class FallbackClaimStore:
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, STRICT_RETRY_MAX_S)
 
-    async def release(self, message_id: str, token: str) -> bool:
+    async def release(self, message_id: str, token: str, *, refund_attempt: bool = False) -> bool:
         if self._in_memory(token):
-            return await self._memory.release(message_id, token)
+            return await self._memory.release(message_id, token, refund_attempt=refund_attempt)
         try:
-            return await self._redis.release(message_id, token)
+            return await self._redis.release(message_id, token, refund_attempt=refund_attempt)
         except REDIS_UNAVAILABLE as exc:
             self._link.report_failure(exc)
             return False  # the lease expires by itself

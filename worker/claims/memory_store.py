@@ -103,10 +103,12 @@ class MemoryClaimStore:
         self.mark_done(item.message_id)
         return CompleteStatus.IN_MEMORY
 
-    async def release(self, message_id: str, token: str) -> bool:
+    async def release(self, message_id: str, token: str, *, refund_attempt: bool = False) -> bool:
         if not self._owns(message_id, token):
             return False
         del self._claims[message_id]
+        if refund_attempt and (counted := self._attempts.get(message_id)) is not None:
+            self._attempts[message_id] = (max(0, counted[0] - 1), counted[1])
         return True
 
     async def renew(self, leases: Sequence[Lease]) -> list[bool]:

@@ -10,6 +10,8 @@ Protocol (per message ID):
   one more replica. An ID with ``suspect_at`` or more attempts started is not claimed either but
   reported ``SUSPECT``: the caller knows how many of them ended properly, and the rest vanished
   with their replica; it claims the ID again when it can work on it alone (``suspect_at`` 0).
+- ``release`` with ``refund_attempt`` also takes back the attempt the claim counted (the message
+  was held, not tried: the classifier's circuit breaker was open).
 - ``renew``/``release``/``complete_many`` check the owner token, so a replica that lost its lease
   can never extend, delete or finish the new owner's claim.
 - ``complete_many`` writes the done marker, drops the lease and the attempt count, and adds the
@@ -98,7 +100,9 @@ class ClaimStore(Protocol):
         """Complete several claims at once: one round trip for the batch."""
         ...
 
-    async def release(self, message_id: str, token: str) -> bool: ...
+    async def release(
+        self, message_id: str, token: str, *, refund_attempt: bool = False
+    ) -> bool: ...
 
     async def renew(self, leases: Sequence[Lease]) -> list[bool]: ...
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 CLAIM = LuaScript("worker.claims", "claim.lua")
 COMPLETE = LuaScript("worker.claims", "complete.lua", library=("count_completed.lua",))
 RELEASE = LuaScript("worker.claims", "release.lua")
+REFUND = LuaScript("worker.claims", "refund.lua")
 
 
 class ClaimRequest(NamedTuple):
@@ -75,6 +76,7 @@ class RedisClaimStore:
         self._complete_script = COMPLETE.register(redis)
         self._renew_script = RENEW.register(redis)
         self._release_script = RELEASE.register(redis)
+        self._refund_script = REFUND.register(redis)
         # Releases come one message at a time (failures, shutdown): concurrent ones share a call.
         self._releases: MicroBatcher[Lease, bool] = MicroBatcher(self._release_batch)
 
@@ -89,7 +91,10 @@ class RedisClaimStore:
         done = await in_script_batches(self._complete_batch, items)
         return [CompleteStatus.IN_REDIS if d else CompleteStatus.LOST for d in done]
 
-    async def release(self, message_id: str, token: str) -> bool:
+    async def release(self, message_id: str, token: str, *, refund_attempt: bool = False) -> bool:
+        if refund_attempt:
+            keys = [self._keys.claim(message_id), self._keys.attempts(message_id)]
+            return bool(await self._refund_script(keys=keys, args=[token]))
         return await self._releases.submit(Lease(message_id, token))
 
     async def renew(self, leases: Sequence[Lease]) -> list[bool]:

@@ -30,7 +30,7 @@ from typing import Protocol, TypeVar
 import structlog
 
 from worker.classification.locks import ClusterLocks, Entry, LockState, Looked, WaitOutcome
-from worker.core.errors import ClassifierUnavailable
+from worker.core.errors import ClassifierPaused, ClassifierUnavailable
 from worker.core.gathering import answered, gather_into
 from worker.redisio.batching import MicroBatcher
 
@@ -166,7 +166,11 @@ class ClusterFlight:
             raise
         writes: list[tuple[Entry, str, bytes]] = []
         for (index, token), value in zip(owned, values, strict=True):
-            if isinstance(value, Exception):
+            if isinstance(value, ClassifierPaused):  # not a failure to share: nobody was asked
+                release = [(entries[index], token, b"")]
+                await asyncio.shield(self._locks.store_many(release, store.ttl_s))
+                out[index] = value
+            elif isinstance(value, Exception):
                 await asyncio.shield(self._locks.mark_failed(entries[index], token))
                 out[index] = value
             else:
@@ -180,6 +184,9 @@ class ClusterFlight:
     ) -> T:
         try:
             value = await compute()
+        except ClassifierPaused:
+            await asyncio.shield(self._locks.store_and_release(entry, token, None, store.ttl_s))
+            raise
         except Exception:
             await asyncio.shield(self._locks.mark_failed(entry, token))
             raise

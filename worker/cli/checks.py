@@ -18,6 +18,8 @@ from worker.cli.publish import BrokerUnreachable, open_connection
 from worker.core.errors import ConfigError
 from worker.core.redaction import redact_url, scrub
 from worker.core.settings import Settings
+from worker.observability.breakers import breaker_entry
+from worker.redisio.keys import RedisKeys
 from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
 
 PROBE_TIMEOUT_S = 10.0
@@ -149,6 +151,34 @@ async def check_classifier(settings: Settings) -> Outcome:
     return Outcome(probed.ok, f"{identity} at {redact_url(settings.llm_base_url)}: {probed.detail}")
 
 
+async def check_breaker(settings: Settings) -> Outcome | None:
+    """The LLM circuit breaker the replicas share, when there is one to read: an open one is a
+    failure, with the reason the replicas give (a configuration error names the setting)."""
+    if settings.classifier != "llm" or not settings.redis_enabled:
+        return None
+    try:
+        classifier = build_classifier(settings)
+    except ConfigError:
+        return None  # the classifier line says why
+    identity = classifier.identity
+    await classifier.aclose()
+    client = make_redis(settings.redis_url, settings.redis_timeout_s)
+    try:
+        raw = await client.hgetall(RedisKeys(settings.redis_key_prefix).breaker(identity))  # type: ignore[misc]
+    except REDIS_UNAVAILABLE:
+        return None  # the redis line says why
+    finally:
+        await client.aclose()
+    entry = breaker_entry(identity, {_text(k): _text(v) for k, v in raw.items()})
+    if entry["state"] != "open":
+        return Outcome(True, f"closed ({entry['opens']} opens so far)")
+    return Outcome(False, f"open ({entry['kind']}): {entry['reason']}")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 async def run_checks(settings: Settings) -> int:
     """Print one line per dependency; exit code 0 only when everything configured works."""
     outcomes: list[tuple[str, Outcome]] = []
@@ -164,6 +194,8 @@ async def run_checks(settings: Settings) -> int:
         )
     outcomes.append(("rabbitmq", await check_rabbitmq(settings)))
     outcomes.append(("classifier", await check_classifier(settings)))
+    if (breaker := await check_breaker(settings)) is not None:
+        outcomes.append(("llm breaker", breaker))
     for name, outcome in outcomes:
         print(line("ok" if outcome.ok else "FAIL", name, outcome.detail))
     return 0 if all(outcome.ok for _, outcome in outcomes) else 1

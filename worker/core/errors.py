@@ -14,7 +14,10 @@ retryable (transient) errors send it round again after a delay. The hierarchy::
         │                         queue for its next attempt, and is dead-lettered once its
         │                         attempts are spent
         ├── ClassifierUnavailable   no classification this time: the classifier failed or timed
-        │                           out, or the answer another replica was computing never came
+        │   │                       out, or the answer another replica was computing never came
+        │   └── ClassifierPaused      not asked at all: the classifier's circuit breaker is open
+        │                             (the provider is down or refuses the configuration); the
+        │                             message waits without spending an attempt
         ├── PublishFailed           the broker did not confirm a publish
         └── StoreUnavailable        the claim store (Redis) is unreachable and the claim cannot
                                     fall back yet; the cache and counters degrade instead of raising
@@ -53,6 +56,10 @@ class TransientError(WorkerError):
 
 class ClassifierUnavailable(TransientError):
     """The classifier could not give an answer this time."""
+
+
+class ClassifierPaused(ClassifierUnavailable):
+    """The classifier's circuit breaker is open: the message was not the cause and is held."""
 
 
 class PublishFailed(TransientError):

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(default=30.0, gt=0, le=600)
     llm_max_retries: int = Field(default=3, ge=0, le=20)
     llm_max_rps: float = Field(default=0.0, ge=0, le=100_000)
+    llm_breaker_failures: int = Field(default=5, ge=1, le=10_000)
+    llm_breaker_probe_min_s: float = Field(default=1.0, gt=0, le=3_600)
+    llm_breaker_probe_max_s: float = Field(default=5.0, gt=0, le=3_600)
+    llm_breaker_config_probe_s: float = Field(default=30.0, gt=0, le=3_600)
+    llm_breaker_hold_s: float = Field(default=5.0, gt=0, le=600)
     single_flight_wait_s: float = Field(default=30.0, gt=0, le=3_600)
     prefetch: int = Field(default=1024, ge=1, le=65_535)
     stats_host: str = "0.0.0.0"
@@ -185,6 +190,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _breaker(self) -> Settings:
+        if self.llm_breaker_probe_max_s < self.llm_breaker_probe_min_s:
+            raise ValueError(
+                "LLM_BREAKER_PROBE_MAX_S must not be below LLM_BREAKER_PROBE_MIN_S "
+                f"({self.llm_breaker_probe_min_s:g} s)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.classifier == "llm":
             if not self.llm_base_url:
@@ -205,11 +219,6 @@ class Settings(BaseSettings):
         return configured and not self.otel_sdk_disabled and self.otel_traces_exporter != "none"
 
     @property
-    def rabbitmq_urls(self) -> tuple[str, ...]:
-        """The broker's addresses (one, or every node of a cluster), in the order listed."""
-        return split_addresses(self.rabbitmq_url)
-
-    @property
     def unrouted_queue(self) -> str | None:
         """Where results no binding takes wait; ``None`` with ``RESULTS_UNROUTED=discard``."""
         return self.results_exchange + UNROUTED_SUFFIX if self.results_unrouted == "keep" else None
@@ -223,6 +232,11 @@ class Settings(BaseSettings):
         that work's timeout), then does its own work; all of it before the broker's
         consumer_timeout closes the channel."""
         return 3 * self.work_timeout_s + self.claim_lease_s
+
+    @property
+    def rabbitmq_urls(self) -> tuple[str, ...]:
+        """The broker's addresses (one, or every node of a cluster), in the order listed."""
+        return split_addresses(self.rabbitmq_url)
 
     @property
     def redis_enabled(self) -> bool:

@@ -89,3 +89,19 @@ async def scrape_redis(link: RedisLink | None) -> dict[str, Any] | None:
     except REDIS_UNAVAILABLE as exc:
         link.report_failure(exc)
         return None
+
+
+def breaker_metrics(breaker: dict[str, Any] | None) -> Iterator[Metric]:
+    """The LLM circuit breaker's state, as this replica last read it (nothing without one)."""
+    if breaker is None:
+        return
+    yield gauge(
+        "neiromatrius_llm_breaker_open",
+        "1 while the LLM circuit breaker is open (cache misses wait, hits flow).",
+        breaker["state"] == "open",
+    )
+    yield gauge(
+        "neiromatrius_llm_breaker_configuration_error",
+        "1 while the LLM breaker is open because the server refuses the configuration.",
+        breaker["kind"] == "configuration",
+    )

@@ -31,6 +31,7 @@ from worker import __version__
 from worker.core.errors import ConfigError
 from worker.observability.counters import Counters, ReplicaIdentity
 from worker.observability.exposition import (
+    breaker_metrics,
     gauge,
     queue_depth_metric,
     redis_metrics,
@@ -77,6 +78,8 @@ class ReplicaView:
     connection: Callable[[], AbstractConnection | None] = lambda: None
     classifier_tallies: Callable[[], dict[str, int]] = dict
     broker_problem: Callable[[], str | None] = lambda: None  # why not connected, when known
+    classifier_problem: Callable[[], str | None] = lambda: None  # why the classifier is paused
+    breaker: Callable[[], dict[str, Any] | None] = lambda: None  # the classifier's breaker
 
     def cache_status(self) -> dict[str, str]:
         if self.link is None:
@@ -92,6 +95,7 @@ class ReplicaView:
             "in_flight": self.in_flight(),
             "counters": self.counters.snapshot(),
             "classifier": self.classifier_tallies(),
+            "breaker": self.breaker(),
             "throughput": {f"{w}s": round(self.counters.throughput(w), 2) for w in WINDOWS_S},
         }
 
@@ -130,6 +134,7 @@ class ReplicaView:
             "throughput": replica["throughput"],
             "replicas": [replica_entry(own)],
             "redis": None,
+            "breakers": [] if replica["breaker"] is None else [replica["breaker"]],
             "queues": queues,
             "results_unrouted": results_unrouted(queues),
             "replica": replica,
@@ -140,6 +145,8 @@ class ReplicaView:
             return False, self.broker_problem() or BROKER_UNREACHABLE
         if not self.consuming():
             return False, "the consumer is not running"
+        if (paused := self.classifier_problem()) is not None:
+            return False, paused
         return True, "consuming"
 
 
@@ -223,6 +230,7 @@ def _state_gauges(view: ReplicaView) -> Iterator[Metric]:
         view.broker_connected(),
     )
     yield gauge("neiromatrius_consuming", "1 while the consumer is running.", view.consuming())
+    yield from breaker_metrics(view.breaker())
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

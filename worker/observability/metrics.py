@@ -20,9 +20,12 @@ class CounterName(StrEnum):
     CLAIMS_LOST = "claims_lost"
     DEGRADED = "degraded"
     CONSUMER_TIMEOUTS = "consumer_timeouts"
+    BREAKER_OPENS = "breaker_opens"
+    BREAKER_PROBES = "breaker_probes"
+    BREAKER_HELD = "breaker_held"
 
 
-# The help text of each counter's /metrics family.
+# The help line of each counter in /metrics (a counter without one gets a generic line).
 COUNTER_HELP: dict[str, str] = {
     CounterName.PROCESSED: "Messages processed (classified, result published) by this replica.",
     CounterName.DUPLICATES: "Deliveries skipped because their message ID was already processed.",
@@ -36,4 +39,7 @@ COUNTER_HELP: dict[str, str] = {
     CounterName.CLAIMS_LOST: "Messages whose claim lapsed before completion (another replica took over).",
     CounterName.DEGRADED: "Claims made in memory because Redis was unreachable.",
     CounterName.CONSUMER_TIMEOUTS: "Consumer channels the broker closed for a delivery acknowledgement timeout.",
+    CounterName.BREAKER_OPENS: "Times this replica opened the LLM circuit breaker.",
+    CounterName.BREAKER_PROBES: "Probe requests this replica sent while the LLM breaker was open.",
+    CounterName.BREAKER_HELD: "Messages held (no attempt spent) while the LLM breaker was open.",
 }

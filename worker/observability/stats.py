@@ -20,8 +20,8 @@ import orjson
 from aio_pika.abc import AbstractConnection
 from redis.asyncio import Redis
 
-from worker.core.addresses import in_turn, split_addresses
 from worker.core.settings import Settings
+from worker.observability.breakers import breaker_lines, read_breakers
 from worker.observability.metrics import CounterName
 from worker.redisio.keys import RedisKeys
 
@@ -131,6 +131,7 @@ async def read_cluster(redis: Redis, keys: RedisKeys) -> dict[str, Any]:
         "throughput": await read_throughput(redis, keys),
         "replicas": await read_replicas(redis, keys),
         "redis": await read_redis_memory(redis),
+        "breakers": await read_breakers(redis, keys),
     }
 
 
@@ -193,22 +194,6 @@ async def read_queue_depths(
     return {role: await _queue_depth(connection, name, timeout_s) for role, name in names.roles()}
 
 
-async def probe_queue_depths(
-    rabbitmq_url: str, names: QueueNames, *, timeout_s: float = 3.0
-) -> dict[str, Any]:
-    """``read_queue_depths`` over a short-lived connection to the first of the broker's addresses
-    that answers (tried in turn); unknown depths if none does."""
-    for address in in_turn(split_addresses(rabbitmq_url)):
-        with contextlib.suppress(*QUEUE_PROBE_ERRORS):
-            connection = await asyncio.wait_for(aio_pika.connect(address), timeout_s)
-            try:
-                return await read_queue_depths(connection, names, timeout_s=timeout_s)
-            finally:
-                with contextlib.suppress(*QUEUE_PROBE_ERRORS):
-                    await connection.close()
-    return unknown_depths(names, BROKER_UNREACHABLE)
-
-
 def _ago(epoch_s: Any, now: float) -> str:
     if not isinstance(epoch_s, int | float):
         return "?"
@@ -254,6 +239,7 @@ def render_table(stats: dict[str, Any], now: float | None = None) -> str:
     lines.append("  throughput       " + "  ".join(f"{k}: {v:,.1f}/s" for k, v in tp.items()))
     lines.extend(_replica_lines(stats.get("replicas", []), now))
     lines.extend(_redis_lines(stats.get("redis")))
+    lines.extend(breaker_lines(stats.get("breakers")))
     lines.extend(_queue_lines(stats.get("queues")))
     return "\n".join(lines)
 

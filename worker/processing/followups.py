@@ -11,8 +11,9 @@ batch of one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from structlog.contextvars import bound_contextvars
@@ -60,13 +61,30 @@ class FollowUps:
     stopping: Stopping
     act: Act
     settle_if_open: Callable[[Delivery, Outcome], None]
+    hold: Callable[[Delivery], Awaitable[Outcome]]  # a delivery held while the classifier pauses
     tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     claiming: int = field(default=0, init=False)  # claim calls of busy waits in flight
 
     def follow(self, item: Claimed) -> None:
-        task = asyncio.get_running_loop().create_task(self._resolve(item))
+        self._spawn(self._resolve(item))
+
+    def held(self, delivery: Delivery) -> None:
+        """Hold a delivery the paused classifier refused, in a task, so that its pass can end."""
+        self._spawn(self._held(delivery))
+
+    def _spawn(self, step: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(step)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    async def _held(self, delivery: Delivery) -> None:
+        outcome = Outcome.REQUEUE
+        try:
+            outcome = await self.hold(delivery)
+        except Exception:
+            log.exception("message_handling_failed")
+        finally:
+            self.settle_if_open(delivery, outcome)
 
     async def _resolve(self, item: Claimed) -> None:
         """Wait out a busy claim, then act on what it became. Requeued if the replica stops or

@@ -1,7 +1,8 @@
 """The inbox: deliveries are taken in passes, claimed, triaged, and worked on in batches.
 
-Every delivery is settled exactly once: acknowledged (processed, duplicate, dead-lettered, or
-parked for a retry) or requeued (shutdown while it waited). The claim's answer is decided in one
+Every delivery is settled exactly once: acknowledged (processed, duplicate, dead-lettered, parked
+for a retry, or held while the classifier is paused and sent to the back) or requeued (shutdown
+while it waited, or a held one whose classifier came back). The claim's answer is decided in one
 place (``worker.processing.triage``) and acted on in one place (``_act``), whatever brought the
 delivery there: a pass, the end of a busy wait, or a suspect's turn to be worked on alone. Claimed
 messages go through the one pipeline (``worker.processing.pipeline``), a batch of one being a batch.
@@ -92,6 +93,7 @@ class MessageConsumer:
             stopping=stopping,
             act=self._act,
             settle_if_open=self._settle_if_open,
+            hold=failures.hold,
         )
 
     @property
@@ -187,10 +189,8 @@ class MessageConsumer:
             self._local_work.release(firsts)
 
     def _after_local_work(self, delivery: Delivery, message: ChatMessage, finished: bool) -> None:
-        """A copy of an ID that was in work here when it came (``worker.processing.local``).
-        Finished work: the copy is triaged as done, without asking Redis. Otherwise it goes back
-        to the inbox to be claimed. (A copy whose channel closed meanwhile goes back too, where
-        the next pass drops it uncounted.)"""
+        """A copy of an ID in work here when it came (``worker.processing.local``): triaged as
+        done if that work finished, else back to the inbox (a stale one is dropped there)."""
         if finished and not delivery.stale:
             verdict = self._verdict_of(delivery, DONE).verdict
             self._act_on_done(Claimed(delivery, message, DONE), verdict)
@@ -265,14 +265,14 @@ class MessageConsumer:
             for i, work in enumerate(batch):
                 if finished is not None and finished[i].done:
                     self._local_work.finished(work.message.message_id)
+                if finished is not None and finished[i].held:
+                    self._followups.held(work.delivery)
+                    continue
                 self._settle(work.delivery, finished[i].outcome if finished else Outcome.REQUEUE)
 
     async def drain(self, timeout_s: float) -> bool:
-        """Let messages in progress finish; those still waiting on a busy claim give up at once.
-
-        Deliveries not finished by ``timeout_s`` are abandoned: the broker redelivers them when the
-        channel closes.
-        """
+        """Let messages in progress finish; those waiting on a busy claim (or held) give up at
+        once. Those not finished by ``timeout_s`` are abandoned: the broker redelivers them."""
         self._stopping.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s

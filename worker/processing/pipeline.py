@@ -41,10 +41,12 @@ Produced = Classified | BaseException
 
 
 class Finished(NamedTuple):
-    """How one message of a batch is to be settled; ``done``: its done marker is written."""
+    """How one message of a batch is to be settled; ``done``: its done marker is written;
+    ``held``: not yet, the classifier is paused (``Failures.hold`` settles it later)."""
 
     outcome: Outcome
     done: bool = False
+    held: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,8 @@ class Pipeline:
             for (i, _), outcome in zip(failed, handled, strict=True):
                 if isinstance(outcome, Outcome):
                     finished[i] = Finished(outcome)
+                elif outcome is None:
+                    finished[i] = Finished(Outcome.REQUEUE, held=True)
                 else:
                     log.error("message_handling_failed", exc_info=outcome)
         return finished
@@ -109,7 +113,7 @@ class Pipeline:
             [batch[i].message.message_id for i in published], statuses, cached, started
         )
 
-    async def _failed(self, work: Work, exc: BaseException) -> Outcome:
+    async def _failed(self, work: Work, exc: BaseException) -> Outcome | None:
         with bound_contextvars(message_id=work.message.message_id, attempt=work.attempt):
             return await self.failures.failed(work, exc)
 

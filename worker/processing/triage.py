@@ -14,6 +14,15 @@ verdict            what the caller does
 ``BUSY``           hold the delivery, re-claim after ``retry_after_s``
 ``WORK``           classify, publish, complete: attempt number ``attempt``
 =================  ====================================================================
+
+What a failed attempt means is decided the same way, by ``after_failure``:
+
+===============  ======================================================================
+``HOLD``         the classifier's breaker is open (``ClassifierPaused``): release the claim
+                 with its attempt given back and hold the delivery (``Failures.hold``)
+``RETRY``        release the claim, park a copy in the retry queue of ``attempt``
+``DEAD_LETTER``  release the claim, dead-letter: a permanent error, or the last attempt
+===============  ======================================================================
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import NamedTuple
 
 from worker.amqp.topology import Attempts
 from worker.claims.protocol import ClaimResult, ClaimStatus
+from worker.core.errors import ClassifierPaused, PermanentError
 
 
 class Verdict(Enum):
@@ -69,3 +79,19 @@ def triage(
     if attempt > max_attempts:
         return Triage(Verdict.OVER_LIMIT, attempt - 1)
     return Triage(Verdict.WORK, attempt)
+
+
+class AfterFailure(Enum):
+    HOLD = "hold"
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+
+
+def after_failure(exc: BaseException, *, attempt: int, max_attempts: int) -> AfterFailure:
+    """Decide what a failure of attempt ``attempt`` means: a message the open breaker refused
+    spends nothing; a permanent error or the last attempt ends in the dead-letter queue."""
+    if isinstance(exc, ClassifierPaused):
+        return AfterFailure.HOLD
+    if isinstance(exc, PermanentError) or attempt >= max_attempts:
+        return AfterFailure.DEAD_LETTER
+    return AfterFailure.RETRY

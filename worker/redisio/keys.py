@@ -12,6 +12,8 @@
 {p}tp:{epoch_second}          integer     messages processed in that second, TTL 15 min
 {p}replica:{replica_id}       JSON        heartbeat of a live replica, TTL 3 heartbeats
 {p}replicas                   set         replica IDs that have sent a heartbeat
+{p}breaker:{classifier}       hash        circuit breaker of a classifier (fields: breaker.lua);
+                                          the identity, in braces, is a hash tag; TTL 7 days
 
 A *stem* is a key without its last part (``{p}done:``): the claim scripts receive stems and the
 message IDs, and join them in Lua, so a call carries one argument per ID instead of three keys.
@@ -104,3 +106,13 @@ class RedisKeys:
     def everything(self) -> str:
         """A ``SCAN MATCH`` pattern for every key of the deployment (demo and bench clean-up)."""
         return f"{self.prefix}*"
+
+    def breaker(self, classifier_key: str) -> str:
+        """The circuit breaker of one classifier identity. The identity is a hash tag, so that
+        the breaker's keys (one today) stay in one Redis Cluster slot for its script."""
+        return f"{self.prefix}breaker:{{{classifier_key}}}"
+
+    @property
+    def breaker_pattern(self) -> str:
+        """A ``SCAN MATCH`` pattern for every classifier's breaker."""
+        return f"{self.prefix}breaker:*"

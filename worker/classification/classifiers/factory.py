@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+from worker.classification.breaker import BreakerConfig, CircuitBreaker
 from worker.classification.classifiers.base import Classifier
 from worker.classification.classifiers.keywords import KeywordClassifier
 from worker.classification.classifiers.llm import LLMClassifier, LLMConfig, PromptTemplate
 from worker.classification.ratelimit import RateLimiter
 from worker.core.errors import ConfigError
 from worker.core.settings import Settings
+from worker.observability.counters import Counters
 from worker.redisio.keys import RedisKeys
 from worker.redisio.link import RedisLink
 
 
-def build_classifier(settings: Settings, *, link: RedisLink | None = None) -> Classifier:
+def build_classifier(
+    settings: Settings, *, link: RedisLink | None = None, counters: Counters | None = None
+) -> Classifier:
     """The configured classifier; ``link`` (when the replicas share a Redis) makes the LLM rate
-    limit cluster-wide instead of per replica."""
+    limit and circuit breaker cluster-wide instead of per replica."""
     delay_s = settings.classifier_delay_ms / 1000
     if settings.classifier == "llm":
-        return build_llm_classifier(settings, link=link)
+        return build_llm_classifier(settings, link=link, counters=counters)
     if settings.keywords_file:
         try:
             return KeywordClassifier.from_file(settings.keywords_file, delay_s=delay_s)
@@ -26,7 +30,9 @@ def build_classifier(settings: Settings, *, link: RedisLink | None = None) -> Cl
     return KeywordClassifier.default(delay_s=delay_s)
 
 
-def build_llm_classifier(settings: Settings, *, link: RedisLink | None = None) -> LLMClassifier:
+def build_llm_classifier(
+    settings: Settings, *, link: RedisLink | None = None, counters: Counters | None = None
+) -> LLMClassifier:
     try:
         prompt = (
             PromptTemplate.from_file(settings.llm_prompt_file)
@@ -50,4 +56,29 @@ def build_llm_classifier(settings: Settings, *, link: RedisLink | None = None) -
         timeout_s=settings.llm_timeout_s,
         max_retries=settings.llm_max_retries,
     )
-    return LLMClassifier(config, limiter)
+    classifier = LLMClassifier(config, limiter)
+    classifier.use_breaker(
+        CircuitBreaker(
+            breaker_config(settings),
+            key=RedisKeys(settings.redis_key_prefix).breaker(classifier.identity),
+            link=link,
+            counters=counters,
+        )
+    )
+    return classifier
+
+
+def breaker_of(classifier: Classifier) -> CircuitBreaker | None:
+    """The circuit breaker a classifier reports to (the LLM's), if it has one."""
+    return classifier.breaker if isinstance(classifier, LLMClassifier) else None
+
+
+def breaker_config(settings: Settings) -> BreakerConfig:
+    """The ``LLM_BREAKER_*`` settings; a probe's lease outlasts the longest call it can make."""
+    return BreakerConfig(
+        failures=settings.llm_breaker_failures,
+        probe_min_s=settings.llm_breaker_probe_min_s,
+        probe_max_s=settings.llm_breaker_probe_max_s,
+        config_probe_s=settings.llm_breaker_config_probe_s,
+        probe_lease_s=settings.llm_timeout_s + 5,
+    )

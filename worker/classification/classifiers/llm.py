@@ -16,6 +16,12 @@ waits for its ``Retry-After`` (and holds every replica for that long, see ``rate
 4xx answers (bad key, unknown model) are not retried here. When a classification still fails it
 raises ``ClassifierUnavailable``: nothing is cached and the worker retries the message later.
 
+The provider's and the configuration's failures (``llm_http.Blame``) also go to the circuit
+breaker (``worker.classification.breaker``): while it is open no call leaves, not even a retry
+inside a classification, and ``ClassifierPaused`` tells the worker to hold the message without
+spending an attempt; the last text refused is what this replica probes with. Calls in flight are
+bounded by a window that shrinks to one on a provider failure (``worker.classification.window``).
+
 The identity (``llm:v1:{model}:{fingerprint}``) hashes everything that shapes an answer: protocol
 version, rendered prompt, user template, labels, answer format and temperature.
 """
@@ -23,20 +29,20 @@ version, rendered prompt, user template, labels, answer format and temperature.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections import Counter
 from typing import Final
-from urllib.parse import urlsplit
 
 import httpx
 import orjson
 import structlog
 
+from worker.classification.breaker import CircuitBreaker, Failure
 from worker.classification.classifiers.llm_http import (
     ERROR_KINDS,
     AttemptFailed,
+    breaker_failure,
     check_status,
     read_answer,
     retry_after_s,
@@ -49,11 +55,14 @@ from worker.classification.classifiers.llm_prompt import (
     ResponseFormat,
     base_request,
     fingerprint,
+    request_headers,
+    secrets_of,
 )
 from worker.classification.ratelimit import RateLimiter
 from worker.classification.text import normalise
+from worker.classification.window import CallWindow
 from worker.core.classification import Classification
-from worker.core.errors import ClassifierUnavailable
+from worker.core.errors import ClassifierPaused, ClassifierUnavailable
 from worker.core.redaction import redact_url, scrub
 from worker.observability.counters import LatencyHistogram
 
@@ -79,6 +88,7 @@ _TALLY_NAMES: Final = (
     "llm_classifications",
     "llm_failures",
     "llm_retries",
+    "llm_paused",
     *(f"llm_errors_{kind}" for kind in ERROR_KINDS),
 )
 
@@ -86,15 +96,23 @@ _TALLY_NAMES: Final = (
 class LLMClassifier:
     """Classifies a text with one chat completion; see the module docstring."""
 
-    def __init__(self, config: LLMConfig, limiter: RateLimiter, *, max_connections: int = 64):
+    def __init__(
+        self,
+        config: LLMConfig,
+        limiter: RateLimiter,
+        *,
+        max_connections: int = 64,
+    ):
         self._config = config
         self._limiter = limiter
+        self.breaker: CircuitBreaker | None = None
+        self._waiting_body: bytes | None = None  # the last text the open breaker refused
         self._labels = config.labels
         self._by_lower = {label.lower(): label for label in config.labels}
         self._url = config.base_url.rstrip("/") + "/chat/completions"
         self._where = redact_url(self._url)
-        self._secrets = _secrets_of(config)
-        self._headers = _headers(config)
+        self._secrets = secrets_of(config)
+        self._headers = request_headers(config)
         self._request = base_request(config)
         self._identity = f"{_NAME}:{_PROTOCOL_VERSION}:{config.model}:"
         self._identity += fingerprint(config, _PROTOCOL_VERSION)
@@ -106,10 +124,15 @@ class LLMClassifier:
             trust_env=False,  # settings come from Settings only, proxies included
             follow_redirects=False,
         )
-        self._connections = asyncio.Semaphore(max_connections)
+        self._window = CallWindow(max_connections)
         self.tallies: Counter[str] = Counter()
         self.latency = LatencyHistogram()
         self._latency_ms_sum = 0.0
+
+    def use_breaker(self, breaker: CircuitBreaker) -> None:
+        """Report to ``breaker`` (built for this ``identity``) and let it probe with our texts."""
+        self.breaker = breaker
+        breaker.probe_with(self.probe, lambda: self._waiting_body is not None)
 
     @property
     def name(self) -> str:
@@ -132,19 +155,61 @@ class LLMClassifier:
         while True:
             attempt += 1
             try:
-                # A connection first, then the rate limiter's slot: a call leaves as soon as its
-                # slot comes, and waiting for a connection never counts against the timeout.
-                async with self._connections:
+                # A slot of the window first, then the rate limiter's: a call leaves as soon as
+                # its slot comes, and waiting for the window never counts against the timeout.
+                self._refuse_if_open(body)
+                async with self._window.slot():
+                    self._refuse_if_open(body)
                     await self._limiter.acquire()
                     result = await self._call(body)
             except AttemptFailed as exc:
+                await self._heard(exc, body)
                 delay_s = await self._after_failure(exc, attempt, attempts)
                 if delay_s is None:
                     raise self._gave_up(exc, attempt) from None
                 await asyncio.sleep(delay_s)
             else:
+                await self._heard(None, body)
                 self.tallies["llm_classifications"] += 1
                 return result
+
+    def _refuse_if_open(self, body: bytes) -> None:
+        """No call while the breaker is open: the text waits (and is what a probe sends)."""
+        if self.breaker is not None and self.breaker.is_open():
+            self._waiting_body = body
+            self.tallies["llm_paused"] += 1
+            raise ClassifierPaused(self.breaker.problem() or "the LLM circuit breaker is open")
+
+    async def _heard(self, failed: AttemptFailed | None, body: bytes) -> None:
+        """Tell the window and the breaker how the server answered; ``ClassifierPaused`` when
+        the failure leaves the breaker open (no retry then)."""
+        failure = breaker_failure(failed, self._config.max_retry_after_s)
+        if failure is None:
+            self._window.succeeded()
+            if self.breaker is not None:
+                await self.breaker.succeeded()
+            return
+        self._window.failed()
+        if self.breaker is not None and await self.breaker.failed(failure):
+            self._refuse_if_open(body)
+
+    async def probe(self) -> Failure | None:
+        """One call with the last text the breaker refused: ``None`` when the server answered
+        (whatever it said about the text), else the failure the breaker hears of."""
+        body = self._waiting_body
+        if body is None:
+            return None
+        failure = None
+        try:
+            await self._limiter.acquire()
+            await self._call(body)
+        except AttemptFailed as exc:
+            self.tallies[f"llm_errors_{exc.kind}"] += 1
+            failure = breaker_failure(exc, self._config.max_retry_after_s)
+        if failure is None:
+            self._waiting_body = None
+            self._window.succeeded()
+        return failure
 
     def _body(self, text: str) -> bytes:
         """The request for ``text``: the configured request plus ``text`` as the user message."""
@@ -220,20 +285,6 @@ class LLMClassifier:
         return found
 
     async def aclose(self) -> None:
+        if self.breaker is not None:
+            await self.breaker.aclose()
         await self._client.aclose()
-
-
-def _headers(config: LLMConfig) -> dict[str, str]:
-    """The request headers: JSON, and the API key as a bearer token when there is one."""
-    headers = {"Content-Type": "application/json"}
-    key = config.api_key.get_secret_value()
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    return headers
-
-
-def _secrets_of(config: LLMConfig) -> tuple[str, ...]:
-    found = [config.api_key.get_secret_value()]
-    with contextlib.suppress(ValueError):
-        found.append(urlsplit(config.base_url).password or "")
-    return tuple(secret for secret in found if secret)

@@ -15,12 +15,14 @@ everything that shapes an answer, so the classifier's identity changes whenever 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -162,3 +164,19 @@ def _response_format(kind: ResponseFormat, labels: tuple[str, ...]) -> dict[str,
         "type": "json_schema",
         "json_schema": {"name": "classification", "strict": True, "schema": schema},
     }
+
+
+def request_headers(config: LLMConfig) -> dict[str, str]:
+    """The request headers: JSON, and the API key as a bearer token when there is one."""
+    headers = {"Content-Type": "application/json"}
+    key = config.api_key.get_secret_value()
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
+def secrets_of(config: LLMConfig) -> tuple[str, ...]:
+    found = [config.api_key.get_secret_value()]
+    with contextlib.suppress(ValueError):
+        found.append(urlsplit(config.base_url).password or "")
+    return tuple(secret for secret in found if secret)
