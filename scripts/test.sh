@@ -26,6 +26,7 @@ STOCK_TESTS=(
   tests/integration/test_reliability_broker.py
   tests/integration/test_exactly_once.py
   tests/integration/test_crashes.py
+  tests/integration/test_consumer_timeout.py
 )
 if [ "$#" -gt 0 ]; then
   exec python -m pytest "$@"

@@ -131,7 +131,8 @@ async def drain_queue(
     taken: list[aio_pika.abc.AbstractIncomingMessage] = []
     try:
         channel = await connection.channel()
-        queue = await channel.declare_queue(queue_name, durable=True)
+        # Passive: the replicas declared it (a quorum queue refuses a declaration without its type).
+        queue = await channel.declare_queue(queue_name, passive=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             message = await queue.get(no_ack=True, fail=False)

@@ -6,7 +6,8 @@ import pytest
 
 from worker.core.errors import InvalidMessage
 from worker.core.models import parse_message
-from worker.observability.stats import all_counters, rates, render_table
+from worker.observability.stats import all_counters, rates
+from worker.observability.table import render_table
 
 
 @pytest.mark.parametrize(

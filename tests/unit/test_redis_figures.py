@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from worker.observability.counters import Counters, ReplicaIdentity
 from worker.observability.http import ReplicaCollector, ReplicaView
-from worker.observability.stats import read_redis_memory, render_table
+from worker.observability.stats import read_redis_memory
+from worker.observability.table import render_table
 from worker.redisio.keys import RedisKeys
 
 INFO: dict[str, dict[str, Any]] = {

@@ -21,9 +21,9 @@ from worker.observability.stats import (
     read_counters,
     read_replicas,
     read_throughput,
-    render_table,
     unknown_depths,
 )
+from worker.observability.table import render_table
 from worker.redisio.keys import RedisKeys
 
 KEYS = RedisKeys("unit:")

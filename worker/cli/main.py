@@ -141,7 +141,8 @@ async def _messages_to_publish(
 
 async def _stats(settings: Settings, *, as_json: bool) -> int:
     from worker.observability.exposition import results_unrouted
-    from worker.observability.stats import QueueNames, read_cluster, render_table
+    from worker.observability.stats import QueueNames, read_cluster
+    from worker.observability.table import render_table
     from worker.redisio.keys import RedisKeys
     from worker.redisio.link import REDIS_UNAVAILABLE, make_redis
 
