@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from worker.observability.logs import configure_logging
 
 if TYPE_CHECKING:
     from worker.cli.publish import Outgoing
+    from worker.observability.stats import QueueNames
     from worker.redisio.clients import RedisClient
 
 EXIT_CONFIG = 2  # a setting is wrong: fix it before trying again
@@ -163,19 +165,40 @@ async def _cluster_stats(settings: Settings, client: RedisClient) -> dict[str, A
     """What every replica published to Redis, with the queue depths and the cache Redis."""
     from worker.observability.cache_redis import probe_cache_redis
     from worker.observability.exposition import results_unrouted
-    from worker.observability.stats import QueueNames, probe_queue_depths, read_cluster
+    from worker.observability.stats import QueueNames, read_cluster
     from worker.redisio.keys import RedisKeys
 
     # The broker is optional here: without it the queue depths are reported as unknown.
     data, queues, cache_redis = await asyncio.gather(
         read_cluster(client, RedisKeys(settings.redis_key_prefix)),
-        probe_queue_depths(settings.rabbitmq_url, QueueNames.of(settings)),
+        _queue_depths(settings, QueueNames.of(settings)),
         probe_cache_redis(settings),  # REDIS_CACHE_URL's, when set
     )
     data = {"cache": {"status": "redis_connected", "type": "redis"}, **data, "queues": queues}
     data["cache_redis"] = cache_redis
     data["results_unrouted"] = results_unrouted(queues)
     return data
+
+
+async def _queue_depths(settings: Settings, names: QueueNames) -> dict[str, Any]:
+    """The queue depths over a short-lived connection to one of the broker's addresses (tried in
+    turn, 3 s each); unknown depths if none answers: ``stats`` needs no broker."""
+    from worker.amqp.connection import CONNECTION_NAME, connect_once
+    from worker.observability import stats
+
+    unknown = stats.unknown_depths(names, stats.BROKER_UNREACHABLE)
+    name = f"{CONNECTION_NAME} stats"
+    try:
+        connection = await connect_once(settings.rabbitmq_url, name=name, timeout_s=3.0)
+    except stats.QUEUE_PROBE_ERRORS:
+        return unknown
+    try:
+        return await stats.read_queue_depths(connection, names, timeout_s=3.0)
+    except stats.QUEUE_PROBE_ERRORS:
+        return unknown
+    finally:
+        with contextlib.suppress(*stats.QUEUE_PROBE_ERRORS):
+            await connection.close()
 
 
 def _redis_failed(settings: Settings, exc: BaseException) -> int:
