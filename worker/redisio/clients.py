@@ -125,12 +125,7 @@ def mode_in_url(url: str) -> tuple[str, RedisMode | None]:
 
 
 async def make_client(
-    url: str,
-    mode: str,
-    timeout_s: float,
-    *,
-    sentinel_password: str = "",
-    log_assumed: bool = False,
+    url: str, mode: str, timeout_s: float, *, sentinel_password: str = "", log_assumed: bool = False
 ) -> RedisClient:
     """A client for ``url`` in ``mode`` (``auto`` asks the server, see the module docstring).
     ``log_assumed``: log a warning when standalone is assumed because the server cannot be asked
@@ -164,6 +159,8 @@ async def detect_mode(url: str, timeout_s: float, *, log_assumed: bool = False) 
     """``CLUSTER`` if the server at ``url`` is a cluster node, else ``STANDALONE`` (also when it
     cannot be asked)."""
     found = await server_mode(url, timeout_s)
+    if found is RedisMode.AUTO:  # credentials refused: the link and ``check`` say so, with the fix
+        return RedisMode.STANDALONE
     if found is None and log_assumed:
         log.warning(
             "redis_mode_assumed",
@@ -175,7 +172,8 @@ async def detect_mode(url: str, timeout_s: float, *, log_assumed: bool = False) 
 
 
 async def server_mode(url: str, timeout_s: float) -> RedisMode | None:
-    """What the server at ``url`` says it is; ``None`` if it cannot be reached."""
+    """What the server at ``url`` says it is; ``None`` if it cannot be reached, ``AUTO`` (it
+    cannot tell) if it refuses the credentials."""
     probe = make_redis(url, timeout_s)
     try:
         try:
@@ -183,8 +181,8 @@ async def server_mode(url: str, timeout_s: float) -> RedisMode | None:
         except NoPermissionError:
             return await _detect_without_info(probe)
         return RedisMode.CLUSTER if int(info.get("cluster_enabled", 0)) else RedisMode.STANDALONE
-    except AuthenticationError:  # refused credentials: the link and ``check`` say so, with the fix
-        return RedisMode.STANDALONE
+    except AuthenticationError:
+        return RedisMode.AUTO
     except _PROBE_UNAVAILABLE:
         return None
     finally:
