@@ -133,11 +133,7 @@ async def _messages_to_publish(
 async def _stats(settings: Settings, *, as_json: bool) -> int:
     from worker.observability.cache_redis import probe_cache_redis
     from worker.observability.exposition import results_unrouted
-    from worker.observability.stats import (
-        QueueNames,
-        probe_queue_depths,
-        read_cluster,
-    )
+    from worker.observability.stats import QueueNames, probe_queue_depths, read_cluster
     from worker.observability.table import render_table
     from worker.redisio.clients import client_for
     from worker.redisio.keys import RedisKeys

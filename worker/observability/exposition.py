@@ -124,6 +124,8 @@ def breaker_metrics(breaker: dict[str, Any] | None) -> Iterator[Metric]:
         "1 while the LLM breaker is open because the server refuses the configuration.",
         breaker["kind"] == "configuration",
     )
+
+
 def counter_metrics(local: Mapping[str, int]) -> Iterator[Metric]:
     """This replica's counters, one family each."""
     for counter in CounterName:
