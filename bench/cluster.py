@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.cpu import cpu_seconds as process_cpu_seconds
 from bench.redis_cluster import ClusterNode, LocalCluster, cpu_seconds, free_port, wait_port
 from bench.run import CASES as RUN_CASES
 from bench.run import bench_names, bodies, case_env, cleanup, handled, prefill
@@ -45,6 +46,7 @@ class Target:
 @dataclass
 class Measured:
     per_second: list[float] = field(default_factory=list)
+    replica_cpu_us: list[float] = field(default_factory=list)  # both replicas, per message
     cpu_us_per_master: list[list[float]] = field(default_factory=list)
 
 
@@ -66,8 +68,9 @@ def start_standalone(directory: Path) -> tuple[Target, subprocess.Popen[bytes]]:
 
 async def run_case(
     target: Target, count: int, prefetch: int, tmp: Path
-) -> tuple[float, list[float]]:
-    """Two replicas over ``count`` prefilled messages: msg/s and each master's CPU µs/message."""
+) -> tuple[float, float, list[float]]:
+    """Two replicas over ``count`` prefilled messages: msg/s, the replicas' CPU µs/message and
+    each master's."""
     names = bench_names()
     try:
         await prefill(names, bodies(count, CASE_B, seed=2))
@@ -81,13 +84,17 @@ async def run_case(
             await replicas.started(timeout_s=30, poll_s=0.005)
             started_at = min(r.started_at for r in replicas)
             cpu_before = [cpu_seconds(m) for m in target.masters]
+            replicas_before = sum(process_cpu_seconds(r.pid) for r in replicas)
             ports = [r.stats_port for r in replicas]
             total, deadline = 0, time.monotonic() + 600
             while total < count and time.monotonic() < deadline:
-                total = sum(await asyncio.gather(*(asyncio.to_thread(handled, p) for p in ports)))
+                total = sum(await asyncio.gather(*(asyncio.to_thread(_handled, p) for p in ports)))
                 await asyncio.sleep(0.1 if total < count * 0.9 else 0.005)
             assert total >= count, f"{target.name}: {total}/{count} handled"
             per_second = count / (time.time() - started_at)
+            replica_us = (
+                sum(process_cpu_seconds(r.pid) for r in replicas) - replicas_before
+            ) / count
             cpu_us = [
                 (cpu_seconds(m) - before) / count * 1e6
                 for m, before in zip(target.masters, cpu_before, strict=True)
@@ -96,7 +103,15 @@ async def run_case(
             await replicas.stop(timeout_s=30)
     finally:
         await cleanup(names)
-    return per_second, cpu_us
+    return per_second, replica_us * 1e6, cpu_us
+
+
+def _handled(port: int) -> int:
+    """``handled``, or 0 when a busy replica's stats endpoint is too slow to answer this time."""
+    try:
+        return handled(port)
+    except (TimeoutError, OSError):
+        return 0
 
 
 def render(results: dict[str, Measured], count: int) -> str:
@@ -104,7 +119,8 @@ def render(results: dict[str, Measured], count: int) -> str:
         f"case (b), two replicas, {count} messages, median of "
         f"{len(next(iter(results.values())).per_second)} round(s)",
         "",
-        f"{'target':<22} {'msg/s':>8}  {'rounds':<24} Redis CPU µs/msg per master (median)",
+        f"{'target':<22} {'msg/s':>8}  {'rounds':<24} {'replicas µs/msg':>15}"
+        "  Redis CPU µs/msg per master (median)",
     ]
     for name, measured in results.items():
         rounds = " ".join(f"{r:,.0f}" for r in measured.per_second)
@@ -113,7 +129,8 @@ def render(results: dict[str, Measured], count: int) -> str:
         ]
         cpu = "  ".join(f"{us:.1f}" for us in per_master)
         lines.append(
-            f"{name:<22} {statistics.median(measured.per_second):>8,.0f}  {rounds:<24} {cpu}"
+            f"{name:<22} {statistics.median(measured.per_second):>8,.0f}  {rounds:<24}"
+            f" {statistics.median(measured.replica_cpu_us):>15.0f}  {cpu}"
             f"  (sum {sum(per_master):.1f})"
         )
     return "\n".join(lines)
@@ -137,8 +154,11 @@ async def main() -> None:
         results = {t.name: Measured() for t in targets}
         for round_index in range(args.rounds):
             for target in targets:
-                per_second, cpu_us = await run_case(target, args.messages, args.prefetch, work)
+                per_second, replica_us, cpu_us = await run_case(
+                    target, args.messages, args.prefetch, work
+                )
                 results[target.name].per_second.append(per_second)
+                results[target.name].replica_cpu_us.append(replica_us)
                 results[target.name].cpu_us_per_master.append(cpu_us)
                 print(
                     f"  round {round_index + 1} {target.name}: {per_second:,.0f} msg/s", flush=True

@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import RedisCluster
 
 from bench.redis_cluster import ClusterNode, LocalCluster
-from tests.conftest import Names
+from tests.conftest import REDIS_URL, Names
 from tests.integration.support import (
     Replicas,
     ResultSink,
     body,
     cluster_counters,
     publish_bodies,
+    run_cli,
     wait_counter,
 )
 from worker.observability.metrics import CounterName
@@ -164,3 +166,48 @@ async def test_a_manual_failover_during_the_run_loses_nothing(
     finally:
         replicas.close()
         await client.aclose()
+
+
+async def test_the_mode_is_detected_even_for_a_user_refused_info(cluster: LocalCluster) -> None:
+    """``auto`` makes a cluster client for a cluster node, also for an ACL user refused ``INFO``
+    (asked ``CLUSTER INFO`` instead), and a standalone client for a single Redis;
+    ``?cluster=true`` forces a cluster client."""
+    node = cluster.nodes[0]
+    node.cli("ACL", "SETUSER", "no-info", "on", ">pw", "~*", "+@all", "-info")
+    try:
+        for url in (cluster.url, f"redis://no-info:pw@{node.address}/0"):
+            client = await make_client(url, "auto", 2.0)
+            assert isinstance(client, RedisCluster), url
+            await client.aclose()
+        forced = await make_client(f"{cluster.url}?cluster=true", "standalone", 2.0)
+        assert isinstance(forced, RedisCluster)
+        await forced.aclose()
+        single = await make_client(REDIS_URL, "auto", 2.0)
+        assert not isinstance(single, RedisCluster)
+        await single.aclose()
+    finally:
+        node.cli("ACL", "DELUSER", "no-info")
+
+
+def test_check_and_stats_work_with_a_cluster_url(cluster: LocalCluster, names: Names) -> None:
+    """``check`` and ``stats --json`` with ``REDIS_URL=...?cluster=true`` answer without a
+    traceback: ``check`` says redis is ok, ``stats`` lists every counter (summed shards)."""
+    env = names.env(REDIS_URL=f"{cluster.url}?cluster=true")
+    code, lines = run_cli(env, "check")
+    assert [line.split()[:2] for line in lines if "redis" in line] == [["ok", "redis"]], lines
+    assert not [line for line in lines if "Traceback" in line]
+    code, lines = run_cli(env, "stats", "--json")
+    assert code == 0, lines
+    stats = json.loads("\n".join(lines))
+    assert stats["counters"][CounterName.PROCESSED] == 0
+    assert stats["redis"]["cluster_masters"] == 3
+
+
+def test_cluster_mode_forced_on_a_single_redis_is_one_line(names: Names) -> None:
+    """``?cluster=true`` on a Redis that is no cluster node stops ``check`` with one line naming
+    REDIS_URL and exit code 2, not redis-py's traceback."""
+    code, lines = run_cli(names.env(REDIS_URL=f"{REDIS_URL}?cluster=true"), "check")
+    assert code == 2
+    assert len(lines) == 1
+    assert "REDIS_URL" in lines[0]
+    assert "not a Redis Cluster node" in lines[0]

@@ -125,9 +125,11 @@ def mode_in_url(url: str) -> tuple[str, RedisMode | None]:
 
 
 async def make_client(
-    url: str, mode: str, timeout_s: float, *, sentinel_password: str = ""
+    url: str, mode: str, timeout_s: float, *, sentinel_password: str = "", log_assumed: bool = False
 ) -> RedisClient:
-    """A client for ``url`` in ``mode`` (``auto`` asks the server, see the module docstring)."""
+    """A client for ``url`` in ``mode`` (``auto`` asks the server, see the module docstring).
+    ``log_assumed``: log a warning when standalone is assumed because the server cannot be asked
+    (a replica does; a command reports the unreachable server in its own words)."""
     if is_sentinel_url(url):
         if RedisMode(mode) not in (RedisMode.AUTO, RedisMode.SENTINEL):
             raise ConfigError(
@@ -142,14 +144,36 @@ async def make_client(
             "invalid setting REDIS_MODE: sentinel needs a redis+sentinel:// REDIS_URL"
         )
     if chosen is RedisMode.AUTO:
-        chosen = await detect_mode(url, timeout_s)
+        chosen = await detect_mode(url, timeout_s, log_assumed=log_assumed)
+    elif chosen is RedisMode.CLUSTER and await server_mode(url, timeout_s) is RedisMode.STANDALONE:
+        raise ConfigError(
+            f"invalid setting REDIS_URL: {redact_url(url)} is not a Redis Cluster node "
+            "(REDIS_MODE=cluster or ?cluster=true asks for one)"
+        )
     if chosen is RedisMode.CLUSTER:
         return make_cluster(url, timeout_s)
     return make_redis(url, timeout_s)
 
 
-async def detect_mode(url: str, timeout_s: float) -> RedisMode:
-    """``CLUSTER`` if the server at ``url`` is a cluster node, else ``STANDALONE``."""
+async def detect_mode(url: str, timeout_s: float, *, log_assumed: bool = False) -> RedisMode:
+    """``CLUSTER`` if the server at ``url`` is a cluster node, else ``STANDALONE`` (also when it
+    cannot be asked)."""
+    found = await server_mode(url, timeout_s)
+    if found is RedisMode.AUTO:  # credentials refused: the link and ``check`` say so, with the fix
+        return RedisMode.STANDALONE
+    if found is None and log_assumed:
+        log.warning(
+            "redis_mode_assumed",
+            mode=RedisMode.STANDALONE.value,
+            reason=f"cannot ask {redact_url(url)}",
+            hint="set REDIS_MODE=cluster if it is a Redis Cluster",
+        )
+    return found or RedisMode.STANDALONE
+
+
+async def server_mode(url: str, timeout_s: float) -> RedisMode | None:
+    """What the server at ``url`` says it is; ``None`` if it cannot be reached, ``AUTO`` (it
+    cannot tell) if it refuses the credentials."""
     probe = make_redis(url, timeout_s)
     try:
         try:
@@ -157,16 +181,10 @@ async def detect_mode(url: str, timeout_s: float) -> RedisMode:
         except NoPermissionError:
             return await _detect_without_info(probe)
         return RedisMode.CLUSTER if int(info.get("cluster_enabled", 0)) else RedisMode.STANDALONE
-    except AuthenticationError:  # refused credentials: the link and ``check`` say so, with the fix
-        return RedisMode.STANDALONE
-    except _PROBE_UNAVAILABLE as exc:
-        log.warning(
-            "redis_mode_assumed",
-            mode=RedisMode.STANDALONE.value,
-            reason=f"cannot ask {redact_url(url)} ({type(exc).__name__})",
-            hint="set REDIS_MODE=cluster if it is a Redis Cluster",
-        )
-        return RedisMode.STANDALONE
+    except AuthenticationError:
+        return RedisMode.AUTO
+    except _PROBE_UNAVAILABLE:
+        return None
     finally:
         await probe.aclose()
 
@@ -179,12 +197,24 @@ async def _detect_without_info(probe: Redis) -> RedisMode:
     return RedisMode.CLUSTER
 
 
+class _Cluster(RedisCluster):
+    """``RedisCluster`` whose failure to learn the cluster (no node answers, slots not covered)
+    is a ``ConnectionError``, the "Redis unavailable" every caller handles, instead of the
+    ``RedisClusterException`` redis-py raises for it and for bugs alike."""
+
+    async def initialize(self) -> RedisCluster:
+        try:
+            return await super().initialize()
+        except RedisClusterException as exc:
+            raise RedisConnectionError(str(exc).splitlines()[0]) from exc
+
+
 def make_cluster(url: str, timeout_s: float) -> RedisCluster:
     """A cluster client started from the node ``url`` names, with short retries: a failover's
     ``MOVED``, ``TRYAGAIN`` or a node that went away is retried within about ``timeout_s``, and
     whatever remains is the caller's "Redis unavailable"."""
     try:
-        return RedisCluster.from_url(
+        return _Cluster.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,

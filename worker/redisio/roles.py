@@ -44,6 +44,7 @@ async def client_of(settings: Settings, url: str, setting: str) -> RedisClient:
             mode,
             settings.redis_timeout_s,
             sentinel_password=settings.redis_sentinel_password.get_secret_value(),
+            log_assumed=True,
         )
     except ValueError as exc:
         raise ConfigError(
