@@ -20,15 +20,8 @@ from worker.core.urls import AMQP_SCHEMES, REDIS_SCHEMES, check_url
 
 # URL-valued settings whose input must never be echoed: they may carry a password.
 SECRET_FIELDS = frozenset(
-    {
-        "redis_url",
-        "redis_cache_url",
-        "rabbitmq_url",
-        "llm_api_key",
-        "llm_base_url",
-        "otel_exporter_otlp_endpoint",
-        "redis_sentinel_password",
-    }
+    {"redis_url", "redis_cache_url", "rabbitmq_url", "llm_api_key", "llm_base_url"}
+    | {"otel_exporter_otlp_endpoint", "redis_sentinel_password"}
 )
 UNROUTED_SUFFIX = ".unrouted"  # {RESULTS_EXCHANGE}.unrouted: the name CONTRACT.md fixes
 DEFAULT_LLM_LABELS = "question,complaint,order,greeting,spam,other"
@@ -99,9 +92,7 @@ class Settings(BaseSettings):
     fault_injection: str = ""
     redis_failure_mode: Literal["fallback", "strict"] = "fallback"
     redis_fallback_after_s: float = Field(default=3.0, ge=0, le=3_600)
-    # The sentinels' own password (the master's is in the sentinel form of REDIS_URL).
-    redis_sentinel_password: SecretStr = SecretStr("")
-    # After each completion batch: WAIT until this many Redis replicas have the done markers.
+    redis_sentinel_password: SecretStr = SecretStr("")  # the sentinels' (the master's: REDIS_URL)
     redis_wait_replicas: int = Field(default=0, ge=0, le=100)
     rabbitmq_consumer_timeout_s: float = Field(default=1_800.0, gt=0)
     # The type of the queues the worker creates; a queue that exists is used as it is.
@@ -263,10 +254,8 @@ class Settings(BaseSettings):
     @property
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never be printed (passwords inside URLs, the API key)."""
-        found: list[str] = [
-            self.llm_api_key.get_secret_value(),
-            self.redis_sentinel_password.get_secret_value(),
-        ]
+        found = [self.llm_api_key.get_secret_value()]
+        found.append(self.redis_sentinel_password.get_secret_value())
         for url in (self.redis_url, self.redis_cache_url, self.rabbitmq_url):
             found += url_secrets(url)
         return tuple(s for s in found if s)

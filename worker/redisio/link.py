@@ -38,9 +38,10 @@ from redis.exceptions import ResponseError
 
 from worker.core.redaction import redact_url, scrub
 from worker.redisio.clients import RedisClient, ping
+from worker.redisio.faults import NOT_WRITABLE_LINE as NOT_WRITABLE_LINE  # and classify here
 from worker.redisio.faults import REDIS_ERRORS as REDIS_ERRORS  # re-exported: callers catch
-from worker.redisio.faults import REDIS_UNAVAILABLE as REDIS_UNAVAILABLE  # and classify here
-from worker.redisio.faults import SENTINEL_FIX, ReplicasBehind, refusal_fix
+from worker.redisio.faults import REDIS_UNAVAILABLE as REDIS_UNAVAILABLE
+from worker.redisio.faults import SENTINEL_FIX, ReplicasBehind, refusal_fix, warn_not_writable
 from worker.redisio.faults import RedisFault as RedisFault
 from worker.redisio.faults import classify as classify
 from worker.redisio.sentinel import SentinelMasterRedis, server_mode
@@ -50,7 +51,6 @@ log = structlog.get_logger("worker.redis")
 CONNECTED_LINE = "✅ Redis cache connected"
 FAILED_LINE = "⚠️ Redis connection failed"
 REFUSED_LINE = "⛔ Redis refused the worker"
-NOT_WRITABLE_LINE = "⚠️ Redis refuses writes"
 FALLBACK_IN_MEMORY = "in-memory claims, cache and counters until Redis is back"
 FALLBACK_STRICT = "none (REDIS_FAILURE_MODE=strict): no new message is taken until Redis is back"
 FALLBACK_NONE = "none: no new message is claimed until Redis accepts the worker's commands"
@@ -239,29 +239,8 @@ class RedisLink:
         if isinstance(exc, ReplicasBehind):
             log.warning("redis_replicas_behind", redis=self._where, error=error, retry="held")
         elif self._warning is None or self._warning.done():
-            self._warning = asyncio.get_running_loop().create_task(self._warn_not_writable(error))
-
-    async def _warn_not_writable(self, error: str) -> None:
-        """The warning, with the memory figures when ``INFO`` is permitted."""
-        memory: dict[str, object] = {}
-        try:
-            info = await self.client.info("memory")
-            memory = {
-                "used_memory": info.get("used_memory"),
-                "maxmemory": info.get("maxmemory"),
-                "maxmemory_policy": info.get("maxmemory_policy"),
-            }
-        except REDIS_ERRORS:
-            memory = {"maxmemory": "unknown (INFO not permitted or failed)"}
-        log.warning(
-            NOT_WRITABLE_LINE,
-            redis=self._where,
-            error=error,
-            **memory,
-            fix="free memory in Redis, raise maxmemory, or shorten DEDUP_TTL_S/CACHE_TTL_S",
-            fallback=FALLBACK_NONE,
-            retry="claims are retried with backoff (at most 0.5 s apart)",
-        )
+            warning = warn_not_writable(self.client, self._where, error, FALLBACK_NONE)
+            self._warning = asyncio.get_running_loop().create_task(warning)
 
     def _start_recovery(self, exc: BaseException, *, quiet: bool = False) -> None:
         """Mark Redis down (logging the failure line once per outage) and start recovering."""
