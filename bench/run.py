@@ -49,6 +49,7 @@ from worker.amqp.results import ResultOut
 from worker.cli import publish
 from worker.cli.replicas import ReplicaGroup, ReplicaNames, listen_for_results, replica_env
 from worker.cli.samples import generate_sample
+from worker.core.settings import UNROUTED_SUFFIX
 from worker.redisio.keys import RedisKeys
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL") or "amqp://guest:guest@127.0.0.1:5672/"
@@ -346,13 +347,15 @@ async def cleanup(names: ReplicaNames) -> None:
     connection = await aio_pika.connect_robust(RABBITMQ_URL)
     try:
         channel = await connection.channel()
-        for queue in (names.input_queue, names.dead_letter_queue):
+        unrouted = names.results_exchange + UNROUTED_SUFFIX  # results nobody bound kept there
+        for queue in (names.input_queue, names.dead_letter_queue, unrouted):
             await channel.queue_delete(queue, if_unused=False, if_empty=False)
         for delay in (1000, 2000, 4000, 8000):
             await channel.queue_delete(
                 f"{names.input_queue}.retry.{delay}ms", if_unused=False, if_empty=False
             )
         await channel.exchange_delete(names.results_exchange)
+        await channel.exchange_delete(unrouted)
     finally:
         await connection.close()
     client = aioredis.Redis.from_url(REDIS_URL)

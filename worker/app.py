@@ -49,7 +49,6 @@ from worker.redisio.roles import cache_link, claims_link, connect_links
 
 log = structlog.get_logger("worker.app")
 
-IN_MEMORY_LINE = "In-memory mode: no REDIS_URL, claims, cache and counters are per replica"
 SUMMARY_INTERVAL_S = 30.0
 
 
@@ -87,14 +86,6 @@ class _Base:
     classifier: Classifier
     breaker: CircuitBreaker | None  # the classifier's, if it has one
     hooks: Hooks
-
-
-async def build_link(settings: Settings) -> RedisLink | None:
-    """The link to Redis; ``None`` (and the contract's in-memory line) without ``REDIS_URL``."""
-    if not settings.redis_enabled:
-        log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
-        return None
-    return await claims_link(settings)
 
 
 async def build_cached_classifier(stack: AsyncExitStack, base: _Base) -> CachedClassifier:
@@ -259,14 +250,13 @@ async def consume_until_stopped(
 async def build_base(settings: Settings) -> _Base:
     """Built first, so a bad setting stops start-up before any connection but Redis's mode probe."""
     identity = ReplicaIdentity.create(settings.replica_id)
-    hooks = pipeline_hooks(settings, replica_id=identity.replica_id)
-    link = await build_link(settings)
+    link = await claims_link(settings)
     counters = Counters(cluster=settings.redis_enabled)
     classifier = build_classifier(settings, link=link, counters=counters)
     return _Base(
         settings=settings,
         identity=identity,
-        hooks=hooks,
+        hooks=pipeline_hooks(settings, replica_id=identity.replica_id),
         keys=RedisKeys(settings.redis_key_prefix),
         counters=counters,
         background_errors=BackgroundErrors(settings.secrets),
@@ -282,14 +272,13 @@ async def run_replica(settings: Settings, stop: asyncio.Event) -> bool:
     """Run one replica until ``stop`` is set; ``True`` if it drained everything in time."""
     base = await build_base(settings)
     fastpath.install(settings.amqp_fast_path)  # the only place aiormq is patched
-    link = base.link
     async with AsyncExitStack() as stack:
         stack.push_async_callback(base.classifier.aclose)
-        await connect_links(stack, link, base.cache_link)
+        await connect_links(stack, base.link, base.cache_link)
         if base.breaker is not None:
             base.breaker.start()  # stopped by the classifier's aclose
         claims = build_claim_store(
-            settings, link, base.keys, base.counters, replica_id=base.identity.replica_id
+            settings, base.link, base.keys, base.counters, replica_id=base.identity.replica_id
         )
         stack.push_async_callback(claims.aclose)
         cached = await build_cached_classifier(stack, base)

@@ -35,13 +35,18 @@ CTL_TIMEOUT_S = 60.0
 CLI_DIST_PORTS = range(35672, 35693)  # what rabbitmqctl's own Erlang node may listen on
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A free loopback port that no ``rabbitmqctl`` run will take for its own distribution."""
+    """A free loopback port that no ``rabbitmqctl`` run will take for its own distribution, and
+    not one this process handed out before (the nodes of a cluster bind theirs only later)."""
     while True:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port not in CLI_DIST_PORTS:
+        if port not in CLI_DIST_PORTS and port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
             return port
 
 
@@ -157,11 +162,20 @@ class RabbitNode:
         return done
 
     def wait_started(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Wait until the node has booted (``await_startup``) and its AMQP port accepts."""
+        """Wait until the node has booted (``await_startup``) and its AMQP port accepts. A node
+        that exits while booting (another process took one of its ports meanwhile) is launched
+        once more on new ports."""
         deadline = time.monotonic() + timeout_s
+        relaunched = False
         while time.monotonic() < deadline:
             if not self.running():
-                raise AssertionError(f"{self.name} exited while starting: {self.console_tail()}")
+                if relaunched:
+                    raise AssertionError(
+                        f"{self.name} exited while starting: {self.console_tail()}"
+                    )
+                relaunched = True
+                self.amqp_port, self.dist_port = free_port(), free_port()
+                self.launch()
             left = max(1.0, deadline - time.monotonic())
             done = self.ctl(
                 "await_startup", "--timeout", str(int(left)), timeout_s=left + 15, check=False

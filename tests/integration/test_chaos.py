@@ -28,6 +28,7 @@ from tests.integration.proxy import CuttableProxy
 from tests.integration.servers import SpareRedis
 from tests.integration.support import Replica, Replicas, cluster_counters, drain_queue
 from worker.cli import publish
+from worker.cli.replicas import listen_for_results
 from worker.cli.samples import sample_texts
 from worker.observability.metrics import CounterName
 
@@ -73,13 +74,8 @@ class Sink:
     async def run(self, stop: asyncio.Event) -> None:
         connection = await aio_pika.connect_robust(RABBITMQ_URL)
         try:
-            channel = await connection.channel()
-            exchange = await channel.declare_exchange(
-                self.names.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-            )
-            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-            await queue.bind(exchange, routing_key="#")
-            await queue.consume(self._on_result, no_ack=True)
+            # Declared as the replicas declare it, whoever comes first.
+            await listen_for_results(connection, self.names.results_exchange, self._on_result)
             await stop.wait()
         finally:
             await connection.close()

@@ -13,8 +13,8 @@ import redis.asyncio as aioredis
 from tests.conftest import Names
 from tests.integration.servers import SpareRedis, free_port
 from tests.integration.support import Replicas, ResultSink, body, cluster_counters, publish_bodies
-from worker.app import IN_MEMORY_LINE
 from worker.redisio.link import CONNECTED_LINE, FAILED_LINE
+from worker.redisio.roles import IN_MEMORY_LINE
 
 pytestmark = pytest.mark.integration
 

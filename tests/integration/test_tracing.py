@@ -21,9 +21,10 @@ from opentelemetry.trace import SpanKind
 from tests.conftest import RABBITMQ_URL, Names
 from tests.integration.support import body
 from worker.amqp import fastpath
+from worker.amqp.declaring import ensure_queue
 from worker.app import run_replica
 from worker.cli.replicas import listen_for_results
-from worker.core.settings import Settings
+from worker.core.settings import Settings, load_settings
 from worker.observability import tracing
 
 pytestmark = pytest.mark.integration
@@ -81,8 +82,10 @@ async def replica_in_process(
 async def publish(names: Names, message_id: str, text: str, headers: dict[str, str]) -> None:
     connection = await aio_pika.connect_robust(RABBITMQ_URL)
     try:
+        # Used as it is if the replica declared it first, else declared as the replica would.
+        arguments = names.topology(load_settings()).input_arguments()
+        await ensure_queue(connection, names.input_queue, arguments)
         channel = await connection.channel()
-        await channel.declare_queue(names.input_queue, durable=True)
         message = aio_pika.Message(orjson.dumps(body(message_id, text)), headers=dict(headers))
         await channel.default_exchange.publish(message, routing_key=names.input_queue)
     finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +23,7 @@ from worker.claims.memory_store import MemoryClaimStore
 from worker.claims.protocol import TokenSource
 from worker.classification.cache import ClassificationCache, LocalCache
 from worker.classification.cached import CachedClassifier
+from worker.classification.classifiers.base import Classifier
 from worker.classification.classifiers.keywords import KeywordClassifier
 from worker.core.classification import Classification
 from worker.core.models import ChatMessage
@@ -87,6 +88,7 @@ class RecordingOutbox:
     results: list[tuple[str, Classification, bool]] = field(default_factory=list)
     retries: list[tuple[int, int, str]] = field(default_factory=list)
     dead_letters: list[tuple[int, str, str, int]] = field(default_factory=list)
+    sent_to_back: list[int] = field(default_factory=list)
 
     def queue_result(
         self, message: ChatMessage, classification: Classification, cached: bool, headers=None
@@ -103,6 +105,9 @@ class RecordingOutbox:
 
     async def schedule_retry(self, delivery: Delivery, attempt: int, error: str) -> None:
         self.retries.append((delivery.delivery_tag, attempt, error))
+
+    async def send_to_back(self, delivery: Delivery) -> None:
+        self.sent_to_back.append(delivery.delivery_tag)
 
     def result_ids(self) -> list[str]:
         return [message_id for message_id, _, _ in self.results]
@@ -152,6 +157,9 @@ async def rig(
     max_attempts: int = 3,
     lease_s: float = 5.0,
     classify_delay_s: float = 0.0,
+    classifier: Classifier | None = None,
+    paused: Callable[[], bool] = lambda: False,
+    hold_s: float = 5.0,
 ) -> AsyncIterator[Rig]:
     """A consumer wired as ``worker.app`` wires it, on the memory store and recording fakes."""
     stopping = QuickStopping()
@@ -171,19 +179,21 @@ async def rig(
         max_attempts=max_attempts,
         stopping=stopping,
         retry_delay_ms=lambda attempt: 1000 * attempt,
+        paused=paused,
+        hold_s=hold_s,
     )
     cache = ClassificationCache(
         LocalCache(100), link=None, keys=RedisKeys("t:"), identity="kw", ttl_s=60
     )
-    classifier = CachedClassifier(
-        KeywordClassifier.default(classify_delay_s), cache, counters, flight=None
+    cached = CachedClassifier(
+        classifier or KeywordClassifier.default(classify_delay_s), cache, counters, flight=None
     )
     async with LeaseKeeper(store, lease_s=lease_s, work_timeout_s=10) as leases:
         pipeline = Pipeline(
             outbox=outbox,
             claims=store,
             leases=leases,
-            classifier=classifier,
+            classifier=cached,
             failures=failures,
             counters=counters,
             hooks=hooks or Hooks(),

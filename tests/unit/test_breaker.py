@@ -9,6 +9,7 @@ import fakeredis
 import httpx
 import pytest
 
+from tests.unit.pipeline_rig import rig
 from worker.claims.memory_store import MemoryClaimStore
 from worker.claims.protocol import ClaimAsk, ClaimStatus, TokenSource
 from worker.claims.redis_store import RedisClaimStore
@@ -27,7 +28,9 @@ from worker.classification.classifiers.llm_http import (
     check_status,
 )
 from worker.classification.window import CallWindow
+from worker.core.classification import Classification
 from worker.core.errors import ClassifierPaused, ClassifierUnavailable, PermanentError
+from worker.observability.breakers import breaker_lines, read_breakers
 from worker.observability.counters import Counters
 from worker.observability.metrics import CounterName
 from worker.processing.triage import AfterFailure, after_failure
@@ -269,3 +272,70 @@ async def test_a_refunded_release_gives_the_attempt_back_in_redis() -> None:
     third = (await store.claim_many([ClaimAsk("m")]))[0]
     assert third.attempt == 2  # the refunded attempt was not counted
     await redis.aclose()
+
+
+class PausingClassifier:
+    """Refuses every text (``ClassifierPaused``) while ``open``, as the LLM one does behind an
+    open breaker; answers ``other`` otherwise."""
+
+    name = "pausing"
+    identity = "pausing:v1"
+
+    def __init__(self) -> None:
+        self.open = True
+
+    async def classify(self, text: str) -> Classification:
+        if self.open:
+            raise ClassifierPaused("LLM circuit breaker open (provider): down")
+        return Classification("other", 1.0, self.name)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_refused_miss_is_held_without_an_attempt_then_requeued_when_it_closes() -> None:
+    """While the classifier is paused a delivery is neither acked, retried nor dead-lettered and
+    its attempt is given back; once it is no longer paused the delivery is requeued."""
+    classifier = PausingClassifier()
+    async with rig(classifier=classifier, paused=lambda: classifier.open) as r:
+        tag = r.deliver({"message_id": "m-1", "text": "где мой заказ"})
+        deadline = asyncio.get_running_loop().time() + 3
+        while not r.counted(CounterName.BREAKER_HELD):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        probe = (await r.store.claim_many([ClaimAsk("m-1")]))[0]
+        assert probe.attempt == 1  # the held one's attempt was given back
+        await r.store.release("m-1", probe.token, refund_attempt=True)
+        assert not r.channel.settlements.get(tag)
+        classifier.open = False
+        await r.channel.wait_settled(1)
+        assert r.channel.outcome(tag) == "requeue"
+        assert (r.outbox.retries, r.outbox.dead_letters, r.outbox.sent_to_back) == ([], [], [])
+        assert r.counted(CounterName.FAILED) == 0
+
+
+async def test_a_miss_held_past_the_hold_goes_to_the_back_of_the_queue() -> None:
+    """Still paused after the hold, the delivery's copy goes to the back and the delivery is
+    acked, so the prefetch window never fills up with held misses."""
+    classifier = PausingClassifier()
+    async with rig(classifier=classifier, paused=lambda: classifier.open, hold_s=0.1) as r:
+        tag = r.deliver({"message_id": "m-2", "text": "где мой заказ"})
+        await r.channel.wait_settled(1)
+        assert r.channel.outcome(tag) == "ack"
+        assert r.outbox.sent_to_back == [tag]
+        assert (r.outbox.retries, r.outbox.dead_letters) == ([], [])
+
+
+async def test_the_stats_show_every_breaker_of_the_deployment(links: list[RedisLink]) -> None:
+    """The stats JSON lists the shared breaker with its reason, and the ``stats`` table gives it
+    one line naming the setting to fix."""
+    (breaker,) = breakers(links[:1])
+    await breaker.failed(KEY_REFUSED)
+    found = await read_breakers(links[0].client, KEYS)
+    assert [(b["classifier"], b["state"], b["kind"]) for b in found] == [
+        ("llm:v1:m:abc", "open", CONFIGURATION)
+    ]
+    assert found[0]["opens"] == 1
+    (line,) = [line for line in breaker_lines(found) if line.strip()]
+    assert "OPEN (configuration)" in line
+    assert "check LLM_API_KEY" in line

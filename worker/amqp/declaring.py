@@ -85,17 +85,28 @@ async def throwaway(connection: AbstractConnection) -> AsyncIterator[AbstractCha
 
 
 async def ensure_queue(
-    connection: AbstractConnection, name: str, arguments: Mapping[str, str | int]
+    connection: AbstractConnection,
+    name: str,
+    arguments: Mapping[str, str | int],
+    *,
+    look_up_type: bool = True,
 ) -> Found:
-    """``name`` as it exists (its type looked up), or declared now, durable, with ``arguments``."""
-    try:
-        async with throwaway(connection) as channel:
-            ok = await channel.queue_declare(name, passive=True)
-    except ChannelNotFoundEntity:
-        async with throwaway(connection) as channel:
-            ok = await channel.queue_declare(name, durable=True, arguments=dict(arguments))
-        return Found(name, True, str(arguments.get("x-queue-type", "classic")), 0)
-    return Found(name, False, await type_of(connection, name), ok.message_count or 0)
+    """``name`` as it exists (its type looked up, unless ``look_up_type`` is false), or declared
+    now, durable, with ``arguments``."""
+    for _ in range(2):
+        try:
+            async with throwaway(connection) as channel:
+                ok = await channel.queue_declare(name, passive=True)
+        except ChannelNotFoundEntity:
+            try:
+                async with throwaway(connection) as channel:
+                    await channel.queue_declare(name, durable=True, arguments=dict(arguments))
+            except ChannelPreconditionFailed:
+                continue  # declared meanwhile by someone else, otherwise: use it as it is
+            return Found(name, True, str(arguments.get("x-queue-type", "classic")))
+        kind = await type_of(connection, name) if look_up_type else "unknown"
+        return Found(name, False, kind, ok.message_count or 0)
+    raise ChannelPreconditionFailed(f"queue {name!r} cannot be declared nor found")
 
 
 async def type_of(connection: AbstractConnection, name: str) -> str:

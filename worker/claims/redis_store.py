@@ -18,6 +18,7 @@ from redis.exceptions import NoScriptError
 from worker.claims.protocol import ClaimResult, ClaimStatus, CompleteStatus, Lease
 from worker.redisio.batching import MicroBatcher, in_groups
 from worker.redisio.clients import RedisClient, is_cluster
+from worker.redisio.faults import ReplicasBehind
 from worker.redisio.keys import THROUGHPUT_BUCKET_TTL_S, RedisKeys, shard_of
 from worker.redisio.scripts import RENEW, LuaScript
 
@@ -90,7 +91,6 @@ class RedisClaimStore:
         self.lease_s = lease_s
         self._redis = redis
         self._wait = (str(wait_replicas), str(wait_timeout_ms)) if wait_replicas else None
-        self._short_at = -60.0
         self._keys = keys
         self._tokens = tokens
         self._lease_ms = str(max(1, int(lease_s * 1000)))
@@ -163,8 +163,9 @@ class RedisClaimStore:
     async def _complete_replicated(self, keys: list[str], args: list[str]) -> list[int]:
         """The completion script and ``WAIT`` (``REDIS_WAIT_REPLICAS``) in one round trip on one
         connection: ``WAIT`` counts the replicas that have this connection's writes, so it must
-        follow the script on the same one. Too few replicas by the timeout: logged, not fatal
-        (a dead replica must not stop processing), and the batch is acknowledged as without."""
+        follow the script on the same one. Too few replicas by the timeout
+        raises ``ReplicasBehind``: the batch is held and retried (``fallback``), as after a
+        failover its done markers may be on an old master only."""
         assert self._wait is not None
         for _ in range(2):
             pipe = self._redis.pipeline(transaction=False)
@@ -178,9 +179,8 @@ class RedisClaimStore:
                 raise answers
             if isinstance(replicas, BaseException):
                 raise replicas
-            if int(replicas) < int(self._wait[0]) and time.monotonic() - self._short_at > 60:
-                self._short_at = time.monotonic()  # said at most once a minute
-                log.warning("redis_wait_replicas_short", wanted=self._wait[0], acked=replicas)
+            if int(replicas) < int(self._wait[0]):
+                raise ReplicasBehind(f"WAIT: {replicas} of {self._wait[0]} replicas in time")
             return list(answers)
         raise NoScriptError("the completion script could not be loaded")
 

@@ -34,7 +34,7 @@ import structlog
 
 from worker.observability.counters import Counters
 from worker.observability.metrics import CounterName
-from worker.redisio.link import REDIS_UNAVAILABLE, RedisLink
+from worker.redisio.link import REDIS_ERRORS, RedisLink
 from worker.redisio.scripts import LuaScript
 
 log = structlog.get_logger("worker.classification.breaker")
@@ -228,8 +228,8 @@ class CircuitBreaker:
         if self._script is not None and self._link is not None and self._link.available:
             try:
                 answer = await self._script(keys=[self.key], args=[step, *args])
-            except REDIS_UNAVAILABLE as exc:
-                self._link.report_failure(exc)
+            except REDIS_ERRORS as exc:
+                self._link.report_aside(exc)
         if answer is None:  # no Redis, or it is away: this replica's own breaker meanwhile
             answer = self._memory.step(step, args)
         view = view_of(answer, now)

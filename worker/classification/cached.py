@@ -13,7 +13,12 @@ from worker.classification.classifiers.base import Classification, Classifier, I
 from worker.classification.locks import Entry
 from worker.classification.singleflight import ClusterFlight
 from worker.classification.text import text_hash
-from worker.core.errors import ClassifierUnavailable, PermanentError, TransientError
+from worker.core.errors import (
+    ClassifierPaused,
+    ClassifierUnavailable,
+    PermanentError,
+    TransientError,
+)
 from worker.core.gathering import answered, gather_into
 from worker.observability.counters import Counters
 from worker.observability.metrics import CounterName
@@ -191,13 +196,19 @@ class CachedClassifier:
         return cast(list[Classification | Exception], answers)  # BaseExceptions were raised
 
     async def _call(self, text: str) -> Classification:
-        self._counters.record(CounterName.CLASSIFIER_CALLS)
+        asked = True  # not when the classifier's breaker refused it: nothing was asked
         try:
             return await self.classifier.classify(text)
+        except ClassifierPaused:
+            asked = False
+            raise
         except (TransientError, PermanentError):
             raise
         except (OSError, ValueError) as exc:
             raise _unavailable(exc) from exc
+        finally:
+            if asked:
+                self._counters.record(CounterName.CLASSIFIER_CALLS)
 
     def _entry(self, hashed_text: str) -> Entry:
         """The Redis keys of a text's cache entry and of its single-flight lock."""

@@ -22,6 +22,7 @@ MAIN_VARIABLES: tuple[tuple[str, str | None, str], ...] = (
     ("INPUT_QUEUE", "input_queue", "the queue every replica consumes"),
     ("RESULTS_EXCHANGE", "results_exchange", "topic exchange of the results"),
     ("DEAD_LETTER_QUEUE", "dead_letter_queue", "where unprocessable messages go"),
+    ("QUEUE_TYPE", "queue_type", "classic or quorum, for the queues the worker creates"),
     ("CLASSIFIER", "classifier", "keywords, or llm with LLM_BASE_URL, LLM_API_KEY, LLM_MODEL"),
     ("PREFETCH", "prefetch", "messages in flight per replica"),
     ("STATS_HOST", "stats_host", "address of the monitoring HTTP server"),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -23,6 +24,8 @@ from worker.observability.logs import configure_logging
 
 if TYPE_CHECKING:
     from worker.cli.publish import Outgoing
+    from worker.observability.stats import QueueNames
+    from worker.redisio.clients import RedisClient
 
 EXIT_CONFIG = 2  # a setting is wrong: fix it before trying again
 EXIT_UNREACHABLE = 1  # a server could not be reached: try again once it is up
@@ -131,16 +134,8 @@ async def _messages_to_publish(
 
 
 async def _stats(settings: Settings, *, as_json: bool) -> int:
-    from worker.observability.cache_redis import probe_cache_redis
-    from worker.observability.exposition import results_unrouted
-    from worker.observability.stats import (
-        QueueNames,
-        probe_queue_depths,
-        read_cluster,
-    )
     from worker.observability.table import render_table
     from worker.redisio.clients import client_for
-    from worker.redisio.keys import RedisKeys
     from worker.redisio.link import REDIS_ERRORS
 
     if not settings.redis_enabled:
@@ -154,25 +149,56 @@ async def _stats(settings: Settings, *, as_json: bool) -> int:
         client = await client_for(settings)
     except REDIS_ERRORS as exc:
         return _redis_failed(settings, exc)
-    names = QueueNames.of(settings)
     try:
-        # The broker is optional here: without it the queue depths are reported as unknown.
-        data, queues, cache_redis = await asyncio.gather(
-            read_cluster(client, RedisKeys(settings.redis_key_prefix)),
-            probe_queue_depths(settings.rabbitmq_url, names),
-            probe_cache_redis(settings),  # REDIS_CACHE_URL's, when set
-        )
+        data = await _cluster_stats(settings, client)
     except REDIS_ERRORS as exc:
         return _redis_failed(settings, exc)
     finally:
         await client.aclose()
-    data = {"cache": {"status": "redis_connected", "type": "redis"}, **data, "queues": queues}
-    data["cache_redis"] = cache_redis
-    data["results_unrouted"] = results_unrouted(queues)
     print(
         orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else render_table(data)
     )
     return 0
+
+
+async def _cluster_stats(settings: Settings, client: RedisClient) -> dict[str, Any]:
+    """What every replica published to Redis, with the queue depths and the cache Redis."""
+    from worker.observability.cache_redis import probe_cache_redis
+    from worker.observability.exposition import results_unrouted
+    from worker.observability.stats import QueueNames, read_cluster
+    from worker.redisio.keys import RedisKeys
+
+    # The broker is optional here: without it the queue depths are reported as unknown.
+    data, queues, cache_redis = await asyncio.gather(
+        read_cluster(client, RedisKeys(settings.redis_key_prefix)),
+        _queue_depths(settings, QueueNames.of(settings)),
+        probe_cache_redis(settings),  # REDIS_CACHE_URL's, when set
+    )
+    data = {"cache": {"status": "redis_connected", "type": "redis"}, **data, "queues": queues}
+    data["cache_redis"] = cache_redis
+    data["results_unrouted"] = results_unrouted(queues)
+    return data
+
+
+async def _queue_depths(settings: Settings, names: QueueNames) -> dict[str, Any]:
+    """The queue depths over a short-lived connection to one of the broker's addresses (tried in
+    turn, 3 s each); unknown depths if none answers: ``stats`` needs no broker."""
+    from worker.amqp.connection import CONNECTION_NAME, connect_once
+    from worker.observability import stats
+
+    unknown = stats.unknown_depths(names, stats.BROKER_UNREACHABLE)
+    name = f"{CONNECTION_NAME} stats"
+    try:
+        connection = await connect_once(settings.rabbitmq_url, name=name, timeout_s=3.0)
+    except stats.QUEUE_PROBE_ERRORS:
+        return unknown
+    try:
+        return await stats.read_queue_depths(connection, names, timeout_s=3.0)
+    except stats.QUEUE_PROBE_ERRORS:
+        return unknown
+    finally:
+        with contextlib.suppress(*stats.QUEUE_PROBE_ERRORS):
+            await connection.close()
 
 
 def _redis_failed(settings: Settings, exc: BaseException) -> int:

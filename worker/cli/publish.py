@@ -80,7 +80,7 @@ async def publish(
     ``secrets`` masked."""
     connection = await open_connection(rabbitmq_url, secrets)
     try:
-        await ensure_queue(connection, queue, arguments or {})
+        await ensure_queue(connection, queue, arguments or {}, look_up_type=False)
         channel = await connection.channel(publisher_confirms=True)
         exchange = channel.default_exchange
         started = time.perf_counter()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,38 +16,17 @@ from worker.core.errors import ConfigError
 from worker.core.redaction import url_secrets
 from worker.core.redis_tls import check_redis_tls
 from worker.core.sentinel_url import SENTINEL_SCHEMES, is_sentinel_url, parse_sentinel_url
+from worker.core.urls import AMQP_SCHEMES, REDIS_SCHEMES, check_url
 
-REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
-AMQP_SCHEMES = frozenset({"amqp", "amqps"})
 # URL-valued settings whose input must never be echoed: they may carry a password.
 SECRET_FIELDS = frozenset(
-    {
-        "redis_url",
-        "redis_cache_url",
-        "rabbitmq_url",
-        "llm_api_key",
-        "llm_base_url",
-        "otel_exporter_otlp_endpoint",
-        "redis_sentinel_password",
-    }
+    {"redis_url", "redis_cache_url", "rabbitmq_url", "llm_api_key", "llm_base_url"}
+    | {"otel_exporter_otlp_endpoint", "redis_sentinel_password"}
 )
 UNROUTED_SUFFIX = ".unrouted"  # {RESULTS_EXCHANGE}.unrouted: the name CONTRACT.md fixes
 DEFAULT_LLM_LABELS = "question,complaint,order,greeting,spam,other"
 # Labels become AMQP routing keys: one topic word (no dots, no wildcards), letters first.
 _LLM_LABEL_RE = re.compile(r"[^\W\d_][\w-]{0,63}")
-
-
-def _check_url(value: str, schemes: frozenset[str], *, needs_host: bool = True) -> str:
-    try:
-        parts = urlsplit(value)
-        _ = parts.port  # raises ValueError on a non-numeric port
-    except ValueError as exc:
-        raise ValueError("is not a valid URL") from exc
-    if parts.scheme not in schemes:
-        raise ValueError(f"must start with one of {', '.join(s + '://' for s in sorted(schemes))}")
-    if needs_host and parts.scheme != "unix" and not parts.hostname:
-        raise ValueError("has no host name")
-    return value
 
 
 class Settings(BaseSettings):
@@ -114,9 +92,7 @@ class Settings(BaseSettings):
     fault_injection: str = ""
     redis_failure_mode: Literal["fallback", "strict"] = "fallback"
     redis_fallback_after_s: float = Field(default=3.0, ge=0, le=3_600)
-    # The sentinels' own password (the master's is in the sentinel form of REDIS_URL).
-    redis_sentinel_password: SecretStr = SecretStr("")
-    # After each completion batch: WAIT until this many Redis replicas have the done markers.
+    redis_sentinel_password: SecretStr = SecretStr("")  # the sentinels' (the master's: REDIS_URL)
     redis_wait_replicas: int = Field(default=0, ge=0, le=100)
     rabbitmq_consumer_timeout_s: float = Field(default=1_800.0, gt=0)
     # The type of the queues the worker creates; a queue that exists is used as it is.
@@ -156,7 +132,7 @@ class Settings(BaseSettings):
         if value and is_sentinel_url(value):
             parse_sentinel_url(value)  # raises ValueError saying what is wrong
             return value
-        return check_redis_tls(_check_url(value, REDIS_SCHEMES | SENTINEL_SCHEMES)) if value else ""
+        return check_redis_tls(check_url(value, REDIS_SCHEMES | SENTINEL_SCHEMES)) if value else ""
 
     @field_validator("rabbitmq_url")
     @classmethod
@@ -164,13 +140,13 @@ class Settings(BaseSettings):
         """One address, or a cluster's: several comma-separated, each checked on its own."""
         addresses = [part.strip() for part in value.split(",")]
         if len(addresses) == 1:
-            return _check_url(addresses[0], AMQP_SCHEMES)
+            return check_url(addresses[0], AMQP_SCHEMES)
         for number, address in enumerate(addresses, 1):
             where = f"address {number} of {len(addresses)}"
             if not address:
                 raise ValueError(f"{where} is empty (a comma too many?)")
             try:
-                _check_url(address, AMQP_SCHEMES)
+                check_url(address, AMQP_SCHEMES)
             except ValueError as exc:
                 raise ValueError(f"{where} {exc}") from None
         return ",".join(addresses)
@@ -179,7 +155,7 @@ class Settings(BaseSettings):
     @classmethod
     def _llm_base_url(cls, value: str) -> str:
         value = value.strip()
-        return _check_url(value, frozenset({"http", "https"})) if value else ""
+        return check_url(value, frozenset({"http", "https"})) if value else ""
 
     @field_validator("llm_labels")
     @classmethod
@@ -278,10 +254,8 @@ class Settings(BaseSettings):
     @property
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never be printed (passwords inside URLs, the API key)."""
-        found: list[str] = [
-            self.llm_api_key.get_secret_value(),
-            self.redis_sentinel_password.get_secret_value(),
-        ]
+        found = [self.llm_api_key.get_secret_value()]
+        found.append(self.redis_sentinel_password.get_secret_value())
         for url in (self.redis_url, self.redis_cache_url, self.rabbitmq_url):
             found += url_secrets(url)
         return tuple(s for s in found if s)

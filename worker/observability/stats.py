@@ -19,7 +19,6 @@ import orjson
 from aio_pika.abc import AbstractConnection
 from redis.exceptions import NoPermissionError
 
-from worker.core.addresses import in_turn, split_addresses
 from worker.core.settings import Settings
 from worker.observability.breakers import read_breakers
 from worker.observability.metrics import CounterName
@@ -207,19 +206,3 @@ async def read_queue_depths(
     not in it (they are each replica's ``in_flight``).
     """
     return {role: await _queue_depth(connection, name, timeout_s) for role, name in names.roles()}
-
-
-async def probe_queue_depths(
-    rabbitmq_url: str, names: QueueNames, *, timeout_s: float = 3.0
-) -> dict[str, Any]:
-    """``read_queue_depths`` over a short-lived connection to the first of the broker's addresses
-    that answers (tried in turn); unknown depths if none does."""
-    for address in in_turn(split_addresses(rabbitmq_url)):
-        with contextlib.suppress(*QUEUE_PROBE_ERRORS):
-            connection = await asyncio.wait_for(aio_pika.connect(address), timeout_s)
-            try:
-                return await read_queue_depths(connection, names, timeout_s=timeout_s)
-            finally:
-                with contextlib.suppress(*QUEUE_PROBE_ERRORS):
-                    await connection.close()
-    return unknown_depths(names, BROKER_UNREACHABLE)

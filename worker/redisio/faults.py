@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from enum import StrEnum
 
+import structlog
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
@@ -73,13 +75,18 @@ class RedisFault(StrEnum):
     REFUSED = "refused"
 
 
+class ReplicasBehind(RedisError):
+    """Fewer Redis replicas than ``REDIS_WAIT_REPLICAS`` acknowledged a completion in time: its
+    done markers may not survive a failover, so it is held and retried, not acknowledged."""
+
+
 def classify(exc: BaseException) -> RedisFault | None:
     """The ``RedisFault`` of ``exc``, or ``None`` when it is not one (a bug: let it raise)."""
     if isinstance(exc, AuthenticationError | AuthorizationError | NoPermissionError):
         return RedisFault.REFUSED
     if isinstance(exc, AuthenticationWrongNumberOfArgsError):
         return RedisFault.REFUSED
-    if isinstance(exc, OutOfMemoryError):
+    if isinstance(exc, OutOfMemoryError | ReplicasBehind):
         return RedisFault.NOT_WRITABLE
     if isinstance(exc, ReadOnlyError | ClusterDownError | TryAgainError | BusyLoadingError):
         return RedisFault.UNAVAILABLE
@@ -113,3 +120,31 @@ def refusal_fix(exc: BaseException) -> str:
     if "evalsha" in text.lower() or "eval" in text.lower():
         return SENTINEL_FIX + "; or the server offers no scripting (EVALSHA)"
     return "the server does not offer a command the worker needs"
+
+
+NOT_WRITABLE_LINE = "⚠️ Redis refuses writes"
+
+
+async def warn_not_writable(
+    client: Redis | RedisCluster, where: str, error: str, fallback: str
+) -> None:
+    """The link's warning for a full Redis, with the memory figures when ``INFO`` is permitted."""
+    memory: dict[str, object] = {}
+    try:
+        info = await client.info("memory")
+        memory = {
+            "used_memory": info.get("used_memory"),
+            "maxmemory": info.get("maxmemory"),
+            "maxmemory_policy": info.get("maxmemory_policy"),
+        }
+    except REDIS_ERRORS:
+        memory = {"maxmemory": "unknown (INFO not permitted or failed)"}
+    structlog.get_logger("worker.redis").warning(
+        NOT_WRITABLE_LINE,
+        redis=where,
+        error=error,
+        **memory,
+        fix="free memory in Redis, raise maxmemory, or shorten DEDUP_TTL_S/CACHE_TTL_S",
+        fallback=fallback,
+        retry="claims are retried with backoff (at most 0.5 s apart)",
+    )

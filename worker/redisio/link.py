@@ -38,39 +38,19 @@ from redis.exceptions import ResponseError
 
 from worker.core.redaction import redact_url, scrub
 from worker.redisio.clients import RedisClient, ping
-from worker.redisio.faults import (
-    REDIS_ERRORS,
-    REDIS_UNAVAILABLE,
-    SENTINEL_FIX,
-    RedisFault,
-    classify,
-    refusal_fix,
-)
-from worker.redisio.sentinel import server_mode
-
-__all__ = [  # the faults' names are re-exported: callers catch and classify through the link
-    "CONNECTED_LINE",
-    "FAILED_LINE",
-    "FALLBACK_IN_MEMORY",
-    "FALLBACK_NONE",
-    "FALLBACK_STRICT",
-    "NOT_WRITABLE_LINE",
-    "REDIS_ERRORS",
-    "REDIS_UNAVAILABLE",
-    "REFUSED_LINE",
-    "LinkProblem",
-    "LinkState",
-    "RedisFault",
-    "RedisLink",
-    "classify",
-]
+from worker.redisio.faults import NOT_WRITABLE_LINE as NOT_WRITABLE_LINE  # and classify here
+from worker.redisio.faults import REDIS_ERRORS as REDIS_ERRORS  # re-exported: callers catch
+from worker.redisio.faults import REDIS_UNAVAILABLE as REDIS_UNAVAILABLE
+from worker.redisio.faults import SENTINEL_FIX, ReplicasBehind, refusal_fix, warn_not_writable
+from worker.redisio.faults import RedisFault as RedisFault
+from worker.redisio.faults import classify as classify
+from worker.redisio.sentinel import SentinelMasterRedis, server_mode
 
 log = structlog.get_logger("worker.redis")
 
 CONNECTED_LINE = "✅ Redis cache connected"
 FAILED_LINE = "⚠️ Redis connection failed"
 REFUSED_LINE = "⛔ Redis refused the worker"
-NOT_WRITABLE_LINE = "⚠️ Redis refuses writes"
 FALLBACK_IN_MEMORY = "in-memory claims, cache and counters until Redis is back"
 FALLBACK_STRICT = "none (REDIS_FAILURE_MODE=strict): no new message is taken until Redis is back"
 FALLBACK_NONE = "none: no new message is claimed until Redis accepts the worker's commands"
@@ -158,6 +138,8 @@ class RedisLink:
     async def connect(self) -> bool:
         """Try once; on failure keep working (callers fall back or wait) and retry in the
         background. A sentinel's port answers PING too: ``HELLO`` tells it from a server."""
+        if isinstance(self.client, SentinelMasterRedis):
+            self.client.follow_master()  # from now on, whether Redis answers yet or not
         try:
             await ping(self.client)
             mode = None if isinstance(self.client, RedisCluster) else await server_mode(self.client)
@@ -238,40 +220,27 @@ class RedisLink:
         log.error(REFUSED_LINE, redis=self._where, error=self._error_text(exc), fix=fix, **extra)
 
     def _not_writable(self, exc: BaseException) -> None:
+        if isinstance(exc, ReplicasBehind):  # only completions wait (``fallback``), not claims
+            self._warn_at_most_every_minute(exc)
+            return
         self.problem = LinkProblem(
             RedisFault.NOT_WRITABLE,
             "Redis refuses writes (OOM: used memory is over maxmemory under noeviction); "
             "claims wait until it has room",
         )
+        self._warn_at_most_every_minute(exc)
+
+    def _warn_at_most_every_minute(self, exc: BaseException) -> None:
         now = time.monotonic()
         if now - self._not_writable_warned_at < NOT_WRITABLE_WARN_EVERY_S:
             return
         self._not_writable_warned_at = now
-        if self._warning is None or self._warning.done():
-            error = self._error_text(exc)
-            self._warning = asyncio.get_running_loop().create_task(self._warn_not_writable(error))
-
-    async def _warn_not_writable(self, error: str) -> None:
-        """The warning, with the memory figures when ``INFO`` is permitted."""
-        memory: dict[str, object] = {}
-        try:
-            info = await self.client.info("memory")
-            memory = {
-                "used_memory": info.get("used_memory"),
-                "maxmemory": info.get("maxmemory"),
-                "maxmemory_policy": info.get("maxmemory_policy"),
-            }
-        except REDIS_ERRORS:
-            memory = {"maxmemory": "unknown (INFO not permitted or failed)"}
-        log.warning(
-            NOT_WRITABLE_LINE,
-            redis=self._where,
-            error=error,
-            **memory,
-            fix="free memory in Redis, raise maxmemory, or shorten DEDUP_TTL_S/CACHE_TTL_S",
-            fallback=FALLBACK_NONE,
-            retry="claims are retried with backoff (at most 0.5 s apart)",
-        )
+        error = self._error_text(exc)
+        if isinstance(exc, ReplicasBehind):
+            log.warning("redis_replicas_behind", redis=self._where, error=error, retry="held")
+        elif self._warning is None or self._warning.done():
+            warning = warn_not_writable(self.client, self._where, error, FALLBACK_NONE)
+            self._warning = asyncio.get_running_loop().create_task(warning)
 
     def _start_recovery(self, exc: BaseException, *, quiet: bool = False) -> None:
         """Mark Redis down (logging the failure line once per outage) and start recovering."""

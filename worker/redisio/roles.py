@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
+import structlog
+
 from worker.core.errors import ConfigError
 from worker.core.redaction import scrub
 from worker.core.settings import Settings
@@ -30,11 +32,16 @@ from worker.redisio.link import (
     RedisLink,
 )
 
+log = structlog.get_logger("worker.redis")
+
+IN_MEMORY_LINE = "In-memory mode: no REDIS_URL, claims, cache and counters are per replica"
 # With a cache Redis of its own, the claims Redis's outage leaves the shared cache in place.
 FALLBACK_CLAIMS_ONLY = "in-memory claims and counters until Redis is back (the cache stays shared)"
 
 
-async def client_of(settings: Settings, url: str, setting: str) -> RedisClient:
+async def client_of(
+    settings: Settings, url: str, setting: str, *, log_assumed: bool = False
+) -> RedisClient:
     """A client for ``url`` (in ``REDIS_MODE`` for ``REDIS_URL``; the cache Redis's mode is asked
     of the server); a URL redis-py refuses (a bad query parameter) names ``setting``."""
     mode = settings.redis_mode if setting == CLAIMS_LINES.setting else "auto"
@@ -44,7 +51,7 @@ async def client_of(settings: Settings, url: str, setting: str) -> RedisClient:
             mode,
             settings.redis_timeout_s,
             sentinel_password=settings.redis_sentinel_password.get_secret_value(),
-            log_assumed=True,
+            log_assumed=log_assumed,
         )
     except ValueError as exc:
         raise ConfigError(
@@ -52,8 +59,11 @@ async def client_of(settings: Settings, url: str, setting: str) -> RedisClient:
         ) from None
 
 
-async def claims_link(settings: Settings) -> RedisLink:
-    """The link to ``REDIS_URL`` (which must be set)."""
+async def claims_link(settings: Settings) -> RedisLink | None:
+    """The link to ``REDIS_URL``; ``None`` (and the contract's in-memory line) without it."""
+    if not settings.redis_enabled:
+        log.info(IN_MEMORY_LINE, note="duplicates are possible across replicas")
+        return None
     if settings.redis_failure_mode == "strict":
         fallback = FALLBACK_STRICT
     elif settings.cache_redis_separate:
@@ -61,7 +71,7 @@ async def claims_link(settings: Settings) -> RedisLink:
     else:
         fallback = FALLBACK_IN_MEMORY
     return RedisLink(
-        await client_of(settings, settings.redis_url, CLAIMS_LINES.setting),
+        await client_of(settings, settings.redis_url, CLAIMS_LINES.setting, log_assumed=True),
         settings.redis_url,
         secrets=settings.secrets,
         fallback=fallback,
@@ -74,7 +84,7 @@ async def cache_link(settings: Settings, claims: RedisLink | None) -> RedisLink 
     if not settings.cache_redis_separate:
         return claims
     return RedisLink(
-        await client_of(settings, settings.redis_cache_url, CACHE_LINES.setting),
+        await client_of(settings, settings.redis_cache_url, CACHE_LINES.setting, log_assumed=True),
         settings.redis_cache_url,
         secrets=settings.secrets,
         fallback=FALLBACK_NO_SHARED_CACHE,
