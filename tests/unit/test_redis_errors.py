@@ -111,10 +111,8 @@ def claim_store(link: RedisLink) -> FallbackClaimStore:
         redis,
         memory,
         link=link,
-        keys=KEYS,
         counters=Counters(cluster=True),
         memory_token_prefix="r/memory",
-        dedup_ttl_s=600,
     )
 
 
