@@ -139,7 +139,7 @@ async def test_publish_with_the_broker_down_says_so_in_one_line_and_exits_1() ->
         (
             with_password(REDIS_URL, WRONG_PASSWORD),
             "AUTH",
-            "; check the password (and user) in REDIS_URL",
+            "; check the user and password in REDIS_URL",
             2,
         ),
         (closed_port_url(REDIS_URL), "Connect", "", 1),

@@ -68,7 +68,8 @@ async def test_the_api_key_never_leaves_the_authorization_header(
     llm.script("rejected text", *(Reply.http_error(401) for _ in range(5)))
     llm.script("flaky text", Reply.server_error(500), Reply.server_error(502), Reply.ok("other"))
     llm.script("limited text", Reply.rate_limited(0.2), Reply.ok("question"))
-    llm.script("hopeless text", *(Reply.unknown_label() for _ in range(10)))
+    # Enough invalid answers for its attempts and for any breaker probe that sends this text.
+    llm.script("hopeless text", *(Reply.unknown_label() for _ in range(60)))
     env = replica_env(
         llm,
         names.env(LOG_LEVEL="debug", MAX_ATTEMPTS="2"),

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import RABBITMQ_URL, Names
 from tests.integration.servers import SpareRedis, TlsRedis
 from tests.integration.support import Replicas, ResultSink, body, publish_bodies
-from worker.redisio.link import CONNECTED_LINE, FAILED_LINE
+from worker.redisio.link import CONNECTED_LINE, FAILED_LINE, REFUSED_LINE
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,7 @@ async def test_redis_password_appears_in_no_log_stats_or_error(
 
             refused = replicas.start(names.env(REDIS_URL=wrong_url, REDIS_TIMEOUT_S="0.5"))
             await refused.started()
-            await refused.wait_for_log(FAILED_LINE)
+            await refused.wait_for_log(REFUSED_LINE)  # a wrong password is refused, not an outage
             refused.signal(signal.SIGTERM)
             await refused.wait_exit()
             bad_port = {**env, "REDIS_URL": spare.url.replace(str(spare.port), "notaport")}

@@ -98,7 +98,13 @@ class MemoryClaimStore:
         return [self._complete(item) for item in items]
 
     def _complete(self, item: Completion) -> CompleteStatus:
-        if not self._owns(item.message_id, item.token):
+        # As complete.lua: a lease that lapsed with nobody else claiming still completes (the
+        # result is published, so the ID is done); another owner's live lease, or done, does not.
+        held = self._claims.get(item.message_id)
+        unheld = held is None or held[1] <= time.monotonic()
+        if not (
+            self._owns(item.message_id, item.token) or (unheld and not self.is_done(item.message_id))
+        ):
             return CompleteStatus.LOST
         self.mark_done(item.message_id)
         return CompleteStatus.IN_MEMORY
