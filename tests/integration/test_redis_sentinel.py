@@ -18,6 +18,7 @@ pytestmark = pytest.mark.integration
 MESSAGES = 4000
 FOLLOW_WITHIN_S = 5.0
 PER_SECOND = 400  # paced, so the failover falls in the middle of the run
+FAILOVER_TWICE = 0.005  # the issue's bound for the failover during the run, either setting
 
 
 async def publish_paced(names: Names, bodies: list[dict[str, object]]) -> None:
@@ -27,10 +28,11 @@ async def publish_paced(names: Names, bodies: list[dict[str, object]]) -> None:
         await asyncio.sleep(0.1)
 
 
-# REDIS_WAIT_REPLICAS=0: completions written to the old master between the promotion of its
-# replica and the sentinels naming it (about a second: their INFO period during a failover) are
-# discarded when the old master resyncs; at 400 messages/s that was 300 of 4,000 IDs (7.5 %) in
-# every run, far over the issue's 0.5 %, which async replication cannot meet. With 1, those
+# During the run, either setting publishes no ID twice (0 of 4,000 in every run since the
+# completion of a lost lease writes its done marker). Sending every message again shows what the
+# failover cost the dedup memory: with REDIS_WAIT_REPLICAS=0, done markers written to the old
+# master between its replica's promotion and the sentinels naming it (about a second) are
+# discarded when it resyncs, and 200-393 of the 4,000 copies were processed again; with 1, those
 # completions find no replica, are held, and are written again on the new master: 0.
 @pytest.mark.parametrize(("wait_replicas", "allowed_twice"), [("0", 0.15), ("1", 0.0)])
 async def test_replicas_follow_a_sentinel_failover(
@@ -38,7 +40,8 @@ async def test_replicas_follow_a_sentinel_failover(
 ) -> None:
     """A failover while two replicas process 4,000 messages: they write to the new master within
     5 s without restarting, every message is published, and once every message is sent again
-    (as a duplicate) at most ``allowed_twice`` of the IDs are published twice."""
+    (as a duplicate) at most ``allowed_twice`` of the IDs are published twice; during the run
+    itself, at most 0.5 %."""
     deployment = SentinelDeployment(tmp_path).start()
     replicas = Replicas(tmp_path)
     try:
@@ -70,14 +73,20 @@ async def test_replicas_follow_a_sentinel_failover(
             await sink.wait_for_ids({m["message_id"] for m in bodies}, timeout_s=120)
             assert sink.total > after  # processing went on on the new master
             await sink.settle(quiet_s=1.0)
+            # The failover itself, as the issue measures it: deliveries in flight redelivered.
+            twice_in_run = [i for i, results in sink.by_id.items() if len(results) > 1]
             await publish_bodies(names, bodies)  # every one again: recognised as done?
             await sink.settle(quiet_s=3.0)
 
         assert [replica.pid for replica in group] == pids
         assert not any(replica.exited for replica in group)
         twice = sorted(i for i, results in sink.by_id.items() if len(results) > 1)
-        print(f"REDIS_WAIT_REPLICAS={wait_replicas}: {len(twice)} of {MESSAGES} published twice")
+        print(
+            f"REDIS_WAIT_REPLICAS={wait_replicas}: {len(twice_in_run)} of {MESSAGES} published"
+            f" twice during the run, {len(twice)} once every message was sent again"
+        )
         assert len(sink.by_id) == MESSAGES
+        assert len(twice_in_run) <= FAILOVER_TWICE * MESSAGES, twice_in_run[:20]
         assert len(twice) <= allowed_twice * MESSAGES, twice[:20]
     finally:
         replicas.close()
