@@ -28,7 +28,7 @@ async def publish_paced(names: Names, bodies: list[dict[str, object]]) -> None:
         await asyncio.sleep(0.1)
 
 
-# During the run, either setting publishes no ID twice (0 of 4,000 in every run since the
+# During the run, either setting published no ID twice (0 of 4,000 in each of two runs, once the
 # completion of a lost lease writes its done marker). Sending every message again shows what the
 # failover cost the dedup memory: with REDIS_WAIT_REPLICAS=0, done markers written to the old
 # master between its replica's promotion and the sentinels naming it (about a second) are
