@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from worker.observability.metrics import CounterName
+from worker.observability.metrics import COUNTER_HELP, CounterName
 from worker.observability.stats import read_redis_memory
 from worker.redisio.link import REDIS_ERRORS, RedisLink
 
@@ -31,21 +31,6 @@ REDIS_GAUGES: tuple[tuple[str, str, str], ...] = (
         "Commands per second Redis executes (its instantaneous_ops_per_sec).",
     ),
 )
-
-
-COUNTER_HELP: dict[str, str] = {
-    CounterName.PROCESSED: "Messages processed (classified, result published) by this replica.",
-    CounterName.DUPLICATES: "Deliveries skipped because their message ID was already processed.",
-    CounterName.REDELIVERED_DONE: "Redeliveries of messages already processed (not counted twice).",
-    CounterName.CACHE_HITS: "Processed messages whose classification came from the cache.",
-    CounterName.CACHE_MISSES: "Processed messages whose classification had to be computed.",
-    CounterName.CLASSIFIER_CALLS: "Calls made to the classifier.",
-    CounterName.FAILED: "Processing attempts that failed (then retried or dead-lettered).",
-    CounterName.RETRIED: "Messages parked in a retry queue after a transient failure.",
-    CounterName.DEAD_LETTERED: "Messages sent to the dead-letter queue.",
-    CounterName.CLAIMS_LOST: "Messages whose claim lapsed before completion (another replica took over).",
-    CounterName.DEGRADED: "Claims made in memory because Redis was unreachable.",
-}
 
 
 GAUGE_TALLIES = frozenset({"cache_local_entries"})
